@@ -1,0 +1,252 @@
+"""Decoding for Flamingo: greedy, sampling and beam search over the LM's KV cache, candidate scoring, and
+the shared few-shot prefix.
+
+Three costs are paid once, not per token or per beam: the vision encoder (once per item), the visual
+keys/values of each gated block (once per call, cached in the `MediaConditioning`), and, with a
+`FewShotPrefix`, the whole demonstration part of the prompt (once per task). Under image-causal masking the
+query tokens never attend to the demonstrations' images, only to their self-attention keys/values, so
+reusing a prefix is exact.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .gated_cross_attention import MediaConditioning
+
+if TYPE_CHECKING:
+    from .model import Flamingo
+
+NEG_INF = -1.0e9
+
+
+@dataclass
+class FewShotPrefix:
+    """A fixed start of every prompt (instruction + demonstrations), computed once at batch size 1."""
+
+    input_ids: torch.Tensor             # (1, Lp)
+    cache: DynamicCache                 # self-attention keys/values of the Lp prefix tokens
+    last_media: torch.Tensor | None     # (1, 1, n, D_vis): what text right after the prefix attends to
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor             # (B, L + new): prompt then generated tokens, as HF/OpenFlamingo return
+    new_tokens: torch.Tensor            # (B, new) generated tokens, padded with the pad id after a stop
+    num_new_tokens: torch.Tensor        # (B,) tokens generated, the stop token included
+    mean_logprob: torch.Tensor          # (B,) mean log-probability of those tokens under the model
+
+
+@dataclass
+class _Prompt:
+    """A prompt that has been run through the model: where decoding continues from."""
+
+    last_logits: torch.Tensor           # (B, V) logits for the first new token
+    cache: DynamicCache
+    attention_mask: torch.Tensor        # (B, S): prefix + prompt tokens, 0 on padding
+    cond: MediaConditioning             # media of the continuation; media_index (B, 1) = last media per row
+
+    def expand(self, n: int) -> "_Prompt":
+        """Repeat each row n times (beams, candidates) without recomputing anything."""
+        if n == 1:
+            return self
+        self.cache.batch_repeat_interleave(n)
+        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
+        cond = MediaConditioning(
+            rep(self.cond.visual_tokens), rep(self.cond.media_index),
+            {k: (rep(kv[0]), rep(kv[1])) for k, kv in self.cond.kv_cache.items()},
+        )
+        return _Prompt(rep(self.last_logits), self.cache, rep(self.attention_mask), cond)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding, so a padded row computes exactly what it would alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prepare_prefix(model: "Flamingo", lang_x: torch.Tensor, visual_tokens: torch.Tensor | None) -> FewShotPrefix:
+    if lang_x.shape[0] != 1:
+        raise ValueError(f"a prefix is one prompt (batch 1), got batch {lang_x.shape[0]}")
+    mask = torch.ones_like(lang_x)
+    cond = model.media_conditioning(lang_x, visual_tokens)
+    cache = DynamicCache()
+    model.run_lm(lang_x, mask, positions_from_mask(mask), cond, cache, logits_to_keep=1)
+    last = int(cond.media_index[0, -1])
+    last_media = visual_tokens[:, last:last + 1] if last >= 0 else None
+    return FewShotPrefix(lang_x, cache, last_media)
+
+
+def run_prompt(model: "Flamingo", lang_x: torch.Tensor, attention_mask: torch.Tensor,
+               visual_tokens: torch.Tensor | None, prefix: FewShotPrefix | None) -> _Prompt:
+    """Run the prompt (after the prefix, if any) at batch B; return the state decoding continues from."""
+    b = lang_x.shape[0]
+    if prefix is None:
+        cache, full_mask, media, offset = DynamicCache(), attention_mask, visual_tokens, 0
+    else:
+        cache = copy.deepcopy(prefix.cache)
+        cache.batch_repeat_interleave(b)
+        full_mask = torch.cat([attention_mask.new_ones(b, prefix.length), attention_mask], dim=1)
+        media, offset = visual_tokens, 0
+        if prefix.last_media is not None:  # text before the query's first image still sees the prefix's last
+            last = prefix.last_media.expand(b, -1, -1, -1)
+            media = last if visual_tokens is None else torch.cat([last, visual_tokens], dim=1)
+            offset = 1
+    cond = model.media_conditioning(lang_x, media, media_offset=offset)
+    positions = positions_from_mask(full_mask)[:, -lang_x.shape[1]:]
+    out = model.run_lm(lang_x, full_mask, positions, cond, cache, logits_to_keep=1)
+    return _Prompt(out.logits[:, -1].float(), cache, full_mask, cond.continued(cond.last_media_index()))
+
+
+def _step(model: "Flamingo", state: _Prompt, tokens: torch.Tensor) -> torch.Tensor:
+    """Append one token per row (tokens: (N,)) and return the next logits (N, V)."""
+    state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], 1)
+    positions = positions_from_mask(state.attention_mask)[:, -1:]
+    out = model.run_lm(tokens[:, None], state.attention_mask, positions, state.cond, state.cache)
+    return out.logits[:, -1].float()
+
+
+def logits_processors(do_sample: bool, temperature: float, top_k: int, top_p: float,
+                      extra: LogitsProcessorList | None) -> LogitsProcessorList:
+    processors = LogitsProcessorList(extra or [])
+    if do_sample:
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_k > 0:
+            processors.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+    return processors
+
+
+def decode_greedy_or_sample(model: "Flamingo", state: _Prompt, prompt_ids: torch.Tensor, max_new_tokens: int,
+                            stop_ids: torch.Tensor, pad_id: int, do_sample: bool,
+                            processors: LogitsProcessorList, generator: torch.Generator | None
+                            ) -> GenerationOutput:
+    b = prompt_ids.shape[0]
+    sequences = prompt_ids
+    finished = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
+    sum_logprob = torch.zeros(b, device=prompt_ids.device)
+    num_tokens = torch.zeros(b, dtype=torch.long, device=prompt_ids.device)
+    logits = state.last_logits
+    for step in range(max_new_tokens):
+        logprobs = logits.log_softmax(-1)                                  # the model's own probabilities
+        scores = processors(sequences, logits)
+        if do_sample:
+            token = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        else:
+            token = scores.argmax(-1)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        sum_logprob += torch.where(finished, 0.0, logprobs.gather(1, token[:, None]).squeeze(1))
+        num_tokens += (~finished).long()
+        sequences = torch.cat([sequences, token[:, None]], dim=1)
+        finished |= torch.isin(token, stop_ids)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        logits = _step(model, state, token)
+    return GenerationOutput(sequences, sequences[:, prompt_ids.shape[1]:], num_tokens,
+                            sum_logprob / num_tokens.clamp(min=1))
+
+
+def decode_beam_search(model: "Flamingo", state: _Prompt, prompt_ids: torch.Tensor, max_new_tokens: int,
+                       stop_ids: torch.Tensor, pad_id: int, num_beams: int, length_penalty: float,
+                       processors: LogitsProcessorList) -> GenerationOutput:
+    """Beam search with Hugging Face's rules (its default early-stopping heuristic and length penalty), so
+    results match `generate(num_beams=K)`; written out here because the LM call is ours."""
+    b, k, dev = prompt_ids.shape[0], num_beams, prompt_ids.device
+    keep = max(2, 1 + len(stop_ids)) * k                                  # candidates kept per step
+    state = state.expand(k)
+    running = torch.full((b, k, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    running_scores = torch.full((b, k), NEG_INF, device=dev)
+    running_scores[:, 0] = 0.0                                            # all beams start identical
+    done = torch.full((b, k, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    done_scores = torch.full((b, k), NEG_INF, device=dev)                 # length-normalised
+    done_sums = torch.zeros(b, k, device=dev)
+    done_lens = torch.ones(b, k, dtype=torch.long, device=dev)
+    is_done = torch.zeros(b, k, dtype=torch.bool, device=dev)
+    improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
+    in_top_k = torch.arange(keep, device=dev) < k
+    batch_offset = torch.arange(b, device=dev)[:, None] * k
+    history = prompt_ids.repeat_interleave(k, dim=0)
+    logits = state.last_logits
+    for t in range(max_new_tokens):
+        logprobs = processors(history, logits.log_softmax(-1))            # (B*K, V), HF's order
+        vocab = logprobs.shape[-1]
+        total = (logprobs.view(b, k, vocab) + running_scores[..., None]).view(b, k * vocab)
+        top_scores, top_index = total.topk(keep, dim=-1)                  # (B, keep)
+        origin, token = top_index // vocab, top_index % vocab
+        candidates = running.gather(1, origin[..., None].expand(-1, -1, max_new_tokens)).clone()
+        candidates[:, :, t] = token
+        hits_stop = torch.isin(token, stop_ids) | (t == max_new_tokens - 1)
+
+        # Beams that go on: the best K candidates that did not stop.
+        chosen = (top_scores + hits_stop.float() * NEG_INF).topk(k, dim=-1).indices
+        running = candidates.gather(1, chosen[..., None].expand(-1, -1, max_new_tokens))
+        running_scores = top_scores.gather(1, chosen)
+        beam_index = (origin.gather(1, chosen) + batch_offset).view(-1)
+
+        # Finished hypotheses: stopped candidates among the top K, if they beat the ones kept so far.
+        normalised = top_scores / ((t + 1) ** length_penalty)
+        normalised = normalised + (~(hits_stop & in_top_k) | ~improvable).float() * NEG_INF
+        merged_scores = torch.cat([done_scores, normalised], 1)
+        best = merged_scores.topk(k, dim=-1).indices
+        done = torch.cat([done, candidates], 1).gather(1, best[..., None].expand(-1, -1, max_new_tokens))
+        done_scores = merged_scores.gather(1, best)
+        done_sums = torch.cat([done_sums, top_scores], 1).gather(1, best)
+        done_lens = torch.cat([done_lens, done_lens.new_full((b, keep), t + 1)], 1).gather(1, best)
+        is_done = torch.cat([is_done, hits_stop & in_top_k], 1).gather(1, best)
+
+        worst_done = torch.where(is_done, done_scores.min(1, keepdim=True).values, torch.tensor(NEG_INF, device=dev))
+        improvable &= (running_scores[:, :1] / ((t + 1) ** length_penalty) > worst_done).any(-1, keepdim=True)
+        if not bool(improvable.any()) or bool(hits_stop.all()) or t == max_new_tokens - 1:
+            break
+        state.cache.reorder_cache(beam_index)
+        history = torch.cat([history[beam_index], running[:, :, t].reshape(-1, 1)], dim=1)
+        logits = _step(model, state, running[:, :, t].reshape(-1))
+
+    lens = done_lens[:, 0]
+    new_tokens = done[:, 0, : int(lens.max())]
+    new_tokens = torch.where(torch.arange(new_tokens.shape[1], device=dev) < lens[:, None], new_tokens, pad_id)
+    return GenerationOutput(torch.cat([prompt_ids, new_tokens], 1), new_tokens, lens, done_sums[:, 0] / lens)
+
+
+def score_candidates(model: "Flamingo", state: _Prompt, candidates: list[list[int]], pad_id: int,
+                     length_normalize: bool) -> torch.Tensor:
+    """Log-likelihood of each candidate continuation after each prompt: (B, K), all in one batched pass."""
+    b, k = state.last_logits.shape[0], len(candidates)
+    if k == 0 or any(len(c) == 0 for c in candidates):
+        raise ValueError("every candidate needs at least one token")
+    longest = max(len(c) for c in candidates)
+    dev = state.last_logits.device
+    tokens = torch.tensor([c + [pad_id] * (longest - len(c)) for c in candidates], device=dev)  # (K, M)
+    valid = torch.tensor([[1] * len(c) + [0] * (longest - len(c)) for c in candidates], device=dev)
+    first = state.last_logits.log_softmax(-1)[:, tokens[:, 0]]            # (B, K): first candidate token
+    state = state.expand(k)
+    tokens_bk, valid_bk = tokens.repeat(b, 1), valid.repeat(b, 1)          # (B*K, M)
+    total = first.reshape(-1)
+    if longest > 1:
+        # Candidates are right-padded: their own tokens never see the padding that follows them.
+        mask = torch.cat([state.attention_mask, valid_bk[:, :-1]], dim=1)
+        positions = positions_from_mask(mask)[:, -(longest - 1):]
+        cond = state.cond.continued(state.cond.media_index.expand(-1, longest - 1))
+        out = model.run_lm(tokens_bk[:, :-1], mask, positions, cond, state.cache)
+        logprobs = out.logits.float().log_softmax(-1).gather(2, tokens_bk[:, 1:, None]).squeeze(2)
+        total = total + (logprobs * valid_bk[:, 1:]).sum(1)
+    scores = total.view(b, k)
+    if length_normalize:
+        scores = scores / valid.sum(1).to(scores.dtype)
+    return scores
