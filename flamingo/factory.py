@@ -142,6 +142,21 @@ def _record_sources(model: Flamingo, **sources) -> None:
     model.config = dataclasses.replace(model.config, **sources)
 
 
+def image_preprocessing(name_or_path: str) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """(image_size, mean, std) of a model without building it, so CPU decode tasks can preprocess."""
+    from pathlib import Path
+    if Path(name_or_path, "config.json").is_file():
+        config = FlamingoConfig.load(Path(name_or_path, "config.json"))
+        return config.image_size, tuple(config.image_mean), tuple(config.image_std)
+    preset = resolve_preset(name_or_path)
+    if preset is None:
+        raise ValueError(f"{name_or_path!r} is neither a saved model folder nor a preset")
+    vision = (preset.vision_encoder_config or open_clip.get_model_config(preset.vision_encoder))["vision_cfg"]
+    size = vision["image_size"]
+    defaults = FlamingoConfig()
+    return (size[0] if isinstance(size, (list, tuple)) else size), defaults.image_mean, defaults.image_std
+
+
 def load_model(name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                trust_remote_code: bool = False) -> Flamingo:
     """The one way the pipeline gets a model: a preset name or hub id, or a `save_pretrained` folder."""

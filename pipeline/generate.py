@@ -1,0 +1,128 @@
+"""Generation stage: a Ray actor that holds the LM + gated blocks and, per task, the few-shot prefix.
+
+Each task's demonstrations are encoded and run through the LM once, when the actor starts
+(`Flamingo.prepare_prefix`); every query item then pays only for its own tokens. Open-ended tasks
+generate, closed-ended ones score every label in one batched pass. Every input row gives exactly one
+output row per task, with `error` set when the item could not be annotated.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.decode import DecodeConfig, decode_item
+from pipeline.encode import pick_device, visual_array
+from pipeline.task import Task
+from pipeline.write import LABEL_SCORE_TYPE, OUTPUT_SCHEMA
+
+
+@dataclass
+class _PreparedTask:
+    task: Task
+    prefix: object                      # flamingo.FewShotPrefix
+    query_ids: torch.Tensor             # (1, Lq): every item's prompt after the prefix is the same
+    candidates: list[list[int]]         # classify: token ids of each label's continuation
+
+
+def load_demonstration_pixels(task: Task, decode: DecodeConfig, storage_options: dict) -> torch.Tensor:
+    """(1, n_demos, F, 3, H, W) pixels of a task's demonstrations (all images, or all clips of F frames)."""
+    import open_clip
+
+    transform = open_clip.image_transform(decode.image_size, is_train=False, mean=decode.mean, std=decode.std)
+    config = DecodeConfig(decode.image_size, decode.mean, decode.std, num_frames=task.video.num_frames,
+                          fps=task.video.fps)
+    arrays = []
+    for demo in task.demonstrations:
+        with fsspec.open(demo.media, "rb", **storage_options) as f:
+            array, error = decode_item(demo.media_type, f.read(), transform, config)
+        if error:
+            raise ValueError(f"{task.path}: demonstration {demo.media}: {error}")
+        arrays.append(array)
+    if len({a.shape for a in arrays}) > 1:
+        raise ValueError(f"{task.path}: demonstrations must all have the same number of frames")
+    return torch.from_numpy(np.stack(arrays).astype(np.float32))[None]
+
+
+class Annotator:
+    """Loaded once per actor; called on batches of rows carrying visual tokens."""
+
+    def __init__(self, model: str, tasks: list[Task], model_id: str | None = None, device: str | None = None,
+                 done: dict[str, set[str]] | None = None, storage_options: dict | None = None):
+        from flamingo import load_model
+
+        self.device = pick_device(device)
+        self.model = load_model(model, device=self.device)
+        self.model_id = model_id or model
+        self.done = done or {}
+        c = self.model.config
+        decode = DecodeConfig(c.image_size, tuple(c.image_mean), tuple(c.image_std))
+        self.tasks = [self._prepare(t, decode, storage_options or {}) for t in tasks]
+
+    @torch.inference_mode()
+    def _prepare(self, task: Task, decode: DecodeConfig, storage_options: dict) -> _PreparedTask:
+        model = self.model
+        prefix_ids, _ = model.tokenize([task.prefix_text()])
+        demos = load_demonstration_pixels(task, decode, storage_options) if task.demonstrations else None
+        prefix = model.prepare_prefix(prefix_ids, vision_x=None if demos is None else demos.to(self.device))
+        query_ids, _ = model.tokenize([task.query_text()])
+        candidates = [model.tokenizer.encode(c, add_special_tokens=False) for c in task.candidates()]
+        return _PreparedTask(task, prefix, query_ids, candidates)
+
+    @torch.inference_mode()
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        out: list[dict] = []
+        for prepared in self.tasks:
+            task = prepared.task
+            todo = [r for r in rows if r["id"] not in self.done.get(task.name, ())]
+            ok = [r for r in todo if r["error"] is None and r["visual"] is not None]
+            results = self._annotate(prepared, ok) if ok else []
+            by_id = {r["id"]: res for r, res in zip(ok, results)}
+            for r in todo:
+                res = by_id.get(r["id"], {"error": r["error"] or "no visual tokens"})
+                out.append({"id": r["id"], "source": r["source"], "task": task.name, "task_hash": task.sha256,
+                            "model": self.model_id, "annotation": res.get("annotation"),
+                            "score": res.get("score"), "label_scores": res.get("label_scores"),
+                            "error": res.get("error"), "seconds": res.get("seconds", 0.0)})
+        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA.remove(OUTPUT_SCHEMA.get_field_index("created_at")))
+
+    def _annotate(self, prepared: _PreparedTask, rows: list[dict]) -> list[dict]:
+        start = time.perf_counter()
+        model, task = self.model, prepared.task
+        visual = torch.from_numpy(np.stack([visual_array(r["visual"], r["visual_shape"]) for r in rows]))
+        visual = visual[:, None].to(self.device, model.dtype)                        # (B, 1, n, D)
+        query = prepared.query_ids.expand(len(rows), -1)
+        try:
+            if task.kind == "classify":
+                results = self._classify(prepared, query, visual)
+            else:
+                results = self._generate(prepared, query, visual)
+        except Exception as exc:  # keep the job alive: this batch's items become error rows
+            return [{"error": f"generation failed: {type(exc).__name__}: {exc}"} for _ in rows]
+        seconds = (time.perf_counter() - start) / len(rows)
+        return [{**r, "seconds": seconds} for r in results]
+
+    def _generate(self, prepared: _PreparedTask, query: torch.Tensor, visual: torch.Tensor) -> list[dict]:
+        g = prepared.task.generation
+        out = self.model.generate(lang_x=query, visual_tokens=visual, prefix=prepared.prefix,
+                                  max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, do_sample=g.do_sample,
+                                  temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, return_dict=True)
+        texts = self.model.decode(out.new_tokens)
+        return [{"annotation": t, "score": float(s)} for t, s in zip(texts, out.mean_logprob.tolist())]
+
+    def _classify(self, prepared: _PreparedTask, query: torch.Tensor, visual: torch.Tensor) -> list[dict]:
+        task = prepared.task
+        scores = self.model.score(query, prepared.candidates, visual_tokens=visual, prefix=prepared.prefix,
+                                  length_normalize=task.generation.length_normalize)
+        results = []
+        for row in scores.tolist():
+            best = int(np.argmax(row))
+            results.append({"annotation": task.labels[best], "score": row[best],
+                            "label_scores": [{"label": l, "score": s} for l, s in zip(task.labels, row)]})
+        return results

@@ -1,0 +1,114 @@
+"""One annotation job: read -> decode -> encode (vision actors) -> generate (LM actors) -> write.
+
+`JobConfig` is everything a run needs; the CLI and the `jobs/` entrypoints only build one and call
+`run_job`. Task files are validated before Ray starts. Resume: items already in the output for every
+task (same task name and file hash) are not read again; items done for only some tasks are annotated
+for the others only, so a re-run never writes a duplicate row.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StageResources:
+    """Ray resources for one actor pool. Fractional CPUs by default: on small machines actors that
+    claim whole cores starve the read tasks and the job stalls at 'backpressured'."""
+
+    pool_size: int = 1
+    batch_size: int = 8
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+
+
+@dataclass
+class JobSummary:
+    items: int            # input items seen this run (resumed ones excluded)
+    rows_ok: int
+    rows_error: int
+    skipped: int          # items already present in the output (resume)
+    seconds: float
+    output: str
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class JobConfig:
+    task_files: list[str]
+    input_uri: str
+    output_uri: str
+    model: str = "tiny-random"
+    address: str | None = None               # None: start (and stop) a local Ray instance
+    vision: StageResources = field(default_factory=StageResources)
+    generation: StageResources = field(default_factory=StageResources)
+    num_frames: int | None = None            # video: frames per clip (overrides the task files)
+    fps: float | None = None                 # video: sample at this rate instead of evenly
+    max_item_bytes: int = 512 * 1024 * 1024  # larger items become error rows, never OOM a worker
+    storage_options: dict = field(default_factory=dict)  # fsspec options (endpoint_url, key, secret, ...)
+    progress: bool = True
+    device: str | None = None                # None: cuda when the actor got a GPU, else cpu
+
+
+def run_job(config: JobConfig) -> JobSummary:
+    import ray
+
+    from flamingo.factory import image_preprocessing
+    from pipeline.decode import DecodeConfig, decode_items
+    from pipeline.encode import VisionEncoder
+    from pipeline.generate import Annotator
+    from pipeline.read import read_items
+    from pipeline.storage import resolve_storage_options
+    from pipeline.task import load_tasks
+    from pipeline.write import existing_ids, write_rows
+
+    start = time.perf_counter()
+    tasks = list(load_tasks(config.task_files, storage_options=config.storage_options))  # before any work
+    image_size, mean, std = image_preprocessing(config.model)
+    out_options = resolve_storage_options(config.output_uri, config.storage_options)
+    done = {t.name: existing_ids(config.output_uri, t.name, task_hash=t.sha256, storage_options=out_options)
+            for t in tasks}
+    done_everywhere = set.intersection(*done.values()) if done else set()
+    done_somewhere = {name: ids - done_everywhere for name, ids in done.items()}
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=config.address, include_dashboard=False, log_to_driver=False,
+                 ignore_reinit_error=True)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = config.progress
+        read = read_items(config.input_uri, storage_options=config.storage_options,
+                          max_item_bytes=config.max_item_bytes, skip_ids=done_everywhere)
+        video = tasks[0].video
+        decode = DecodeConfig(image_size, mean, std, num_frames=config.num_frames or video.num_frames,
+                              fps=config.fps if config.fps is not None else video.fps)
+        ds = decode_items(read.dataset, decode)
+        ds = ds.map_batches(
+            VisionEncoder, fn_constructor_kwargs={"model": config.model, "device": config.device},
+            batch_format="pyarrow", batch_size=config.vision.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=config.vision.pool_size),
+            num_cpus=config.vision.num_cpus, num_gpus=config.vision.num_gpus)
+        ds = ds.map_batches(
+            Annotator, fn_constructor_kwargs={"model": config.model, "tasks": tasks, "device": config.device,
+                                              "done": done_somewhere,
+                                              "storage_options": resolve_storage_options(
+                                                  tasks[0].path, config.storage_options)},
+            batch_format="pyarrow", batch_size=config.generation.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=config.generation.pool_size),
+            num_cpus=config.generation.num_cpus, num_gpus=config.generation.num_gpus)
+        rows = ds.materialize()
+        total, rows_error = rows.count(), 0
+        if total:
+            tables = ray.get(rows.select_columns(["error"]).to_arrow_refs())
+            rows_error = sum(t.num_rows - t.column("error").null_count for t in tables)
+            write_rows(rows, config.output_uri, storage_options=config.storage_options)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return JobSummary(items=total // max(len(tasks), 1), rows_ok=total - rows_error, rows_error=rows_error,
+                      skipped=len(done_everywhere), seconds=time.perf_counter() - start,
+                      output=config.output_uri)
