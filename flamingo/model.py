@@ -35,8 +35,12 @@ class Flamingo(nn.Module):
         self.config = config
         self.tokenizer = tokenizer
         tokenizer.padding_side = "left"
-        self.media_token_id = tokenizer.convert_tokens_to_ids(config.media_token)
-        self.eoc_token_id = tokenizer.convert_tokens_to_ids(config.end_of_chunk_token)
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in (config.media_token, config.end_of_chunk_token) if t not in vocab]
+        if missing:
+            raise ValueError(f"the tokenizer lacks {missing}; build with Flamingo.from_backbones, which adds them")
+        self.media_token_id = vocab[config.media_token]
+        self.eoc_token_id = vocab[config.end_of_chunk_token]
 
         vision_encoder.output_tokens = True  # open_clip: visual(x) -> (pooled, patch tokens)
         self.vision_encoder = vision_encoder
@@ -75,7 +79,7 @@ class Flamingo(nn.Module):
         image_size = visual.image_size
         image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
         new_tokens = add_flamingo_tokens(tokenizer)
-        if len(tokenizer) != lang_encoder.get_input_embeddings().weight.shape[0]:
+        if len(tokenizer) > lang_encoder.get_input_embeddings().weight.shape[0]:  # LMs often pad their vocab
             lang_encoder.resize_token_embeddings(len(tokenizer))
         config = FlamingoConfig(
             cross_attn_every_n_layers=cross_attn_every_n_layers,
