@@ -1,0 +1,279 @@
+"""`flamingo-annotate`: validate task files, run or submit annotation jobs, query their output.
+
+The commands only parse options and print; the work lives in pipeline.task, pipeline.job and pipeline.query.
+Ray, torch and DuckDB are imported inside the commands that need them, so `--help` and `validate` are instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+from pipeline.task import Task, TaskError, check_tasks, is_uri
+
+if TYPE_CHECKING:  # pipeline.job may import Ray
+    from pipeline.job import JobConfig, JobSummary
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+JOBS_DIR = PROJECT_ROOT / "jobs"
+ENTRYPOINT = "jobs/annotate.py"
+# Kept out of the working_dir uploaded with `submit` (Ray also honours .gitignore).
+UPLOAD_EXCLUDES = [".venv/", ".git/", "out/", "__pycache__/", "*.egg-info/", ".pytest_cache/"]
+TASK_ERROR_EXIT = 2  # as click's own usage errors: nothing was started
+
+
+def _task_options(command: Callable) -> Callable:
+    """Options of every command that loads task files."""
+    for option in reversed([
+        click.argument("task_files", metavar="TASK...", nargs=-1, required=True, type=click.Path(dir_okay=False)),
+        click.option("--s3-endpoint", metavar="URL",
+                     help="S3-compatible endpoint (MinIO, moto, ...); credentials come from the usual AWS settings."),
+        click.option("--no-remote-check", is_flag=True,
+                     help="Do not check that s3://... demonstration media exist (e.g. no credentials here)."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _job_options(command: Callable) -> Callable:
+    """Options shared by `run` and `submit`. Unset ones (None) keep pipeline.job's defaults."""
+    count, fraction = click.IntRange(min=1), click.FloatRange(min=0)
+    for option in reversed([
+        click.option("--input", "input_uri", metavar="URI", required=True,
+                     help="Folder, file or glob of images/videos: local path or s3://..."),
+        click.option("--output", "output_uri", metavar="URI", required=True,
+                     help="Folder for the Parquet output; a re-run resumes, skipping items already there."),
+        click.option("--model", metavar="NAME_OR_PATH", help="Model name or checkpoint folder."),
+        click.option("--vision-actors", type=count, help="Vision encoder actors."),
+        click.option("--vision-batch-size", type=count, help="Items per vision encoder batch."),
+        click.option("--vision-gpus", type=fraction, help="GPUs per vision encoder actor (fractions share one)."),
+        click.option("--vision-cpus", type=fraction, help="CPUs per vision encoder actor."),
+        click.option("--generate-actors", type=count, help="Language model actors."),
+        click.option("--generate-batch-size", type=count, help="Items per language model batch."),
+        click.option("--generate-gpus", type=fraction, help="GPUs per language model actor."),
+        click.option("--generate-cpus", type=fraction, help="CPUs per language model actor."),
+        click.option("--num-frames", type=count, help="Frames per video item (overrides the task files)."),
+        click.option("--fps", type=click.FloatRange(min=0, min_open=True),
+                     help="Sample video frames at this rate instead of evenly (overrides the task files)."),
+        click.option("--no-progress", is_flag=True, help="No progress bars."),
+    ]):
+        command = option(command)
+    return command
+
+
+_dashboard_option = click.option("--address", metavar="URL", required=True,
+                                 help="The cluster's dashboard, e.g. http://HEAD:8265.")
+
+
+@click.group()
+@click.version_option(package_name="flamingo-annotate")
+def main() -> None:
+    """Annotate images and videos with a Flamingo model using few-shot task files, on Ray Data."""
+    logging.basicConfig(format="%(levelname)s: %(message)s")
+
+
+@main.command()
+@_task_options
+def validate(task_files: tuple[str, ...], s3_endpoint: str | None, no_remote_check: bool) -> None:
+    """Check task files without running anything; exit status 2 if any is invalid."""
+    tasks, problems = check_tasks(task_files, check_remote_media=not no_remote_check,
+                                  storage_options=_storage_options(s3_endpoint))
+    for task in tasks:
+        click.echo(f"ok  {task.name:<20} {task.kind:<9} {len(task.demonstrations)} demos  "
+                   f"sha256:{task.sha256[:12]}  {task.path}")
+    if problems:
+        _exit_with_problems(TaskError(problems))
+
+
+@main.command()
+@_task_options
+@_job_options
+@click.option("--address", metavar="ADDR", help="Ray cluster to join ('auto', ray://...); default: a local one.")
+def run(task_files: tuple[str, ...], address: str | None, no_remote_check: bool, **options: Any) -> None:
+    """Annotate INPUT with the TASK files into OUTPUT."""
+    from pipeline import job
+
+    tasks = _load_tasks_or_exit(task_files, s3_endpoint=options["s3_endpoint"], no_remote_check=no_remote_check)
+    config = _job_config(tasks, address=address, **options)
+    summary = job.run_job(config)
+    _print_summary(summary, options["s3_endpoint"])
+
+
+@main.command()
+@_task_options
+@_job_options
+@_dashboard_option
+@click.pass_context
+def submit(ctx: click.Context, task_files: tuple[str, ...], address: str, no_remote_check: bool,
+           **options: Any) -> None:
+    """Send the same job to a Ray cluster; the project folder is uploaded as its working directory.
+
+    Task files and local demonstration media must therefore lie inside the project folder; INPUT and OUTPUT are
+    read on the cluster (use s3://...)."""
+    tasks = _load_tasks_or_exit(task_files, s3_endpoint=options["s3_endpoint"], no_remote_check=no_remote_check)
+    outside = [path for task in tasks for path in (task.path, *(d.media for d in task.demonstrations))
+               if not is_uri(path) and not Path(path).is_relative_to(PROJECT_ROOT)]
+    if outside:
+        click.echo(f"Not inside the project folder {PROJECT_ROOT}, so not uploaded with the job "
+                   "(move them into it, or put media on S3):\n  " + "\n  ".join(outside), err=True)
+        ctx.exit(TASK_ERROR_EXIT)
+    if not is_uri(options["output_uri"]):
+        click.echo(f"Warning: --output {options['output_uri']} is a path on the cluster's head node, "
+                   "inside the job's temporary working directory; use s3://... to keep the result.", err=True)
+    relative_tasks = [Path(task.path).relative_to(PROJECT_ROOT).as_posix() for task in tasks]
+    entrypoint = shlex.join(["python", ENTRYPOINT, *relative_tasks, *_forwarded_options(ctx, exclude={"address"})])
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(entrypoint=entrypoint,
+                               runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": UPLOAD_EXCLUDES})
+    click.echo(f"Submitted job {job_id} to {address}\n"
+               f"  follow:  flamingo-annotate logs {job_id} --address {address} --follow\n"
+               f"  status:  flamingo-annotate status {job_id} --address {address}")
+
+
+@main.command()
+@click.argument("job_id")
+@_dashboard_option
+def status(job_id: str, address: str) -> None:
+    """Show a submitted job's status."""
+    from ray.job_submission import JobSubmissionClient
+
+    info = JobSubmissionClient(address).get_job_info(job_id)
+    click.echo(f"{job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+
+
+@main.command()
+@click.argument("job_id")
+@_dashboard_option
+@click.option("--follow", is_flag=True, help="Keep printing new output until the job ends.")
+def logs(job_id: str, address: str, follow: bool) -> None:
+    """Print a submitted job's output."""
+    import asyncio
+
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    if not follow:
+        click.echo(client.get_job_logs(job_id), nl=False)
+        return
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            click.echo(lines, nl=False)
+
+    asyncio.run(tail())
+
+
+@main.command()
+@click.argument("output", metavar="OUTPUT")
+@click.argument("sql", required=False)
+@click.option("--s3-endpoint", metavar="URL", help="S3-compatible endpoint for an s3:// OUTPUT.")
+@click.option("--max-rows", type=click.IntRange(min=1), default=40, show_default=True, help="Rows to print.")
+def query(output: str, sql: str | None, s3_endpoint: str | None, max_rows: int) -> None:
+    """Summarize OUTPUT, or run SQL over it: the view `annotations` has its rows, `items` one row per item.
+
+    Example: flamingo-annotate query out/demo "SELECT task, count(*) FROM annotations GROUP BY task"
+    """
+    import duckdb
+
+    from pipeline import query as output_query
+
+    try:
+        con = output_query.connect(output, _storage_options(s3_endpoint))
+        text = (output_query.run_sql(con, sql, max_rows) if sql
+                else output_query.summarize(con, output).format())
+    except (OSError, ValueError, duckdb.Error) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(text)
+
+
+@main.command()
+@click.option("--output", "output_uri", default="out/demo", show_default=True, help="Where to write the result.")
+def demo(output_uri: str) -> None:
+    """Annotate the bundled sample with the bundled example tasks and the default model."""
+    from pipeline import job
+    from pipeline import query as output_query
+
+    task_files = sorted(str(path) for path in (JOBS_DIR / "tasks").glob("*.yaml"))
+    tasks = _load_tasks_or_exit(task_files, s3_endpoint=None, no_remote_check=False)
+    summary = job.run_job(job.JobConfig(task_files=[t.path for t in tasks], input_uri=str(JOBS_DIR / "sample"),
+                                        output_uri=_absolute_if_local(output_uri)))
+    _print_summary(summary, None)
+    con = output_query.connect(summary.output)
+    click.echo(output_query.summarize(con, summary.output, samples=8).format())
+
+
+def _load_tasks_or_exit(task_files: Sequence[str], *, s3_endpoint: str | None,
+                        no_remote_check: bool) -> tuple[Task, ...]:
+    """The tasks, or exit with every problem before anything has started."""
+    tasks, problems = check_tasks(task_files, check_remote_media=not no_remote_check,
+                                  storage_options=_storage_options(s3_endpoint))
+    if problems:
+        _exit_with_problems(TaskError(problems))
+    return tasks
+
+
+def _exit_with_problems(error: TaskError) -> NoReturn:
+    count = len(error.problems)
+    click.echo(f"{count} problem{'s' if count > 1 else ''} in task files:\n{error}", err=True)
+    click.get_current_context().exit(TASK_ERROR_EXIT)
+
+
+def _job_config(tasks: Sequence[Task], *, input_uri: str, output_uri: str, address: str | None, model: str | None,
+                vision_actors: int | None, vision_batch_size: int | None, vision_gpus: float | None,
+                vision_cpus: float | None, generate_actors: int | None, generate_batch_size: int | None,
+                generate_gpus: float | None, generate_cpus: float | None, num_frames: int | None,
+                fps: float | None, s3_endpoint: str | None, no_progress: bool) -> JobConfig:
+    """A pipeline.job.JobConfig from the command line; options not given keep JobConfig's defaults."""
+    from pipeline.job import JobConfig, StageResources
+
+    vision = StageResources(**_given(pool_size=vision_actors, batch_size=vision_batch_size,
+                                     num_gpus=vision_gpus, num_cpus=vision_cpus))
+    generation = StageResources(**_given(pool_size=generate_actors, batch_size=generate_batch_size,
+                                         num_gpus=generate_gpus, num_cpus=generate_cpus))
+    return JobConfig(task_files=[task.path for task in tasks], input_uri=_absolute_if_local(input_uri),
+                     output_uri=_absolute_if_local(output_uri), vision=vision, generation=generation,
+                     storage_options=_storage_options(s3_endpoint), progress=not no_progress,
+                     **_given(model=model, address=address, num_frames=num_frames, fps=fps))
+
+
+def _forwarded_options(ctx: click.Context, exclude: set[str]) -> list[str]:
+    """The command's options as given, as command-line arguments again (to run the same job elsewhere)."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or param.name in exclude or value is None or value is False:
+            continue
+        args += [param.opts[0]] if param.is_flag else [param.opts[0], str(value)]
+    return args
+
+
+def _print_summary(summary: JobSummary, s3_endpoint: str | None) -> None:
+    endpoint = f" --s3-endpoint {shlex.quote(s3_endpoint)}" if s3_endpoint else ""
+    click.echo(f"Annotated {summary.items} items in {summary.seconds:.1f} s "
+               f"({summary.items_per_second:.2f} items/s)\n"
+               f"  rows ok:           {summary.rows_ok}\n"
+               f"  rows with errors:  {summary.rows_error}\n"
+               f"  skipped (resumed): {summary.skipped}\n"
+               f"Output: {summary.output}\n"
+               f"Query it: flamingo-annotate query {shlex.quote(summary.output)}{endpoint} "
+               "[\"SELECT ... FROM annotations\"]")
+
+
+def _storage_options(s3_endpoint: str | None) -> dict[str, Any]:
+    return {"endpoint_url": s3_endpoint} if s3_endpoint else {}
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _absolute_if_local(uri: str) -> str:
+    """Local paths become absolute, as Ray's workers do not share the driver's working directory."""
+    return uri if is_uri(uri) else str(Path(uri).absolute())

@@ -1,0 +1,390 @@
+"""The command line (pipeline/cli.py), the query helpers behind it, the Ray job entrypoint and cluster.yaml."""
+
+from __future__ import annotations
+
+import copy
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pipeline import job
+from pipeline.cli import PROJECT_ROOT, main
+from pipeline.job import JobConfig, JobSummary, StageResources
+from pipeline.write import to_output_table
+
+TASKS = PROJECT_ROOT / "jobs" / "tasks"
+EXAMPLES = sorted(str(p) for p in TASKS.glob("*.yaml"))
+CAPTION = str(TASKS / "caption.yaml")
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def bad_task(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\ngeneration: {num_beams: 0}\n")
+    return path
+
+
+@pytest.fixture
+def run_job_calls(monkeypatch: pytest.MonkeyPatch) -> list[JobConfig]:
+    """Replaces pipeline.job.run_job (the CLI's boundary) with a recorder returning a fixed summary."""
+    calls: list[JobConfig] = []
+
+    def fake_run_job(config: JobConfig) -> JobSummary:
+        calls.append(config)
+        return JobSummary(items=10, rows_ok=28, rows_error=2, skipped=4, seconds=4.0, output=config.output_uri)
+
+    monkeypatch.setattr(job, "run_job", fake_run_job)
+    return calls
+
+
+def output_rows() -> pa.Table:
+    """Six rows (3 items x 2 tasks, one failed) in pipeline/write.py's output schema."""
+    items = ["/in/a.png", "/in/b.png", "/in/c.mp4"]
+    return to_output_table(pa.table({
+        "id": [i for i in items for _ in range(2)],
+        "source": [i for i in items for _ in range(2)],
+        "task": ["caption", "classify_shape"] * 3,
+        "task_hash": ["h1", "h2"] * 3,
+        "model": ["tiny-random"] * 6,
+        "annotation": ["A red circle.", "circle", "A green square.", "square", None, "triangle"],
+        "score": [-1.0, -0.5, -1.2, -0.4, None, -0.7],
+        "label_scores": [None, [{"label": "circle", "score": -0.5}], None, [{"label": "square", "score": -0.4}],
+                         None, [{"label": "triangle", "score": -0.7}]],
+        "error": [None, None, None, None, "decode failed", None],
+        "seconds": [0.1] * 6,
+    }))
+
+
+def write_output(folder: Path, table: pa.Table | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(output_rows() if table is None else table, folder / "part-0.parquet")
+    return folder
+
+
+# --- import cost and help ----------------------------------------------------------------------------------------
+
+def test_cli_module_imports_no_heavy_libraries() -> None:
+    code = ("import sys, pipeline.cli; "
+            "print(sorted(m for m in ('ray', 'torch', 'duckdb', 'pyarrow', 'fsspec') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_help_lists_the_commands(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("run", "submit", "status", "logs", "validate", "query", "demo"):
+        assert f"  {command} " in result.output
+
+
+# --- validate ----------------------------------------------------------------------------------------------------
+
+def test_validate_ok(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["validate", *EXAMPLES])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(EXAMPLES)
+    caption = next(line for line in lines if " caption " in line)
+    assert "generate" in caption and "3 demos" in caption and "sha256:" in caption
+
+
+def test_validate_reports_bad_files_and_still_lists_the_good_ones(runner: CliRunner, bad_task: Path) -> None:
+    result = runner.invoke(main, ["validate", CAPTION, str(bad_task)])
+    assert result.exit_code == 2
+    assert " caption " in result.stdout
+    assert f"{bad_task}: generation.num_beams: must be >= 1, got 0" in result.stderr
+    assert "1 problem in task files" in result.stderr
+
+
+def test_validate_missing_file(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["validate", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2
+    assert f"{tmp_path / 'none.yaml'}: file not found" in result.stderr
+
+
+# --- run ---------------------------------------------------------------------------------------------------------
+
+def test_run_with_a_bad_task_exits_2_before_starting_anything(
+        runner: CliRunner, bad_task: Path, run_job_calls: list[JobConfig]) -> None:
+    result = runner.invoke(main, ["run", CAPTION, str(bad_task), "--input", "in", "--output", "out"])
+    assert result.exit_code == 2
+    assert f"{bad_task}: generation.num_beams" in result.stderr
+    assert run_job_calls == []
+
+
+def test_run_builds_the_job_config_from_the_options(
+        runner: CliRunner, run_job_calls: list[JobConfig], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(main, [
+        "run", *EXAMPLES, "--input", "s3://bucket/images/", "--output", "out/run",
+        "--model", "some/checkpoint", "--address", "ray://head:10001",
+        "--vision-actors", "2", "--vision-batch-size", "16", "--vision-gpus", "0.25", "--vision-cpus", "1",
+        "--generate-actors", "3", "--generate-batch-size", "4", "--generate-gpus", "0.5", "--generate-cpus", "0.5",
+        "--num-frames", "4", "--fps", "1.5", "--s3-endpoint", "http://127.0.0.1:9000", "--no-progress",
+    ])
+    assert result.exit_code == 0, result.output
+    (config,) = run_job_calls
+    assert config == JobConfig(
+        task_files=[str(Path(p).resolve()) for p in EXAMPLES],
+        input_uri="s3://bucket/images/",
+        output_uri=str(tmp_path / "out" / "run"),
+        model="some/checkpoint",
+        address="ray://head:10001",
+        vision=StageResources(pool_size=2, batch_size=16, num_cpus=1.0, num_gpus=0.25),
+        generation=StageResources(pool_size=3, batch_size=4, num_cpus=0.5, num_gpus=0.5),
+        num_frames=4,
+        fps=1.5,
+        storage_options={"endpoint_url": "http://127.0.0.1:9000"},
+        progress=False,
+    )
+    out = result.stdout
+    assert "Annotated 10 items in 4.0 s (2.50 items/s)" in out
+    assert "rows ok:           28" in out and "rows with errors:  2" in out and "skipped (resumed): 4" in out
+    assert f"flamingo-annotate query {tmp_path / 'out' / 'run'} --s3-endpoint http://127.0.0.1:9000" in out
+
+
+def test_run_without_options_keeps_the_job_defaults(runner: CliRunner, run_job_calls: list[JobConfig]) -> None:
+    result = runner.invoke(main, ["run", CAPTION, "--input", "s3://b/in", "--output", "s3://b/out"])
+    assert result.exit_code == 0, result.output
+    (config,) = run_job_calls
+    assert config == JobConfig(task_files=[CAPTION], input_uri="s3://b/in", output_uri="s3://b/out")
+
+
+@pytest.mark.parametrize("option, value", [("--vision-actors", "0"), ("--generate-gpus", "-1"), ("--fps", "0")])
+def test_run_rejects_out_of_range_options(runner: CliRunner, run_job_calls: list[JobConfig],
+                                          option: str, value: str) -> None:
+    result = runner.invoke(main, ["run", CAPTION, "--input", "i", "--output", "o", option, value])
+    assert result.exit_code == 2 and option in result.output
+    assert run_job_calls == []
+
+
+def test_job_entrypoint_reuses_run(bad_task: Path) -> None:
+    """`python jobs/annotate.py` is `run --address auto`: same options, same validation before anything starts."""
+    result = subprocess.run([sys.executable, "jobs/annotate.py", str(bad_task), "--input", "i", "--output", "o"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"{bad_task}: generation.num_beams" in result.stderr
+
+
+# --- submit, status, logs ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def job_client(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """Replaces Ray's JobSubmissionClient (a network client) with one that records its calls."""
+    import ray.job_submission
+
+    calls: list[tuple] = []
+
+    class FakeClient:
+        def __init__(self, address: str):
+            calls.append(("connect", address))
+
+        def submit_job(self, *, entrypoint: str, runtime_env: dict) -> str:
+            calls.append(("submit", entrypoint, runtime_env))
+            return "raysubmit_123"
+
+        def get_job_info(self, job_id: str):
+            calls.append(("info", job_id))
+            return SimpleNamespace(status="RUNNING", message="Job is currently running.")
+
+        def get_job_logs(self, job_id: str) -> str:
+            calls.append(("logs", job_id))
+            return "line 1\nline 2\n"
+
+        async def tail_job_logs(self, job_id: str):
+            calls.append(("tail", job_id))
+            for chunk in ("a\n", "b\n"):
+                yield chunk
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
+    return calls
+
+
+def test_submit_sends_the_entrypoint_with_the_same_options(runner: CliRunner, job_client: list[tuple]) -> None:
+    result = runner.invoke(main, ["submit", CAPTION, str(TASKS / "classify_shape.yaml"),
+                                  "--input", "s3://b/in", "--output", "s3://b/out", "--address", "http://head:8265",
+                                  "--generate-gpus", "0.5", "--vision-actors", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert job_client[0] == ("connect", "http://head:8265")
+    _, entrypoint, runtime_env = job_client[1]
+    assert shlex.split(entrypoint) == [
+        "python", "jobs/annotate.py", "jobs/tasks/caption.yaml", "jobs/tasks/classify_shape.yaml",
+        "--input", "s3://b/in", "--output", "s3://b/out", "--vision-actors", "2", "--generate-gpus", "0.5",
+        "--no-progress"]
+    assert runtime_env["working_dir"] == str(PROJECT_ROOT)
+    assert {".venv/", ".git/", "out/"} <= set(runtime_env["excludes"])
+    assert "raysubmit_123" in result.stdout
+    assert "flamingo-annotate logs raysubmit_123 --address http://head:8265 --follow" in result.stdout
+
+
+def test_submitted_options_parse_back_to_the_same_job(
+        runner: CliRunner, job_client: list[tuple], run_job_calls: list[JobConfig],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ["--input", "s3://b/in", "--output", "s3://b/out", "--vision-cpus", "0.25", "--num-frames", "4",
+            "--s3-endpoint", "http://minio:9000"]
+    assert runner.invoke(main, ["submit", CAPTION, *args, "--address", "http://h:8265"]).exit_code == 0
+    submitted = shlex.split(job_client[1][1])[2:]
+    monkeypatch.chdir(PROJECT_ROOT)  # the entrypoint runs in the uploaded project folder
+    assert runner.invoke(main, ["run", *submitted]).exit_code == 0
+    assert runner.invoke(main, ["run", CAPTION, *args]).exit_code == 0
+    assert run_job_calls[0] == run_job_calls[1]
+
+
+def test_submit_refuses_files_the_upload_would_not_carry(
+        runner: CliRunner, job_client: list[tuple], tmp_path: Path) -> None:
+    outside = tmp_path / "t.yaml"
+    outside.write_text("name: t\n")
+    result = runner.invoke(main, ["submit", str(outside), "--input", "s3://b/i", "--output", "s3://b/o",
+                                  "--address", "http://h:8265"])
+    assert result.exit_code == 2
+    assert "Not inside the project folder" in result.stderr and str(outside) in result.stderr
+    assert not any(call[0] == "submit" for call in job_client)
+
+
+def test_submit_with_a_bad_task_submits_nothing(runner: CliRunner, job_client: list[tuple], bad_task: Path) -> None:
+    result = runner.invoke(main, ["submit", str(bad_task), "--input", "i", "--output", "o", "--address", "http://h"])
+    assert result.exit_code == 2 and job_client == []
+
+
+def test_status_and_logs(runner: CliRunner, job_client: list[tuple]) -> None:
+    status = runner.invoke(main, ["status", "raysubmit_123", "--address", "http://h:8265"])
+    assert status.exit_code == 0, status.output
+    assert status.stdout.strip() == "raysubmit_123: RUNNING (Job is currently running.)"
+    logs = runner.invoke(main, ["logs", "raysubmit_123", "--address", "http://h:8265"])
+    assert logs.stdout == "line 1\nline 2\n"
+    follow = runner.invoke(main, ["logs", "raysubmit_123", "--address", "http://h:8265", "--follow"])
+    assert follow.stdout == "a\nb\n" and ("tail", "raysubmit_123") in job_client
+
+
+# --- query -------------------------------------------------------------------------------------------------------
+
+def test_query_summary(runner: CliRunner, tmp_path: Path) -> None:
+    output = write_output(tmp_path / "out")
+    result = runner.invoke(main, ["query", str(output)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{output}: 6 rows, 1 with errors"
+    assert lines[1].split() == ["caption", "3", "rows", "1", "errors"]
+    assert lines[2].split() == ["classify_shape", "3", "rows", "0", "errors"]
+    assert "/in/a.png | caption | A red circle." in result.stdout
+    assert "decode failed" not in result.stdout  # samples are ok rows
+
+
+def test_query_summary_escapes_control_characters_in_annotations() -> None:
+    from pipeline.query import OutputSummary
+
+    summary = OutputSummary("out", 1, 0, (), ({"id": "a", "annotation": "\x1b[31mred\x02"},))
+    assert summary.format().splitlines()[-1] == "  a | \\x1b[31mred\\x02"
+
+
+def test_query_sql_over_the_annotations_view(runner: CliRunner, tmp_path: Path) -> None:
+    output = write_output(tmp_path / "out")
+    sql = "SELECT task, count(*) AS n, count(error) AS errors FROM annotations GROUP BY task ORDER BY task"
+    result = runner.invoke(main, ["query", str(output), sql])
+    assert result.exit_code == 0, result.output
+    rows = [line.split("│")[1:-1] for line in result.stdout.splitlines() if line.startswith("│")]
+    assert [[cell.strip() for cell in row] for row in rows][2:] == [["caption", "3", "1"],
+                                                                    ["classify_shape", "3", "0"]]
+
+
+def test_query_items_view_has_one_column_per_task(tmp_path: Path) -> None:
+    from pipeline import query
+
+    con = query.connect(str(write_output(tmp_path / "out")))
+    relation = con.sql("SELECT * FROM items ORDER BY id")
+    assert relation.columns == ["id", "source", "caption", "classify_shape"]
+    assert relation.fetchall() == [("/in/a.png", "/in/a.png", "A red circle.", "circle"),
+                                   ("/in/b.png", "/in/b.png", "A green square.", "square"),
+                                   ("/in/c.mp4", "/in/c.mp4", None, "triangle")]
+
+
+def test_query_items_columns_are_named_by_output_column_when_the_output_records_it(tmp_path: Path) -> None:
+    from pipeline import query
+
+    table = output_rows()
+    table = table.append_column("output_column", pa.array(["caption", "shape"] * 3))
+    con = query.connect(str(write_output(tmp_path / "out", table)))
+    assert con.sql("SELECT * FROM items").columns == ["id", "source", "caption", "shape"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["SELECT nope FROM annotations"], "nope"),
+    ([], "no 'task', 'error' column"),
+])
+def test_query_errors_are_reported_not_raised(runner: CliRunner, tmp_path: Path, args: list[str],
+                                              message: str) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    pq.write_table(pa.table({"uri": ["a"]}), output / "part-0.parquet")
+    result = runner.invoke(main, ["query", str(output), *args])
+    assert result.exit_code == 1 and "Error:" in result.stderr and message in result.stderr
+
+
+def test_query_missing_output(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["query", str(tmp_path / "none")])
+    assert result.exit_code == 1 and "Error:" in result.stderr
+
+
+def test_query_an_output_on_s3(runner: CliRunner, tmp_path: Path, s3, monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket = s3.new_bucket()
+    output = s3.upload_tree(bucket, "results/run1", write_output(tmp_path / "out"))
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint must come from --s3-endpoint
+    result = runner.invoke(main, ["query", output, "--s3-endpoint", s3.endpoint,
+                                  "SELECT count(*) AS n FROM annotations WHERE error IS NULL"])
+    assert result.exit_code == 0, result.output
+    box_rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    assert box_rows[0].strip("│ ") == "n" and box_rows[-1].strip("│ ") == "5"
+
+
+# --- demo --------------------------------------------------------------------------------------------------------
+
+def test_demo_runs_the_bundled_tasks_on_the_bundled_sample(
+        runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    configs: list[JobConfig] = []
+
+    def fake_run_job(config: JobConfig) -> JobSummary:
+        configs.append(config)
+        write_output(Path(config.output_uri))
+        return JobSummary(items=3, rows_ok=5, rows_error=1, skipped=0, seconds=1.0, output=config.output_uri)
+
+    monkeypatch.setattr(job, "run_job", fake_run_job)
+    result = runner.invoke(main, ["demo", "--output", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    (config,) = configs
+    assert config == JobConfig(task_files=EXAMPLES, input_uri=str(PROJECT_ROOT / "jobs" / "sample"),
+                               output_uri=str(tmp_path / "demo"))
+    assert "Annotated 3 items" in result.stdout and "/in/a.png | caption | A red circle." in result.stdout
+
+
+# --- cluster.yaml ------------------------------------------------------------------------------------------------
+
+def test_cluster_config_passes_rays_own_validation() -> None:
+    """`ray up` fills in the provider's defaults and validates against ray/autoscaler/ray-schema.json; so do we
+    (the AWS calls that follow in `ray up` need an account)."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((PROJECT_ROOT / "cluster.yaml").read_text())
+    config = prepare_config(copy.deepcopy(raw))
+    validate_config(config)
+    assert config["provider"]["type"] == "aws"
+    head, workers = raw["available_node_types"][raw["head_node_type"]], raw["available_node_types"]["gpu_worker"]
+    assert head["node_config"]["InstanceType"].startswith("m5")
+    assert workers["node_config"]["InstanceType"].startswith("g5")
+    assert (workers["min_workers"], workers["max_workers"]) == (0, 8)
+    assert any("pip install" in c and "-e" in c for c in raw["setup_commands"])
+    (remote, local), = raw["file_mounts"].items()
+    assert (PROJECT_ROOT / local).resolve() == PROJECT_ROOT and remote in raw["setup_commands"][0]
