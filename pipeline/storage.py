@@ -1,0 +1,80 @@
+"""Filesystems and URIs: the one place that turns `(uri, storage_options)` into an fsspec filesystem.
+
+Reading, writing and resuming all go through here so they resolve S3 endpoints and credentials the same
+way. `resolve_storage_options` runs on the driver and copies the usual AWS environment variables into
+the options explicitly, so Ray tasks on other machines (whose environment may differ) use the same
+endpoint and credentials as the driver that listed the files. Options given explicitly always win.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+import pyarrow.fs
+
+# fsspec option name -> environment variables that botocore would consult, in order of precedence.
+_S3_ENV = (
+    ("endpoint_url", ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")),
+    ("key", ("AWS_ACCESS_KEY_ID",)),
+    ("secret", ("AWS_SECRET_ACCESS_KEY",)),
+    ("token", ("AWS_SESSION_TOKEN",)),
+)
+_REGION_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION")
+_S3_PROTOCOLS = ("s3", "s3a")
+
+
+def protocol(uri: str) -> str:
+    """'s3' for 's3://bucket/key', 'file' for a plain path."""
+    return fsspec.utils.get_protocol(uri)
+
+
+def resolve_storage_options(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The fsspec options for `uri`: `storage_options` plus, for S3, endpoint/credentials/region from
+    the AWS environment variables where the options don't set them (none when they ask for `anon` or a
+    `profile`, which pick credentials themselves)."""
+    options = dict(storage_options or {})
+    if protocol(uri) not in _S3_PROTOCOLS:
+        return options
+    picks_own_credentials = "anon" in options or "profile" in options
+    for option, variables in _S3_ENV:
+        if option in options or (picks_own_credentials and option != "endpoint_url"):
+            continue
+        value = next((os.environ[v] for v in variables if os.environ.get(v)), None)
+        if value is not None:
+            options[option] = value
+    region = next((os.environ[v] for v in _REGION_ENV if os.environ.get(v)), None)
+    client_kwargs = dict(options.get("client_kwargs") or {})
+    if region and "region_name" not in client_kwargs:
+        options["client_kwargs"] = {**client_kwargs, "region_name": region}
+    return options
+
+
+def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """`(filesystem, path)` for `uri`; local paths come back absolute and normalised so that ids built
+    from them don't depend on the working directory or on how the path was spelled."""
+    fs, path = fsspec.core.url_to_fs(uri, **resolve_storage_options(uri, storage_options))
+    if is_local(fs):
+        path = os.path.normpath(os.path.abspath(path))
+    return fs, path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in _protocols(fs)
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URI that names `path` in ids and `source` columns: a plain absolute path for local files,
+    `s3://bucket/key` (etc.) otherwise."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
+    """A pyarrow view of an fsspec filesystem, for Ray Data and pyarrow.dataset."""
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)

@@ -1,0 +1,126 @@
+"""Output side: the annotation table, writing it as Parquet, and reading back what is already done.
+
+Every run appends new Parquet files (Ray Data names them with a per-write UUID) next to the files of
+earlier runs and never rewrites them, so resuming a job only adds the missing rows. The output
+directory is a plain Parquet dataset: pyarrow, pandas, DuckDB (over a pyarrow dataset) and Spark read
+it as is.
+
+`OUTPUT_SCHEMA`, one row per input item and task:
+  id            string     the item id from `pipeline.read` (never null)
+  source        string     URI of the file the item came from (never null)
+  task          string     task name (never null)
+  task_hash     string     hash of the task definition, to tell edited tasks apart (never null)
+  model         string     model name (never null)
+  annotation    string     the generated text / chosen label; null on error
+  score         float64    mean token log-probability of the annotation; null on error
+  label_scores  list<struct<label: string, score: float64>>
+                           one entry per candidate label, in the task's label order; null for
+                           open-ended tasks and on error. A list of structs rather than a map: pandas
+                           gives a list of {"label", "score"} dicts, DuckDB a LIST of STRUCTs
+                           (`UNNEST(label_scores)`), both without extra conversion.
+  error         string     what went wrong for this item; null when it was annotated
+  seconds       float64    time spent on this item
+  created_at    timestamp[us, UTC]   when the row was produced (filled in at write time if absent)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray.data
+from ray.data import SaveMode
+
+from pipeline.storage import arrow_filesystem, filesystem
+
+log = logging.getLogger(__name__)
+
+LABEL_SCORE_TYPE = pa.struct([("label", pa.string()), ("score", pa.float64())])
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("task", pa.string()),
+        ("task_hash", pa.string()),
+        ("model", pa.string()),
+        ("annotation", pa.string()),
+        ("score", pa.float64()),
+        ("label_scores", pa.list_(LABEL_SCORE_TYPE)),
+        ("error", pa.string()),
+        ("seconds", pa.float64()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+REQUIRED_COLUMNS = ("id", "source", "task", "task_hash", "model")
+
+
+def write_rows(
+    dataset: ray.data.Dataset, output_uri: str, *, storage_options: Mapping[str, Any] | None = None
+) -> None:
+    """Append `dataset` (rows with the OUTPUT_SCHEMA columns; extra columns are dropped) to
+    `output_uri` as new Parquet files. Executes the dataset."""
+    fs, path = filesystem(output_uri, storage_options)
+    dataset.map_batches(to_output_table, batch_format="pyarrow", batch_size=None).write_parquet(
+        path,
+        filesystem=arrow_filesystem(fs),
+        mode=SaveMode.APPEND,  # new, uniquely named files; earlier runs' files are left alone
+        schema=OUTPUT_SCHEMA,
+    )
+
+
+def to_output_table(batch: pa.Table) -> pa.Table:
+    """`batch` reduced to OUTPUT_SCHEMA (column order and types), `created_at` filled in when absent.
+    Raises ValueError for missing columns or null required values: those are bugs upstream, not bad
+    input."""
+    if "created_at" not in batch.column_names:
+        now = pa.scalar(datetime.now(timezone.utc), OUTPUT_SCHEMA.field("created_at").type)
+        batch = batch.append_column("created_at", pa.repeat(now, batch.num_rows))
+    missing = [name for name in OUTPUT_SCHEMA.names if name not in batch.column_names]
+    if missing:
+        raise ValueError(f"rows lack output columns {missing}")
+    nulls = [name for name in REQUIRED_COLUMNS if batch.column(name).null_count]
+    if nulls:
+        raise ValueError(f"null values in required output columns {nulls}")
+    return batch.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+
+
+def existing_ids(
+    output_uri: str,
+    task: str,
+    *,
+    task_hash: str | None = None,
+    include_errors: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+) -> set[str]:
+    """Ids already written to `output_uri` for `task` (and `task_hash`, when given), for resume.
+    `include_errors=False` leaves out rows that failed, so a resumed run tries them again. An absent
+    or empty output gives an empty set; an unreadable file (e.g. cut short by a crash) is logged and
+    ignored, so its items are simply done again."""
+    fs, path = filesystem(output_uri, storage_options)
+    if not fs.exists(path):
+        return set()
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/." not in p[len(path):])
+    condition = pc.field("task") == task
+    if task_hash is not None:
+        condition &= pc.field("task_hash") == task_hash
+    if not include_errors:
+        condition &= pc.field("error").is_null()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        found = pool.map(lambda file: _ids_in_file(fs, file, condition), files)
+        return {item_id for ids in found for item_id in ids}
+
+
+def _ids_in_file(fs: fsspec.AbstractFileSystem, path: str, condition: pc.Expression) -> list[str]:
+    try:
+        table = pq.read_table(path, filesystem=arrow_filesystem(fs), columns=["id"], filters=condition)
+    except Exception as exc:  # a broken file must not block resuming; its items get redone
+        log.warning("ignoring unreadable output file %s: %s: %s", path, type(exc).__name__, exc)
+        return []
+    return table.column("id").to_pylist()

@@ -1,0 +1,304 @@
+"""pipeline.read on real files, locally and on a moto S3 server: every input item yields exactly one row,
+bad items become error rows with a clear message, good items are untouched, ids are stable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from media import image_bytes, img2dataset_parquet_bytes, tar_bytes, tar_member_offsets, video_bytes
+from pipeline.read import file_rows, list_files, read_items
+from pipeline.storage import resolve_storage_options
+
+MAX_ITEM_BYTES = 60_000
+
+JPG = image_bytes(fmt="JPEG")
+PNG = image_bytes(fmt="PNG")
+MP4 = video_bytes(num_frames=6)
+GOOD_SHARD = tar_bytes(
+    [
+        ("0001.jpg", JPG),
+        ("0001.txt", b"a cat"),
+        ("0001.json", json.dumps({"url": "http://example.com/1.jpg", "caption": "not used: .txt wins"}).encode()),
+        ("0002.mp4", MP4),
+        ("0002.json", json.dumps({"url": "http://example.com/2.mp4", "caption": "a clip"}).encode()),
+        ("0003.txt", b"caption without media"),
+        ("0004.png", PNG),
+        ("0004.cls", b"7"),
+        ("0004.pyd", b"never unpickled"),
+        ("0005.jpg", b""),
+    ]
+)
+PARQUET = img2dataset_parquet_bytes(
+    [
+        {"key": "000", "url": "http://example.com/a.jpg", "caption": "first", "jpg": JPG, "status": "success"},
+        {"key": "001", "url": "http://example.com/b.jpg", "caption": "second", "jpg": PNG, "status": "success"},
+        {"key": "002", "url": "http://example.com/c.jpg", "status": "failed_to_download", "error_message": "HTTP 404"},
+        {"key": "003", "url": "http://example.com/d.jpg", "status": "success"},
+    ]
+)
+
+
+def input_tree(root: Path) -> Path:
+    """One file of every kind the reader handles, good and bad."""
+    files = {
+        "images/red.png": PNG,
+        "images/photo.jpg": JPG,
+        "images/pic.webp": image_bytes(fmt="WEBP"),
+        "images/pic.bmp": image_bytes(fmt="BMP"),
+        "images/anim.gif": image_bytes(fmt="GIF"),
+        "images/big.bmp": image_bytes(size=(200, 200), fmt="BMP"),  # 120 kB > MAX_ITEM_BYTES
+        "images/empty.png": b"",
+        "images/corrupt.jpg": b"this is not a jpeg",  # read fine; decoding fails later
+        "images/.hidden.png": PNG,
+        "videos/clip.mp4": MP4,
+        "notes.xyz": b"what is this",
+        "shards/good.tar": GOOD_SHARD,
+        "shards/truncated.tar": GOOD_SHARD[: tar_member_offsets(GOOD_SHARD)["0002.mp4"] + 512 + 100],
+        "shards/garbage.tar": b"not a tar archive " * 100,
+        "parquet/part.parquet": PARQUET,
+        "parquet/broken.parquet": b"PAR1 but not really",
+    }
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return input_tree(tmp_path_factory.mktemp("input"))
+
+
+def read_rows(uri: str, **kwargs: Any) -> dict[str, dict[str, Any]]:
+    """Rows by id; fails on duplicate ids (every item must yield exactly one row)."""
+    result = read_items(uri, max_item_bytes=MAX_ITEM_BYTES, **kwargs)
+    rows = result.dataset.take_all()
+    by_id = {row["id"]: row for row in rows}
+    assert len(by_id) == len(rows), "duplicate ids"
+    return by_id
+
+
+def check_tree(rows: dict[str, dict[str, Any]], root: str) -> None:
+    ok = {
+        f"{root}/images/red.png": ("image", PNG),
+        f"{root}/images/photo.jpg": ("image", JPG),
+        f"{root}/images/pic.webp": ("image", None),
+        f"{root}/images/pic.bmp": ("image", None),
+        f"{root}/images/anim.gif": ("image", None),
+        f"{root}/images/corrupt.jpg": ("image", b"this is not a jpeg"),
+        f"{root}/videos/clip.mp4": ("video", MP4),
+        f"{root}/shards/good.tar::0001": ("image", JPG),
+        f"{root}/shards/good.tar::0002": ("video", MP4),
+        f"{root}/shards/good.tar::0004": ("image", PNG),
+        f"{root}/shards/truncated.tar::0001": ("image", JPG),
+        f"{root}/parquet/part.parquet::000": ("image", JPG),
+        f"{root}/parquet/part.parquet::001": ("image", PNG),
+    }
+    errors = {
+        f"{root}/images/big.bmp": "larger than max_item_bytes=60000",
+        f"{root}/images/empty.png": "empty file (0 bytes)",
+        f"{root}/notes.xyz": "unsupported file type .xyz",
+        f"{root}/shards/good.tar::0003": "no image or video member",
+        f"{root}/shards/good.tar::0005": "member 0005.jpg: empty file (0 bytes)",
+        f"{root}/shards/truncated.tar::0002": "cannot read tar shard: ReadError: unexpected end of data",
+        f"{root}/shards/truncated.tar": "cannot read tar shard: ReadError: unexpected end of data (after 1 complete samples)",
+        f"{root}/shards/garbage.tar": "cannot read tar shard: ReadError",
+        f"{root}/parquet/part.parquet::002": "img2dataset status failed_to_download: HTTP 404",
+        f"{root}/parquet/part.parquet::003": "no image bytes in column jpg",
+        f"{root}/parquet/broken.parquet": "cannot read Parquet file",
+    }
+    assert set(rows) == set(ok) | set(errors)
+    for item_id, (kind, data) in ok.items():
+        row = rows[item_id]
+        assert row["error"] is None, (item_id, row["error"])
+        assert row["media_kind"] == kind
+        assert row["data"] if data is None else row["data"] == data
+        assert row["source"] == item_id.split("::")[0]
+    for item_id, message in errors.items():
+        assert message in rows[item_id]["error"], (item_id, rows[item_id]["error"])
+        assert rows[item_id]["data"] is None
+    assert rows[f"{root}/images/big.bmp"]["media_kind"] == "image"
+    assert rows[f"{root}/notes.xyz"]["media_kind"] is None
+    # captions and urls from the shard's .txt / .json members and from the Parquet columns
+    assert (rows[f"{root}/shards/good.tar::0001"]["caption"], rows[f"{root}/shards/good.tar::0001"]["url"]) == (
+        "a cat",
+        "http://example.com/1.jpg",
+    )
+    assert rows[f"{root}/shards/good.tar::0002"]["caption"] == "a clip"
+    assert rows[f"{root}/shards/good.tar::0004"]["caption"] is None
+    assert rows[f"{root}/parquet/part.parquet::001"]["caption"] == "second"
+    assert rows[f"{root}/parquet/part.parquet::002"]["url"] == "http://example.com/c.jpg"
+
+
+def test_every_local_item_gives_one_row(ray_session: None, local_tree: Path) -> None:
+    check_tree(read_rows(str(local_tree)), str(local_tree))
+
+
+def test_every_s3_item_gives_one_row(ray_session: None, s3: Any, local_tree: Path) -> None:
+    root = s3.upload_tree(s3.new_bucket(), "input", local_tree)
+    check_tree(read_rows(root), root)
+
+
+def test_s3_with_explicit_storage_options_only(ray_session: None, s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket = s3.new_bucket()
+    s3.upload(bucket, {"a/x.png": PNG, "a/s.tar": GOOD_SHARD})
+    for variable in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(variable)
+    rows = read_rows(f"s3://{bucket}/a", storage_options=s3.storage_options)
+    assert rows[f"s3://{bucket}/a/x.png"]["data"] == PNG
+    assert rows[f"s3://{bucket}/a/s.tar::0002"]["data"] == MP4
+
+
+def test_ids_are_stable_across_reads(ray_session: None, local_tree: Path) -> None:
+    first = read_rows(str(local_tree))
+    second = read_rows(str(local_tree) + "/")  # spelled differently, same files
+    assert first == second
+
+
+def test_glob_and_single_file(ray_session: None, local_tree: Path) -> None:
+    assert set(read_rows(f"{local_tree}/images/*.png")) == {f"{local_tree}/images/red.png", f"{local_tree}/images/empty.png"}
+    assert set(read_rows(f"{local_tree}/shards/good.tar")) == {f"{local_tree}/shards/good.tar::000{i}" for i in range(1, 6)}
+
+
+def test_glob_matching_directories_lists_their_files(tmp_path: Path) -> None:
+    (tmp_path / "part-1").mkdir()
+    (tmp_path / "part-1" / "a.png").write_bytes(PNG)
+    (tmp_path / "part-1" / ".cache").mkdir()
+    (tmp_path / "part-1" / ".cache" / "b.png").write_bytes(PNG)
+    (tmp_path / "part-2").mkdir()  # empty: contributes nothing, breaks nothing
+    assert [f.uri for f in list_files(f"{tmp_path}/part-*")] == [f"{tmp_path}/part-1/a.png"]
+    assert [f.uri for f in list_files(f"{tmp_path}/part-1/.cache/b.png")] == [f"{tmp_path}/part-1/.cache/b.png"]
+
+
+def test_missing_input_raises_before_any_work(local_tree: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        list_files(str(local_tree / "nope"))
+    with pytest.raises(FileNotFoundError):
+        list_files(f"{local_tree}/*.nothing")
+
+
+def test_hidden_files_are_not_listed(local_tree: Path) -> None:
+    assert not [f for f in list_files(str(local_tree)) if ".hidden" in f.uri]
+
+
+def test_file_gone_after_listing_becomes_error_row(ray_session: None, tmp_path: Path) -> None:
+    (tmp_path / "stays.png").write_bytes(PNG)
+    (tmp_path / "goes.png").write_bytes(PNG)
+    result = read_items(str(tmp_path))  # lazy: lists now, reads on execution
+    (tmp_path / "goes.png").unlink()
+    rows = {row["id"]: row for row in result.dataset.take_all()}
+    assert rows[str(tmp_path / "stays.png")]["data"] == PNG
+    assert "cannot read file: FileNotFoundError" in rows[str(tmp_path / "goes.png")]["error"]
+
+
+def test_resume_skips_done_ids(ray_session: None, local_tree: Path) -> None:
+    root = str(local_tree)
+    done = {
+        f"{root}/images/red.png",
+        f"{root}/shards/good.tar::0002",
+        f"{root}/parquet/part.parquet::001",
+        "/somewhere/else.png",  # not part of this input: ignored
+    }
+    result = read_items(root, max_item_bytes=MAX_ITEM_BYTES, skip_ids=done)
+    ids = {row["id"] for row in result.dataset.take_all()}
+    assert result.skipped == 3
+    assert result.files == 15
+    assert not ids & done
+    assert f"{root}/shards/good.tar::0001" in ids and f"{root}/parquet/part.parquet::000" in ids
+
+
+def test_resume_with_everything_done(ray_session: None, tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(PNG)
+    result = read_items(str(tmp_path), skip_ids={str(tmp_path / "a.png")})
+    assert (result.skipped, result.dataset.count()) == (1, 0)
+
+
+# --- WebDataset corner cases, on the task-side function directly (no Ray needed) ---------------------
+
+
+def shard_rows(tmp_path: Path, data: bytes, max_item_bytes: int = MAX_ITEM_BYTES) -> dict[str, dict[str, Any]]:
+    path = tmp_path / "shard.tar"
+    path.write_bytes(data)
+    rows = list(file_rows(str(path), len(data), None, max_item_bytes))
+    by_id = {row["id"].removeprefix(f"{path}::"): row for row in rows}
+    assert len(by_id) == len(rows)
+    return by_id
+
+
+def test_tar_cut_between_members_is_reported(tmp_path: Path) -> None:
+    rows = shard_rows(tmp_path, GOOD_SHARD[: tar_member_offsets(GOOD_SHARD)["0004.png"]])
+    assert [rows[k]["error"] is None for k in ("0001", "0002")] == [True, True]
+    assert "no end-of-archive block" in rows["0003"]["error"]  # the sample being read when it stopped
+    assert "no end-of-archive block" in rows[str(tmp_path / "shard.tar")]["error"]
+
+
+def test_tar_cut_inside_a_header_is_reported(tmp_path: Path) -> None:
+    rows = shard_rows(tmp_path, GOOD_SHARD[: tar_member_offsets(GOOD_SHARD)["0004.png"] + 200])
+    assert "cannot read tar shard" in rows[str(tmp_path / "shard.tar")]["error"]
+    assert rows["0002"]["data"] == MP4
+
+
+def test_tar_empty_file_is_reported(tmp_path: Path) -> None:
+    rows = shard_rows(tmp_path, b"")
+    assert list(rows) == [str(tmp_path / "shard.tar")]
+    assert "empty file" in rows[str(tmp_path / "shard.tar")]["error"]
+
+
+def test_tar_non_adjacent_key_and_oversized_member(tmp_path: Path) -> None:
+    shard = tar_bytes([("a.jpg", JPG), ("b.png", image_bytes(size=(200, 200), fmt="BMP")), ("a.txt", b"late caption")])
+    rows = shard_rows(tmp_path, shard, max_item_bytes=10_000)
+    assert rows["a"]["data"] == JPG
+    assert "larger than max_item_bytes" in rows["b"]["error"]
+    assert "appears again" in rows["a@2"]["error"]
+
+
+def test_tar_keys_with_directories_and_dots(tmp_path: Path) -> None:
+    shard = tar_bytes([("dir.v1/0001.seg.png", PNG), ("dir.v1/0001.txt", b"x"), ("dir.v1/0002.JPG", JPG)])
+    rows = shard_rows(tmp_path, shard)
+    assert rows["dir.v1/0001"]["data"] == PNG and rows["dir.v1/0001"]["caption"] == "x"
+    assert rows["dir.v1/0002"]["media_kind"] == "image"
+
+
+def test_parquet_without_image_column_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "meta.parquet"
+    path.write_bytes(img2dataset_parquet_bytes([{"key": "1"}], image_column="mp3"))
+    [row] = file_rows(str(path), None, None, MAX_ITEM_BYTES)
+    assert row["id"] == str(path) and "no image bytes column" in row["error"]
+
+
+def test_parquet_image_column_must_be_binary(tmp_path: Path) -> None:
+    path = tmp_path / "odd.parquet"
+    pq.write_table(pa.table({"key": ["1"], "jpg": ["a string, not bytes"]}), path)
+    [row] = file_rows(str(path), None, None, MAX_ITEM_BYTES)
+    assert row["id"] == str(path) and row["error"] == "column jpg has type string, not binary"
+
+
+def test_parquet_rows_without_key_use_row_index(tmp_path: Path) -> None:
+    path = tmp_path / "p.parquet"
+    path.write_bytes(img2dataset_parquet_bytes([{"png": PNG}, {"png": PNG, "key": "k"}], image_column="png"))
+    rows = list(file_rows(str(path), None, None, MAX_ITEM_BYTES))
+    assert [row["id"] for row in rows] == [f"{path}::0", f"{path}::k"]
+    assert all(row["data"] == PNG for row in rows)
+
+
+def test_storage_options_from_aws_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-specific:2")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    options = resolve_storage_options("s3://b/p", {"key": "explicit-key"})
+    assert options == {
+        "endpoint_url": "http://s3-specific:2",
+        "key": "explicit-key",
+        "secret": "env-secret",
+        "client_kwargs": {"region_name": "eu-west-1"},
+    }
+    assert resolve_storage_options("/local/path", {"x": 1}) == {"x": 1}
+    assert "key" not in resolve_storage_options("s3://b/p", {"anon": True})
