@@ -69,6 +69,24 @@ PRESETS: dict[str, Preset] = {
                    "xattn_heads": 2, "xattn_dim_head": 16, "ff_mult": 2, "max_num_frames": 8},
         gate_init=0.5,
     ),
+    # Random models of real sizes, for benchmarks (speed does not depend on the weights).
+    "random-vits32-llama8": Preset(
+        "ViT-S-32", None, "", BYTE_LEVEL_TOKENIZER, 1,
+        lang_encoder_config={
+            "model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1376,
+            "num_hidden_layers": 8, "num_attention_heads": 8, "max_position_embeddings": 4096,
+            "bos_token_id": 256, "eos_token_id": 256,
+        },
+        gate_init=0.5,
+    ),
+    "random-openflamingo-3b": Preset(  # ViT-L-14 + an MPT-1B-shaped LM, cross-attention every layer
+        "ViT-L-14", None, "", BYTE_LEVEL_TOKENIZER, 1,
+        lang_encoder_config={
+            "model_type": "mpt", "vocab_size": 50432, "d_model": 2048, "n_layers": 24, "n_heads": 16,
+            "expansion_ratio": 4, "max_seq_len": 2048, "bos_token_id": 256, "eos_token_id": 256,
+        },
+        gate_init=0.5,
+    ),
 }
 ALIASES = {
     "openflamingo-3b": "openflamingo/OpenFlamingo-3B-vitl-mpt1b",

@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -121,8 +122,11 @@ def _step(model: "Flamingo", state: _Prompt, tokens: torch.Tensor) -> torch.Tens
 
 
 def logits_processors(do_sample: bool, temperature: float, top_k: int, top_p: float,
-                      extra: LogitsProcessorList | None) -> LogitsProcessorList:
+                      extra: LogitsProcessorList | None, min_new_tokens: int = 0, prompt_length: int = 0,
+                      stop_ids: torch.Tensor | None = None) -> LogitsProcessorList:
     processors = LogitsProcessorList(extra or [])
+    if min_new_tokens > 0 and stop_ids is not None:
+        processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, min_new_tokens, stop_ids))
     if do_sample:
         if temperature != 1.0:
             processors.append(TemperatureLogitsWarper(temperature))

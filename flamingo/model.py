@@ -208,7 +208,8 @@ class Flamingo(nn.Module):
     @torch.inference_mode()
     def generate(self, vision_x: torch.Tensor | None = None, lang_x: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *, visual_tokens: torch.Tensor | None = None,
-                 prefix: FewShotPrefix | None = None, max_new_tokens: int = 20, num_beams: int = 1,
+                 prefix: FewShotPrefix | None = None, max_new_tokens: int = 20, min_new_tokens: int = 0,
+                 num_beams: int = 1,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  length_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int | None = None, logits_processor: LogitsProcessorList | None = None,
@@ -227,7 +228,8 @@ class Flamingo(nn.Module):
         attention_mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask.to(self.device)
         stop = self._stop_ids(eos_token_id)
         pad = self.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
-        processors = generation.logits_processors(do_sample, temperature, top_k, top_p, logits_processor)
+        processors = generation.logits_processors(do_sample, temperature, top_k, top_p, logits_processor,
+                                                  min_new_tokens, lang_x.shape[1], stop)
         state = generation.run_prompt(self, lang_x, attention_mask, visual_tokens, prefix)
         if num_beams > 1:
             if do_sample:

@@ -54,6 +54,17 @@ class JobConfig:
     device: str | None = None                # None: cuda when the actor got a GPU, else cpu
 
 
+def video_sampling(tasks, config: JobConfig) -> tuple[int, float | None]:
+    """(num_frames, fps) for video items. Items are decoded once for all tasks, so the tasks must
+    agree, unless the job sets the frame count itself."""
+    settings = {(t.video.num_frames, t.video.fps) for t in tasks}
+    if len(settings) > 1 and config.num_frames is None:
+        detail = ", ".join(f"{t.name}: num_frames={t.video.num_frames} fps={t.video.fps}" for t in tasks)
+        raise ValueError(f"tasks sample videos differently ({detail}); make them agree or pass --num-frames")
+    task_frames, task_fps = next(iter(settings)) if len(settings) == 1 else (None, None)
+    return config.num_frames or task_frames, config.fps if config.fps is not None else task_fps
+
+
 def run_job(config: JobConfig) -> JobSummary:
     import ray
 
@@ -68,6 +79,7 @@ def run_job(config: JobConfig) -> JobSummary:
 
     start = time.perf_counter()
     tasks = list(load_tasks(config.task_files, storage_options=config.storage_options))  # before any work
+    num_frames, fps = video_sampling(tasks, config)
     image_size, mean, std = image_preprocessing(config.model)
     out_options = resolve_storage_options(config.output_uri, config.storage_options)
     done = {t.name: existing_ids(config.output_uri, t.name, task_hash=t.sha256, storage_options=out_options)
@@ -83,9 +95,7 @@ def run_job(config: JobConfig) -> JobSummary:
         ray.data.DataContext.get_current().enable_progress_bars = config.progress
         read = read_items(config.input_uri, storage_options=config.storage_options,
                           max_item_bytes=config.max_item_bytes, skip_ids=done_everywhere)
-        video = tasks[0].video
-        decode = DecodeConfig(image_size, mean, std, num_frames=config.num_frames or video.num_frames,
-                              fps=config.fps if config.fps is not None else video.fps)
+        decode = DecodeConfig(image_size, mean, std, num_frames=num_frames, fps=fps)
         ds = decode_items(read.dataset, decode)
         ds = ds.map_batches(
             VisionEncoder, fn_constructor_kwargs={"model": config.model, "device": config.device},
@@ -110,5 +120,5 @@ def run_job(config: JobConfig) -> JobSummary:
         if started_ray:
             ray.shutdown()
     return JobSummary(items=total // max(len(tasks), 1), rows_ok=total - rows_error, rows_error=rows_error,
-                      skipped=len(done_everywhere), seconds=time.perf_counter() - start,
+                      skipped=read.skipped, seconds=time.perf_counter() - start,
                       output=config.output_uri)

@@ -199,3 +199,14 @@ def test_sampling_is_reproducible_with_a_generator(model):
     first = model.generate(**kwargs, generator=torch.Generator().manual_seed(0))
     second = model.generate(**kwargs, generator=torch.Generator().manual_seed(0))
     assert first.tolist() == second.tolist()
+
+
+def test_min_new_tokens_holds_off_the_stop_tokens(model):
+    lang_x, _ = model.tokenize([PROMPT])
+    first = int(model.generate(vision_x=images(1, 3), lang_x=lang_x, max_new_tokens=1)[0, -1])
+    stopped = model.generate(vision_x=images(1, 3), lang_x=lang_x, max_new_tokens=6, eos_token_id=first,
+                             return_dict=True)
+    assert stopped.num_new_tokens.tolist() == [1]
+    held = model.generate(vision_x=images(1, 3), lang_x=lang_x, max_new_tokens=6, min_new_tokens=4,
+                          eos_token_id=first, return_dict=True)
+    assert int(held.num_new_tokens[0]) >= 4 and first not in held.new_tokens[0, :3].tolist()
