@@ -210,3 +210,14 @@ def test_min_new_tokens_holds_off_the_stop_tokens(model):
     held = model.generate(vision_x=images(1, 3), lang_x=lang_x, max_new_tokens=6, min_new_tokens=4,
                           eos_token_id=first, return_dict=True)
     assert int(held.num_new_tokens[0]) >= 4 and first not in held.new_tokens[0, :3].tolist()
+
+
+def test_incremental_forward_with_past_key_values_matches_the_full_forward(model):
+    """OpenFlamingo-style decoding by hand: later tokens without <image> see the last media."""
+    lang_x, _ = model.tokenize([PROMPT + " red circle"])
+    vision_x = images(1, 3)
+    with torch.no_grad():
+        full = model(vision_x=vision_x, lang_x=lang_x).logits
+        first = model(vision_x=vision_x, lang_x=lang_x[:, :-2], use_cache=True)
+        rest = model(vision_x=vision_x, lang_x=lang_x[:, -2:], past_key_values=first.past_key_values)
+    torch.testing.assert_close(rest.logits, full[:, -2:], atol=1e-5, rtol=0)

@@ -75,28 +75,19 @@ def test_logits_match_reference(arch, every):
     assert (other - ours).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
-def test_greedy_generation_matches_reference(arch):
+@pytest.mark.parametrize("arch,num_beams", [("llama", 1), ("gpt_neox", 1), ("llama", 3)])
+def test_generation_matches_reference(arch, num_beams):
+    """Greedy and beam search (the reference runs Hugging Face's generate()) give the same tokens."""
     model, reference, tokenizer = build_pair(arch, 1)
     lang_x, _ = model.tokenize([PROMPT])
     vision_x = images(1, 3)
     eoc = model.eoc_token_id
-    ours = model.generate(vision_x=vision_x, lang_x=lang_x, max_new_tokens=12, eos_token_id=eoc)
+    ours = model.generate(vision_x=vision_x, lang_x=lang_x, max_new_tokens=10, num_beams=num_beams,
+                          eos_token_id=eoc)
     with torch.no_grad():
-        ref = reference.generate(vision_x, lang_x, torch.ones_like(lang_x), max_new_tokens=12, num_beams=1,
-                                 do_sample=False, eos_token_id=eoc, pad_token_id=tokenizer.pad_token_id)
-    assert ours.tolist() == ref.tolist()
-
-
-def test_beam_search_matches_reference():
-    model, reference, tokenizer = build_pair("llama", 1)
-    lang_x, _ = model.tokenize([PROMPT])
-    vision_x = images(1, 3)
-    eoc = model.eoc_token_id
-    ours = model.generate(vision_x=vision_x, lang_x=lang_x, max_new_tokens=8, num_beams=3, eos_token_id=eoc)
-    with torch.no_grad():
-        ref = reference.generate(vision_x, lang_x, torch.ones_like(lang_x), max_new_tokens=8, num_beams=3,
-                                 do_sample=False, eos_token_id=eoc, pad_token_id=tokenizer.pad_token_id)
+        ref = reference.generate(vision_x, lang_x, torch.ones_like(lang_x), max_new_tokens=10,
+                                 num_beams=num_beams, do_sample=False, eos_token_id=eoc,
+                                 pad_token_id=tokenizer.pad_token_id)
     assert ours.tolist() == ref.tolist()
 
 
