@@ -209,6 +209,35 @@ def demo(output_uri: str) -> None:
     click.echo(output_query.summarize(con, summary.output, samples=8).format())
 
 
+@main.command()
+@click.option("--model", default="random-vits32-llama8", show_default=True,
+              help="A preset (random weights are enough for speed) or a saved model folder.")
+@click.option("--shots", type=click.IntRange(min=0), default=4, show_default=True)
+@click.option("--caption-tokens", type=click.IntRange(min=1), default=12, show_default=True)
+@click.option("--query-tokens", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--items", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--shots-sweep", default="0,4,16,32", show_default=True,
+              help="Comma-separated shot counts for the cost-per-item sweep ('' to skip).")
+@click.option("--compare-openflamingo", is_flag=True,
+              help="Also run OpenFlamingo 2.0.1's generate() on the same items; report the ratio.")
+@click.option("--pipeline", "run_pipeline", is_flag=True, help="Also run the workload as a Ray job.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results here.")
+def bench(shots_sweep: str, run_pipeline: bool, json_path: str | None, **options: Any) -> None:
+    """Measure items/s per stage and end to end, FLOPs per item and the share of the matmul rate."""
+    from pipeline.bench import BenchConfig, format_result, run_benchmark, save_result
+
+    sweep = tuple(int(s) for s in shots_sweep.split(",") if s.strip())
+    result = run_benchmark(BenchConfig(shots_sweep=sweep, pipeline=run_pipeline, **options))
+    click.echo(format_result(result))
+    if json_path:
+        save_result(result, json_path)
+        click.echo(f"results written to {json_path}")
+
+
 def _load_tasks_or_exit(task_files: Sequence[str], *, s3_endpoint: str | None,
                         no_remote_check: bool) -> tuple[Task, ...]:
     """The tasks, or exit with every problem before anything has started."""

@@ -1,0 +1,317 @@
+"""Throughput benchmark: how many items per second each stage and the whole job annotate, what share of
+the machine's matmul rate that is, and (optionally) the same workload through OpenFlamingo's own
+`generate()` as its evaluation harness runs it, with the ratio and a check that greedy outputs agree.
+
+Speed does not depend on the weights, so the models are random presets of real sizes. Every figure is
+measured in this one run on this one machine: compare ratios, not absolute numbers across machines.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass
+class BenchConfig:
+    model: str = "random-vits32-llama8"
+    shots: int = 4                  # demonstrations in the task prompt
+    caption_tokens: int = 12        # tokens of each demonstration's text
+    query_tokens: int = 3           # tokens after the query image
+    new_tokens: int = 20            # generated per item (exactly: stop tokens are held off until then)
+    batch_size: int = 8
+    items: int = 64
+    device: str = "cpu"
+    dtype: str = "float32"          # bfloat16 / float16 on GPUs
+    shots_sweep: tuple[int, ...] = (0, 4, 16, 32)
+    compare_openflamingo: bool = False
+    pipeline: bool = False          # also run the workload as a real Ray job (read, decode, both actor pools, write)
+    seed: int = 0
+
+
+@dataclass
+class StageResult:
+    items_per_second: float
+    seconds_per_item: float
+    flops_per_item: float
+    matmul_share: float             # achieved FLOP/s / measured matmul FLOP/s
+
+
+@dataclass
+class BenchResult:
+    config: dict
+    device: str
+    matmul_flops_per_second: float
+    vision: StageResult
+    generation: StageResult
+    end_to_end: StageResult         # vision + generation for the same items, in-process
+    prefix_seconds: float           # the few-shot prefix, once per task
+    peak_memory_bytes: int
+    shots_sweep: dict[int, float] = field(default_factory=dict)  # shots -> seconds per item (generation)
+    openflamingo: dict | None = None
+    pipeline: dict | None = None    # the same workload as a Ray job (start-up and model loading included)
+
+
+def measure_matmul_rate(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a large square matmul: the ceiling the model's share is measured against."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str):
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - start
+
+
+def _flops(fn) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+class Workload:
+    """Synthetic few-shot captioning: random images, random caption tokens, fixed lengths."""
+
+    def __init__(self, model, config: BenchConfig):
+        g = torch.Generator().manual_seed(config.seed)
+        size = model.config.image_size
+        vocab = min(len(model.tokenizer), model.lang_encoder.get_input_embeddings().weight.shape[0])
+        special = {model.media_token_id, model.eoc_token_id, model.tokenizer.pad_token_id}
+        ordinary = torch.tensor([t for t in range(min(vocab, 256)) if t not in special])
+        pick = lambda n: ordinary[torch.randint(len(ordinary), (n,), generator=g)]  # noqa: E731
+        self.images = torch.randn(config.items, 3, size, size, generator=g)
+        self.demo_images = torch.randn(max(config.shots_sweep + (config.shots,)), 3, size, size, generator=g)
+        self.captions = [pick(config.caption_tokens) for _ in range(len(self.demo_images))]
+        self.query = torch.cat([torch.tensor([model.media_token_id]), pick(config.query_tokens)])
+        self.model = model
+
+    def prefix_ids(self, shots: int) -> torch.Tensor:
+        m = self.model
+        parts = [torch.cat([torch.tensor([m.media_token_id]), c, torch.tensor([m.eoc_token_id])])
+                 for c in self.captions[:shots]]
+        return torch.cat(parts)[None] if parts else torch.zeros(1, 0, dtype=torch.long)
+
+
+def run_benchmark(config: BenchConfig) -> BenchResult:
+    from flamingo import load_model
+
+    dtype = getattr(torch, config.dtype)
+    torch.manual_seed(config.seed)
+    model = load_model(config.model, device=config.device, dtype=dtype).requires_grad_(False)  # inference only
+    work = Workload(model, config)
+    dev = config.device
+    rate = measure_matmul_rate(dev, dtype)
+
+    def vision(batch: torch.Tensor) -> torch.Tensor:
+        return model.encode_vision(batch[:, None, None].to(dev, dtype))
+
+    def prefix_for(shots: int):
+        ids = work.prefix_ids(shots)
+        if shots == 0:  # an empty prefix: the query's own tokens are the whole prompt
+            return None
+        return model.prepare_prefix(ids.to(dev), visual_tokens=vision(work.demo_images[:shots])
+                                    .transpose(0, 1))
+
+    def generate(visual: torch.Tensor, prefix) -> torch.Tensor:
+        query = work.query[None].expand(len(visual), -1).to(dev)
+        return model.generate(lang_x=query, visual_tokens=visual, prefix=prefix, max_new_tokens=config.new_tokens,
+                              min_new_tokens=config.new_tokens, return_dict=True).new_tokens
+
+    batches = list(torch.split(work.images, config.batch_size))
+    with torch.inference_mode():
+        vision(batches[0])  # warm-up
+        visual, vision_seconds = _timed(lambda: [vision(b) for b in batches], dev)
+        prefix, prefix_seconds = _timed(lambda: prefix_for(config.shots), dev)
+        generate(visual[0], prefix)  # warm-up
+        tokens, generation_seconds = _timed(lambda: [generate(v, prefix) for v in visual], dev)
+        vision_flops = _flops(lambda: vision(batches[0])) / len(batches[0])
+        generation_flops = _flops(lambda: generate(visual[0], prefix)) / len(batches[0])
+        sweep = {}
+        for shots in config.shots_sweep:
+            p = prefix_for(shots)
+            _, seconds = _timed(lambda: [generate(v, p) for v in visual[:2]], dev)
+            sweep[shots] = seconds / sum(len(v) for v in visual[:2])
+
+    n = config.items
+
+    def stage(seconds: float, flops: float) -> StageResult:
+        return StageResult(n / seconds, seconds / n, flops, flops * n / seconds / rate)
+
+    result = BenchResult(
+        config=asdict(config), device=_device_name(dev), matmul_flops_per_second=rate,
+        vision=stage(vision_seconds, vision_flops), generation=stage(generation_seconds, generation_flops),
+        end_to_end=stage(vision_seconds + generation_seconds, vision_flops + generation_flops),
+        prefix_seconds=prefix_seconds, peak_memory_bytes=_peak_memory(dev), shots_sweep=sweep,
+    )
+    if config.pipeline:
+        result.pipeline = run_pipeline(config)
+    if config.compare_openflamingo:
+        ours = torch.cat(tokens)
+        result.openflamingo = compare_openflamingo(model, work, config, ours, result.end_to_end.items_per_second)
+    return result
+
+
+def run_pipeline(config: BenchConfig) -> dict:
+    """The workload as files and a task file, annotated by `run_job` on a local Ray instance. Caption and
+    query lengths are in characters, which are tokens for the byte-level tokenizer of the random presets."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.job import JobConfig, StageResources, run_job
+
+    rng = np.random.default_rng(config.seed)
+
+    def write_image(path: Path) -> None:
+        Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(path)
+
+    with tempfile.TemporaryDirectory(prefix="flamingo-bench-") as tmp:
+        root = Path(tmp)
+        (root / "in").mkdir()
+        for i in range(config.items):
+            write_image(root / "in" / f"{i:05d}.png")
+        demos = []
+        for i in range(config.shots):
+            write_image(root / f"demo{i}.png")
+            demos.append(f"  - {{media: demo{i}.png, text: '{'abcdefghijklmnopqrstuvwxyz'[:config.caption_tokens]}'}}")
+        (root / "task.yaml").write_text(
+            "name: bench\nkind: generate\n" + ("demonstrations:\n" + "\n".join(demos) + "\n" if demos else "")
+            + f"query: '{'Out:'[:max(config.query_tokens - 1, 0)]}'\n"
+            + f"generation: {{max_new_tokens: {config.new_tokens}}}\n")
+        resources = StageResources(batch_size=config.batch_size)
+        summary = run_job(JobConfig([str(root / "task.yaml")], str(root / "in"), str(root / "out"),
+                                    model=config.model, vision=resources, generation=resources, progress=False))
+    return {"items_per_second": summary.items_per_second, "seconds": summary.seconds, "rows_ok": summary.rows_ok}
+
+
+def compare_openflamingo(model, work: Workload, config: BenchConfig, our_tokens: torch.Tensor,
+                         our_items_per_second: float) -> dict:
+    """The same items through OpenFlamingo 2.0.1's `generate()`, the way its evaluation harness calls it:
+    demonstration images and text repeated for every query, one batch at a time."""
+    reference = openflamingo_copy(model)
+    dev, dtype = config.device, getattr(torch, config.dtype)
+    prompt = torch.cat([work.prefix_ids(config.shots)[0], work.query])
+    demos = work.demo_images[:config.shots]
+    outputs = []
+
+    def run():
+        for batch in torch.split(work.images, config.batch_size):
+            vision_x = torch.cat([demos[None].expand(len(batch), -1, -1, -1, -1), batch[:, None]], 1)
+            lang_x = prompt[None].expand(len(batch), -1).to(dev)
+            out = reference.generate(vision_x[:, :, None].to(dev, dtype), lang_x, torch.ones_like(lang_x),
+                                     max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens,
+                                     num_beams=1, do_sample=False, eos_token_id=model.eoc_token_id,
+                                     pad_token_id=model.tokenizer.pad_token_id)
+            outputs.append(out[:, lang_x.shape[1]:].cpu())
+
+    with torch.inference_mode():
+        _, seconds = _timed(run, dev)
+    theirs = torch.cat(outputs)
+    items_per_second = config.items / seconds
+    return {"items_per_second": items_per_second, "speedup": our_items_per_second / items_per_second,
+            "greedy_outputs_identical": bool(torch.equal(theirs, our_tokens.cpu()))}
+
+
+def openflamingo_copy(model):
+    """OpenFlamingo 2.0.1's own model holding the same weights as `model` (its package is needed:
+    `pip install --no-deps open-flamingo==2.0.1 einops einops-exts`)."""
+    try:
+        from open_flamingo.src.flamingo import Flamingo as ReferenceFlamingo
+        from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+        from open_flamingo.src.utils import extend_instance
+    except ImportError as error:
+        raise RuntimeError("--compare-openflamingo needs OpenFlamingo: pip install --no-deps "
+                           "open-flamingo==2.0.1 einops einops-exts") from error
+
+    class LMMixin(FlamingoLMMixin):
+        # OpenFlamingo's mixin requires attention_mask positionally; transformers 5's generate() omits it.
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            return FlamingoLMMixin.forward(self, input_ids, attention_mask, **kwargs)
+
+    from flamingo.factory import build_lang_encoder
+    c = model.config
+    lm = build_lang_encoder(c.lang_encoder, model.lang_encoder.config.to_dict() if c.lang_encoder_config
+                            is None else c.lang_encoder_config)
+    extend_instance(lm, LMMixin)
+    lm.set_decoder_layers_attr_name(c.decoder_layers_attr_name)
+    lm.resize_token_embeddings(model.lang_encoder.get_input_embeddings().weight.shape[0])
+    holder = torch.nn.Module()
+    holder.visual = copy.deepcopy(model.vision_encoder)
+    reference = ReferenceFlamingo(holder, lm, model.eoc_token_id, model.media_token_id, vis_dim=c.vis_dim,
+                                  cross_attn_every_n_layers=c.cross_attn_every_n_layers)
+    ours = model.state_dict()
+    with torch.no_grad():
+        for name, p in reference.state_dict(keep_vars=True).items():
+            if name in ours and p.shape == ours[name].shape:
+                p.copy_(ours[name])
+    return reference.to(model.device, model.dtype).eval()
+
+
+def _device_name(device: str) -> str:
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name()
+    import os
+    import platform
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores"
+
+
+def _peak_memory(device: str) -> int:
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def format_result(result: BenchResult) -> str:
+    rows = [("stage", "items/s", "ms/item", "GFLOP/item", "matmul share")]
+    for name in ("vision", "generation", "end_to_end"):
+        s: StageResult = getattr(result, name)
+        rows.append((name, f"{s.items_per_second:.2f}", f"{s.seconds_per_item * 1e3:.1f}",
+                     f"{s.flops_per_item / 1e9:.2f}", f"{s.matmul_share:.1%}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"device: {result.device}; matmul {result.matmul_flops_per_second / 1e9:.1f} GFLOP/s; "
+             f"model {result.config['model']}; {result.config['shots']} shots, "
+             f"{result.config['new_tokens']} new tokens, batch {result.config['batch_size']}"]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.append(f"few-shot prefix (once per task): {result.prefix_seconds * 1e3:.1f} ms; "
+                 f"peak memory {result.peak_memory_bytes / 2**20:.0f} MiB")
+    sweep = result.shots_sweep
+    if sweep:
+        lines.append("generation ms/item by shots: " + ", ".join(f"{k}: {v * 1e3:.1f}" for k, v in sweep.items())
+                     + f" (max/min {max(sweep.values()) / min(sweep.values()):.2f}x)")
+    if result.pipeline:
+        lines.append(f"Ray job end to end (start-up and model loading included): "
+                     f"{result.pipeline['items_per_second']:.2f} items/s over {result.config['items']} items")
+    if result.openflamingo:
+        o = result.openflamingo
+        lines.append(f"OpenFlamingo generate(): {o['items_per_second']:.2f} items/s -> speed-up "
+                     f"{o['speedup']:.1f}x; greedy outputs identical: {o['greedy_outputs_identical']}")
+    return "\n".join(lines)
+
+
+def save_result(result: BenchResult, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(asdict(result), f, indent=2)
