@@ -33,6 +33,19 @@ class Preset:
     gate_init: float | None = None            # random test models: open the gates so images matter
 
 
+# Backbones of a few hundred kB, built in code: no download, deterministic from a seed.
+TINY_VISION = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 8, "vocab_size": 16, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_LM = {
+    "model_type": "llama", "vocab_size": 257, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048, "bos_token_id": 256,
+    "eos_token_id": 256, "tie_word_embeddings": False,
+}
+
+
 def _openflamingo(lm: str, every: int, checkpoint: str, remote_code: bool = False) -> Preset:
     return Preset("ViT-L-14", "openai", lm, lm, every, checkpoint, remote_code)
 
@@ -50,25 +63,18 @@ PRESETS: dict[str, Preset] = {
         "togethercomputer/RedPajama-INCITE-Instruct-3B-v1", 2, "openflamingo/OpenFlamingo-4B-vitl-rpj3b-langinstruct"),
     "openflamingo/OpenFlamingo-9B-vitl-mpt7b": _openflamingo(
         "anas-awadalla/mpt-7b", 4, "openflamingo/OpenFlamingo-9B-vitl-mpt7b"),
-    # A few-hundred-kB random model for tests and smoke runs: no download, deterministic from a seed.
+    # A tiny random model for tests and smoke runs.
     "tiny-random": Preset(
         "custom", None, "", BYTE_LEVEL_TOKENIZER, 1,
-        vision_encoder_config={
-            "embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32,
-                           "mlp_ratio": 2.0},
-            "text_cfg": {"context_length": 8, "vocab_size": 16, "width": 32, "heads": 2, "layers": 1},
-        },
-        lang_encoder_config={
-            "model_type": "llama", "vocab_size": 257, "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": 2048, "bos_token_id": 256, "eos_token_id": 256,
-            "tie_word_embeddings": False,
-        },
+        vision_encoder_config=TINY_VISION, lang_encoder_config=TINY_LM,
         overrides={"num_latents": 8, "resampler_depth": 2, "resampler_heads": 2, "resampler_dim_head": 16,
                    "xattn_heads": 2, "xattn_dim_head": 16, "ff_mult": 2, "max_num_frames": 8},
         gate_init=0.5,
     ),
+    # The same backbones with OpenFlamingo's own (fixed) bridge sizes, for side-by-side runs of its code.
+    "tiny-random-openflamingo": Preset("custom", None, "", BYTE_LEVEL_TOKENIZER, 1,
+                                       vision_encoder_config=TINY_VISION, lang_encoder_config=TINY_LM,
+                                       overrides={"max_num_frames": 0}, gate_init=0.5),
     # Random models of real sizes, for benchmarks (speed does not depend on the weights).
     "random-vits32-llama8": Preset(
         "ViT-S-32", None, "", BYTE_LEVEL_TOKENIZER, 1,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
@@ -58,21 +58,43 @@ class _Prompt:
     """A prompt that has been run through the model: where decoding continues from."""
 
     last_logits: torch.Tensor           # (B, V) logits for the first new token
-    cache: DynamicCache
+    cache: DynamicCache | StaticCache
     attention_mask: torch.Tensor        # (B, S): prefix + prompt tokens, 0 on padding
     cond: MediaConditioning             # media of the continuation; media_index (B, 1) = last media per row
+    mask_buffer: torch.Tensor | None = None  # (B, S + new tokens) when preallocated for decoding
 
     def expand(self, n: int) -> "_Prompt":
-        """Repeat each row n times (beams, candidates) without recomputing anything."""
+        """Repeat each row n times (beams, candidates) without recomputing anything. The cache is
+        expanded in place: use only the returned state afterwards."""
         if n == 1:
             return self
         self.cache.batch_repeat_interleave(n)
-        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
-        cond = MediaConditioning(
-            rep(self.cond.visual_tokens), rep(self.cond.media_index),
-            {k: (rep(kv[0]), rep(kv[1])) for k, kv in self.cond.kv_cache.items()},
-        )
-        return _Prompt(rep(self.last_logits), self.cache, rep(self.attention_mask), cond)
+        return _Prompt(_repeat(self.last_logits, n), self.cache, _repeat(self.attention_mask, n),
+                       _repeat_conditioning(self.cond, n))
+
+    def for_decoding(self, model: "Flamingo", new_tokens: int, n: int = 1) -> "_Prompt":
+        """The same state (rows repeated n times) with its keys/values moved into a cache preallocated for
+        `new_tokens` more tokens: decode steps then write in place instead of re-concatenating every
+        layer's keys/values at every step."""
+        length = self.cache.get_seq_length()
+        static = StaticCache(config=model.lang_encoder.config, max_cache_len=length + new_tokens)
+        for source, target in zip(self.cache.layers, static.layers):
+            keys, values = _repeat(source.keys, n), _repeat(source.values, n)
+            target.lazy_initialization(keys, values)
+            target.update(keys, values)
+        mask = _repeat(self.attention_mask, n)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], new_tokens)], dim=1)  # sliced as tokens arrive
+        return _Prompt(_repeat(self.last_logits, n), static, mask[:, :length], _repeat_conditioning(self.cond, n),
+                       mask_buffer=mask)
+
+
+def _repeat(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return t if t is None or n == 1 else t.repeat_interleave(n, dim=0)
+
+
+def _repeat_conditioning(cond: MediaConditioning, n: int) -> MediaConditioning:
+    return MediaConditioning(_repeat(cond.visual_tokens, n), _repeat(cond.media_index, n),
+                             {k: (_repeat(kv[0], n), _repeat(kv[1], n)) for k, kv in cond.kv_cache.items()})
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -115,7 +137,7 @@ def run_prompt(model: "Flamingo", lang_x: torch.Tensor, attention_mask: torch.Te
 
 def _step(model: "Flamingo", state: _Prompt, tokens: torch.Tensor) -> torch.Tensor:
     """Append one token per row (tokens: (N,)) and return the next logits (N, V)."""
-    state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], 1)
+    state.attention_mask = state.mask_buffer[:, :state.attention_mask.shape[1] + 1]   # a view: no copy
     positions = positions_from_mask(state.attention_mask)[:, -1:]
     out = model.run_lm(tokens[:, None], state.attention_mask, positions, state.cond, state.cache)
     return out.logits[:, -1].float()
@@ -142,6 +164,7 @@ def decode_greedy_or_sample(model: "Flamingo", state: _Prompt, prompt_ids: torch
                             processors: LogitsProcessorList, generator: torch.Generator | None
                             ) -> GenerationOutput:
     b = prompt_ids.shape[0]
+    state = state.for_decoding(model, max_new_tokens)
     sequences = prompt_ids
     finished = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
     sum_logprob = torch.zeros(b, device=prompt_ids.device)
@@ -173,7 +196,7 @@ def decode_beam_search(model: "Flamingo", state: _Prompt, prompt_ids: torch.Tens
     results match `generate(num_beams=K)`; written out here because the LM call is ours."""
     b, k, dev = prompt_ids.shape[0], num_beams, prompt_ids.device
     keep = max(2, 1 + len(stop_ids)) * k                                  # candidates kept per step
-    state = state.expand(k)
+    state = state.for_decoding(model, max_new_tokens, k)
     running = torch.full((b, k, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     running_scores = torch.full((b, k), NEG_INF, device=dev)
     running_scores[:, 0] = 0.0                                            # all beams start identical

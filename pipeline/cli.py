@@ -216,8 +216,9 @@ def demo(output_uri: str) -> None:
 @click.option("--caption-tokens", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--query-tokens", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--items", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--openflamingo-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--items", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--shots-sweep", default="0,4,16,32", show_default=True,

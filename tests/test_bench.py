@@ -1,0 +1,34 @@
+"""The benchmark runs and its fast path gives exactly what OpenFlamingo's own generate() gives (it times
+things, but the test asserts no timings)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+
+pytest.importorskip("open_flamingo")
+
+
+def test_bench_runs_and_matches_openflamingo(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, [
+        "bench", "--model", "tiny-random-openflamingo", "--items", "8", "--batch-size", "4", "--openflamingo-batch-size", "4",
+        "--shots", "2", "--caption-tokens", "4", "--new-tokens", "5", "--shots-sweep", "0,2",
+        "--compare-openflamingo", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "greedy outputs identical: True" in result.output
+    figures = json.loads(out.read_text())
+    assert figures["openflamingo"]["greedy_outputs_identical"] is True
+    for stage in ("vision", "generation", "end_to_end"):
+        assert figures[stage]["items_per_second"] > 0 and figures[stage]["flops_per_item"] > 0
+    # The reference re-encodes the demonstrations and re-reads the whole prompt for every item.
+    assert figures["openflamingo"]["flops_per_item"] > figures["end_to_end"]["flops_per_item"]
+    assert set(figures["shots_sweep"]) == {"0", "2"}
+
+
+def test_models_openflamingo_cannot_represent_are_refused():
+    result = CliRunner().invoke(main, ["bench", "--model", "tiny-random", "--items", "2", "--batch-size", "2",
+                                       "--new-tokens", "2", "--shots-sweep", "", "--compare-openflamingo"])
+    assert result.exit_code != 0 and "OpenFlamingo's fixed sizes" in str(result.exception)
