@@ -6,6 +6,7 @@ Ray, torch and DuckDB are imported inside the commands that need them, so `--hel
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shlex
 from collections.abc import Callable, Sequence
@@ -261,12 +262,12 @@ def _job_config(tasks: Sequence[Task], *, input_uri: str, output_uri: str, addre
                 generate_gpus: float | None, generate_cpus: float | None, num_frames: int | None,
                 fps: float | None, s3_endpoint: str | None, no_progress: bool) -> JobConfig:
     """A pipeline.job.JobConfig from the command line; options not given keep JobConfig's defaults."""
-    from pipeline.job import JobConfig, StageResources
+    from pipeline.job import JobConfig, StageResources, default_generation_resources
 
     vision = StageResources(**_given(pool_size=vision_actors, batch_size=vision_batch_size,
                                      num_gpus=vision_gpus, num_cpus=vision_cpus))
-    generation = StageResources(**_given(pool_size=generate_actors, batch_size=generate_batch_size,
-                                         num_gpus=generate_gpus, num_cpus=generate_cpus))
+    generation = dataclasses.replace(default_generation_resources(), **_given(
+        pool_size=generate_actors, batch_size=generate_batch_size, num_gpus=generate_gpus, num_cpus=generate_cpus))
     return JobConfig(task_files=[task.path for task in tasks], input_uri=_absolute_if_local(input_uri),
                      output_uri=_absolute_if_local(output_uri), vision=vision, generation=generation,
                      storage_options=_storage_options(s3_endpoint), progress=not no_progress,

@@ -18,9 +18,15 @@ class StageResources:
     claim whole cores starve the read tasks and the job stalls at 'backpressured'."""
 
     pool_size: int = 1
-    batch_size: int = 8
+    batch_size: int = 16
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+
+
+def default_generation_resources() -> StageResources:
+    """Decoding reads every weight once per step whatever the batch, so larger batches are nearly free
+    per item (measured: 8 -> 64 items cut the CPU cost per item by about 3x)."""
+    return StageResources(batch_size=64)
 
 
 @dataclass
@@ -45,7 +51,7 @@ class JobConfig:
     model: str = "tiny-random"
     address: str | None = None               # None: start (and stop) a local Ray instance
     vision: StageResources = field(default_factory=StageResources)
-    generation: StageResources = field(default_factory=StageResources)
+    generation: StageResources = field(default_factory=default_generation_resources)
     num_frames: int | None = None            # video: frames per clip (overrides the task files)
     fps: float | None = None                 # video: sample at this rate instead of evenly
     max_item_bytes: int = 512 * 1024 * 1024  # larger items become error rows, never OOM a worker
