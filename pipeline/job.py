@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 
 @dataclass
@@ -81,7 +82,7 @@ def run_job(config: JobConfig) -> JobSummary:
     from pipeline.read import read_items
     from pipeline.storage import resolve_storage_options
     from pipeline.task import load_tasks
-    from pipeline.write import existing_ids, write_rows
+    from pipeline.write import count_rows_since, existing_ids, write_rows
 
     start = time.perf_counter()
     tasks = list(load_tasks(config.task_files, storage_options=config.storage_options))  # before any work
@@ -116,12 +117,10 @@ def run_job(config: JobConfig) -> JobSummary:
             batch_format="pyarrow", batch_size=config.generation.batch_size,
             compute=ray.data.ActorPoolStrategy(size=config.generation.pool_size),
             num_cpus=config.generation.num_cpus, num_gpus=config.generation.num_gpus)
-        rows = ds.materialize()
-        total, rows_error = rows.count(), 0
-        if total:
-            tables = ray.get(rows.select_columns(["error"]).to_arrow_refs())
-            rows_error = sum(t.num_rows - t.column("error").null_count for t in tables)
-            write_rows(rows, config.output_uri, storage_options=config.storage_options)
+        # Streamed: files land as blocks finish, so a job killed midway keeps what it wrote (resume).
+        written_from = datetime.now(timezone.utc)
+        write_rows(ds, config.output_uri, storage_options=config.storage_options)
+        total, rows_error = count_rows_since(config.output_uri, written_from, storage_options=out_options)
     finally:
         if started_ray:
             ray.shutdown()

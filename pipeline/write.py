@@ -103,24 +103,41 @@ def existing_ids(
     `include_errors=False` leaves out rows that failed, so a resumed run tries them again. An absent
     or empty output gives an empty set; an unreadable file (e.g. cut short by a crash) is logged and
     ignored, so its items are simply done again."""
-    fs, path = filesystem(output_uri, storage_options)
-    if not fs.exists(path):
-        return set()
-    files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/." not in p[len(path):])
     condition = pc.field("task") == task
     if task_hash is not None:
         condition &= pc.field("task_hash") == task_hash
     if not include_errors:
         condition &= pc.field("error").is_null()
+    return set(read_output(output_uri, ["id"], condition, storage_options).column("id").to_pylist())
+
+
+def count_rows_since(
+    output_uri: str, since: datetime, *, storage_options: Mapping[str, Any] | None = None
+) -> tuple[int, int]:
+    """(rows, rows with an error) written to `output_uri` at or after `since`: what one run added."""
+    since = pa.scalar(since, OUTPUT_SCHEMA.field("created_at").type)
+    table = read_output(output_uri, ["error"], pc.field("created_at") >= since, storage_options)
+    return table.num_rows, table.num_rows - table.column("error").null_count
+
+
+def read_output(
+    output_uri: str, columns: list[str], condition: pc.Expression, storage_options: Mapping[str, Any] | None = None
+) -> pa.Table:
+    """`columns` of the output rows matching `condition`, file by file in parallel; skips unreadable files."""
+    fs, path = filesystem(output_uri, storage_options)
+    empty = OUTPUT_SCHEMA.empty_table().select(columns)
+    if not fs.exists(path):
+        return empty
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/." not in p[len(path):])
     with ThreadPoolExecutor(max_workers=8) as pool:
-        found = pool.map(lambda file: _ids_in_file(fs, file, condition), files)
-        return {item_id for ids in found for item_id in ids}
+        tables = list(pool.map(lambda file: _read_file(fs, file, columns, condition), files))
+    return pa.concat_tables([empty, *(t for t in tables if t is not None)])
 
 
-def _ids_in_file(fs: fsspec.AbstractFileSystem, path: str, condition: pc.Expression) -> list[str]:
+def _read_file(fs: fsspec.AbstractFileSystem, path: str, columns: list[str], condition: pc.Expression) -> pa.Table | None:
     try:
-        table = pq.read_table(path, filesystem=arrow_filesystem(fs), columns=["id"], filters=condition)
+        return pq.read_table(path, filesystem=arrow_filesystem(fs), columns=columns, filters=condition).cast(
+            OUTPUT_SCHEMA.empty_table().select(columns).schema)
     except Exception as exc:  # a broken file must not block resuming; its items get redone
         log.warning("ignoring unreadable output file %s: %s: %s", path, type(exc).__name__, exc)
-        return []
-    return table.column("id").to_pylist()
+        return None
