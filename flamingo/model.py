@@ -25,6 +25,7 @@ from .lm import (AddedTokenEmbedding, ConditioningSlot, infer_decoder_layers_att
                  inject_flamingo_layers)
 from .resampler import PerceiverResampler
 from .tokens import add_flamingo_tokens
+from .vision import FlamingoVision, encode_vision
 
 
 class Flamingo(nn.Module):
@@ -137,14 +138,12 @@ class Flamingo(nn.Module):
 
     # ------------------------------------------------------------------ the forward pieces
     def encode_vision(self, vision_x: torch.Tensor) -> torch.Tensor:
-        """(B, T, F, C, H, W) pixels -> (B, T, num_latents, vis_dim) visual tokens. The encoder runs once
-        per frame, under no_grad: it is frozen."""
-        if vision_x.ndim != 6:
-            raise ValueError(f"vision_x must be (batch, media, frames, channels, height, width), got {tuple(vision_x.shape)}")
-        b, t, f = vision_x.shape[:3]
-        with torch.no_grad():
-            patches = self.vision_encoder(vision_x.flatten(0, 2).to(self.dtype))[1]   # (B*T*F, v, D)
-        return self.perceiver(patches.unflatten(0, (b, t, f)))                       # (B, T, n, D)
+        """(B, T, F, C, H, W) pixels -> (B, T, num_latents, vis_dim) visual tokens."""
+        return encode_vision(self.vision_encoder, self.perceiver, vision_x)
+
+    def vision_part(self) -> FlamingoVision:
+        """Encoder + resampler alone (same weights), e.g. to drop the LM where only vision runs."""
+        return FlamingoVision(self.vision_encoder, self.perceiver)
 
     def media_conditioning(self, lang_x: torch.Tensor, visual_tokens: torch.Tensor | None,
                            media_offset: int = 0) -> MediaConditioning:

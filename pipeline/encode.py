@@ -32,7 +32,8 @@ class VisionEncoder:
         from flamingo import load_model
 
         self.device = pick_device(device)
-        self.model = load_model(model, device=self.device)
+        # Loaded on the CPU, then only the vision part moves to the device: the LM is dropped here.
+        self.vision = load_model(model).vision_part().to(self.device)
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -49,7 +50,7 @@ class VisionEncoder:
         for shape, rows in groups.items():
             x = torch.from_numpy(np.stack([pixels_array(pixels[i], shape) for i in rows]).astype(np.float32))
             try:
-                tokens = self.model.encode_vision(x[:, None].to(self.device))[:, 0]   # (B, n, D)
+                tokens = self.vision(x[:, None].to(self.device))[:, 0]               # (B, n, D)
             except Exception as exc:  # a bad batch must not take the job down: its items get error rows
                 for i in rows:
                     errors[i] = f"vision encoder failed: {type(exc).__name__}: {exc}"
