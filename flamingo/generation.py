@@ -44,6 +44,10 @@ class FewShotPrefix:
     def length(self) -> int:
         return self.input_ids.shape[1]
 
+    def key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values), each (1, kv_heads, Lp, head_dim), for shared-prefix attention."""
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
 
 @dataclass
 class GenerationOutput:
@@ -62,6 +66,8 @@ class _Prompt:
     attention_mask: torch.Tensor        # (B, S): prefix + prompt tokens, 0 on padding
     cond: MediaConditioning             # media of the continuation; media_index (B, 1) = last media per row
     mask_buffer: torch.Tensor | None = None  # (B, S + new tokens) when preallocated for decoding
+    prefix_kv: list | None = None       # a shared prefix's keys/values (batch 1), not copied into `cache`
+    position_offset: int = 0            # its length: positions of the tokens in `cache` start after it
 
     def expand(self, n: int) -> "_Prompt":
         """Repeat each row n times (beams, candidates) without recomputing anything. The cache is
@@ -70,7 +76,8 @@ class _Prompt:
             return self
         self.cache.batch_repeat_interleave(n)
         return _Prompt(_repeat(self.last_logits, n), self.cache, _repeat(self.attention_mask, n),
-                       _repeat_conditioning(self.cond, n))
+                       _repeat_conditioning(self.cond, n), prefix_kv=self.prefix_kv,
+                       position_offset=self.position_offset)
 
     def for_decoding(self, model: "Flamingo", new_tokens: int, n: int = 1) -> "_Prompt":
         """The same state (rows repeated n times) with its keys/values moved into a cache preallocated for
@@ -85,7 +92,11 @@ class _Prompt:
         mask = _repeat(self.attention_mask, n)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], new_tokens)], dim=1)  # sliced as tokens arrive
         return _Prompt(_repeat(self.last_logits, n), static, mask[:, :length], _repeat_conditioning(self.cond, n),
-                       mask_buffer=mask)
+                       mask_buffer=mask, prefix_kv=self.prefix_kv, position_offset=self.position_offset)
+
+    def positions(self, mask: torch.Tensor, count: int) -> torch.Tensor:
+        """Position ids of the last `count` tokens of `mask`."""
+        return positions_from_mask(mask)[:, -count:] + self.position_offset
 
 
 def _repeat(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -118,28 +129,32 @@ def run_prompt(model: "Flamingo", lang_x: torch.Tensor, attention_mask: torch.Te
                visual_tokens: torch.Tensor | None, prefix: FewShotPrefix | None) -> _Prompt:
     """Run the prompt (after the prefix, if any) at batch B; return the state decoding continues from."""
     b = lang_x.shape[0]
-    if prefix is None:
-        cache, full_mask, media, offset = DynamicCache(), attention_mask, visual_tokens, 0
-    else:
-        cache = copy.deepcopy(prefix.cache)
-        cache.batch_repeat_interleave(b)
-        full_mask = torch.cat([attention_mask.new_ones(b, prefix.length), attention_mask], dim=1)
-        media, offset = visual_tokens, 0
+    state = _Prompt(None, DynamicCache(), attention_mask, None)
+    media, media_offset = visual_tokens, 0
+    if prefix is not None:
         if prefix.last_media is not None:  # text before the query's first image still sees the prefix's last
             last = prefix.last_media.expand(b, -1, -1, -1)
             media = last if visual_tokens is None else torch.cat([last, visual_tokens], dim=1)
-            offset = 1
-    cond = model.media_conditioning(lang_x, media, media_offset=offset)
-    positions = positions_from_mask(full_mask)[:, -lang_x.shape[1]:]
-    out = model.run_lm(lang_x, full_mask, positions, cond, cache, logits_to_keep=1)
-    return _Prompt(out.logits[:, -1].float(), cache, full_mask, cond.continued(cond.last_media_index()))
+            media_offset = 1
+        if model.shares_prefix_attention:   # the prefix stays at batch 1, read once per step for all rows
+            state.prefix_kv, state.position_offset = prefix.key_values(), prefix.length
+        else:                               # every row gets its own copy of the prefix's keys/values
+            state.cache = copy.deepcopy(prefix.cache)
+            state.cache.batch_repeat_interleave(b)
+            state.attention_mask = torch.cat([attention_mask.new_ones(b, prefix.length), attention_mask], dim=1)
+    cond = model.media_conditioning(lang_x, media, media_offset=media_offset)
+    out = model.run_lm(lang_x, state.attention_mask, state.positions(state.attention_mask, lang_x.shape[1]), cond,
+                       state.cache, logits_to_keep=1, prefix_kv=state.prefix_kv)
+    state.last_logits = out.logits[:, -1].float()
+    state.cond = cond.continued(cond.last_media_index())
+    return state
 
 
 def _step(model: "Flamingo", state: _Prompt, tokens: torch.Tensor) -> torch.Tensor:
     """Append one token per row (tokens: (N,)) and return the next logits (N, V)."""
     state.attention_mask = state.mask_buffer[:, :state.attention_mask.shape[1] + 1]   # a view: no copy
-    positions = positions_from_mask(state.attention_mask)[:, -1:]
-    out = model.run_lm(tokens[:, None], state.attention_mask, positions, state.cond, state.cache)
+    out = model.run_lm(tokens[:, None], state.attention_mask, state.positions(state.attention_mask, 1), state.cond,
+                       state.cache, prefix_kv=state.prefix_kv)
     return out.logits[:, -1].float()
 
 
@@ -268,9 +283,9 @@ def score_candidates(model: "Flamingo", state: _Prompt, candidates: list[list[in
     if longest > 1:
         # Candidates are right-padded: their own tokens never see the padding that follows them.
         mask = torch.cat([state.attention_mask, valid_bk[:, :-1]], dim=1)
-        positions = positions_from_mask(mask)[:, -(longest - 1):]
         cond = state.cond.continued(state.cond.media_index.expand(-1, longest - 1))
-        out = model.run_lm(tokens_bk[:, :-1], mask, positions, cond, state.cache)
+        out = model.run_lm(tokens_bk[:, :-1], mask, state.positions(mask, longest - 1), cond, state.cache,
+                           prefix_kv=state.prefix_kv)
         logprobs = out.logits.float().log_softmax(-1).gather(2, tokens_bk[:, 1:, None]).squeeze(2)
         total = total + (logprobs * valid_bk[:, 1:]).sum(1)
     scores = total.view(b, k)

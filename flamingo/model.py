@@ -17,7 +17,7 @@ from torch import nn
 from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import generation
+from . import generation, prefix_attention
 from .config import FlamingoConfig
 from .gated_cross_attention import GatedCrossAttentionBlock, MediaConditioning
 from .generation import FewShotPrefix, GenerationOutput
@@ -60,6 +60,7 @@ class Flamingo(nn.Module):
                                                               config.added_token_ids))
         self.lang_encoder = lang_encoder
         self._lm_arguments = set(inspect.signature(lang_encoder.forward).parameters)
+        self.shares_prefix_attention = prefix_attention.install(lang_encoder)
 
         # Frozen backbones; trained: resampler, gated blocks, the added tokens' embedding rows.
         self.requires_grad_(False)
@@ -160,10 +161,14 @@ class Flamingo(nn.Module):
 
     def run_lm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                cond: MediaConditioning | None, past_key_values=None, labels: torch.Tensor | None = None,
-               logits_to_keep: int = 0, use_cache: bool = True) -> CausalLMOutputWithPast:
-        """One LM call with the gated blocks seeing `cond` for exactly its duration."""
+               logits_to_keep: int = 0, use_cache: bool = True, prefix_kv: list | None = None
+               ) -> CausalLMOutputWithPast:
+        """One LM call with the gated blocks seeing `cond` for exactly its duration. `prefix_kv`: keys/values
+        of a shared prefix the tokens continue (see prefix_attention)."""
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                       use_cache=use_cache, labels=labels)
+        if prefix_kv is not None:
+            kwargs[prefix_attention.PREFIX_ARGUMENT] = prefix_kv
         if "position_ids" in self._lm_arguments:  # ALiBi models (MPT) take none: their bias is relative
             kwargs["position_ids"] = position_ids
         if logits_to_keep and "logits_to_keep" in self._lm_arguments:

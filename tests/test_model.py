@@ -126,12 +126,19 @@ def test_left_padded_batch_equals_each_item_alone(model):
                                    vision_x=vision_x[row:row + 1])[0], atol=1e-5, rtol=0)
 
 
-def _full_prompt_reference(model, prefix_ids, query_ids, demo_visual, query_visual):
-    return torch.cat([prefix_ids, query_ids], 1), torch.cat([demo_visual, query_visual], 1)
+@pytest.fixture(scope="module", params=["llama", "gpt2", "mpt"])
+def prefix_model(request):
+    """Llama and GPT-2 read a shared prefix once for the batch (prefix_attention); MPT copies it per row."""
+    model = Flamingo.from_backbones(*make_backbones(request.param), cross_attn_every_n_layers=2, num_latents=8,
+                                    resampler_depth=2, resampler_heads=2, resampler_dim_head=16)
+    open_gates(model)
+    assert model.shares_prefix_attention == (request.param != "mpt")
+    return model
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_shared_prefix_is_exact(model, num_beams):
+def test_shared_prefix_is_exact(prefix_model, num_beams):
+    model = prefix_model
     demos = images(1, 2, seed=4)
     prefix_ids, _ = model.tokenize(["<image>a red circle<|endofchunk|><image>a blue square<|endofchunk|>"])
     prefix = model.prepare_prefix(prefix_ids, vision_x=demos)
@@ -150,7 +157,8 @@ def test_shared_prefix_is_exact(model, num_beams):
         assert fast.new_tokens[row, :n].tolist() == slow.new_tokens[0, :n].tolist()
 
 
-def test_scoring_with_prefix_equals_full_prompt_likelihood(model):
+def test_scoring_with_prefix_equals_full_prompt_likelihood(prefix_model):
+    model = prefix_model
     demos = images(1, 2, seed=6)
     prefix_ids, _ = model.tokenize(["<image>shape: circle<|endofchunk|><image>shape: square<|endofchunk|>"])
     prefix = model.prepare_prefix(prefix_ids, vision_x=demos)
