@@ -51,7 +51,8 @@ class MaskedCrossAttention(nn.Module):
     def keys_values(self, visual_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # visual_tokens: (B, T, n, D_vis) -> k, v: (B, h, T*n, dh)
         k, v = self.to_kv(visual_tokens.flatten(1, 2)).chunk(2, dim=-1)
-        return tuple(t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (k, v))
+        # Contiguous once here, or attention would copy them again at every decode step.
+        return tuple(t.unflatten(-1, (self.heads, -1)).transpose(1, 2).contiguous() for t in (k, v))
 
     def forward(self, x: torch.Tensor, cond: MediaConditioning, cache_key: int) -> torch.Tensor:
         # x: (B, L, D) text hidden states
