@@ -44,10 +44,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 
+from pipeline.formats import media_kind
 from pipeline.storage import filesystem, resolve_storage_options, to_uri
 
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif"})
-VIDEO_EXTENSIONS = frozenset({"mp4", "webm", "mkv", "mov", "avi"})
 TAR_EXTENSION = "tar"
 PARQUET_EXTENSION = "parquet"
 # img2dataset names the bytes column after its `encode_format`.
@@ -84,16 +83,6 @@ class ReadResult:
     dataset: ray.data.Dataset  # rows in ITEM_SCHEMA (lazy: nothing is read until it executes)
     files: int                 # files listed under the input URI
     skipped: int               # ids of `skip_ids` that belong to the listed files (not read again)
-
-
-def media_kind(extension: str) -> str | None:
-    """'image' / 'video' for a file extension (without the dot, any case), else None."""
-    extension = extension.lower()
-    if extension in IMAGE_EXTENSIONS:
-        return "image"
-    if extension in VIDEO_EXTENSIONS:
-        return "video"
-    return None
 
 
 def list_files(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[ListedFile]:

@@ -44,13 +44,13 @@ from urllib.parse import urlparse
 
 import yaml
 
+from pipeline.formats import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, media_kind
+
 log = logging.getLogger(__name__)
 
 # The same values as flamingo.tokens and pipeline.read, which import torch / Ray: too heavy for `validate`.
 MEDIA_TOKEN = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
-VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mkv", ".mov", ".avi"})
 KINDS = ("generate", "classify")
 TOP_LEVEL_KEYS = ("name", "kind", "instruction", "demonstrations", "query", "labels", "generation", "video",
                   "output_column")
@@ -145,12 +145,7 @@ class Task:
 
 def media_type(path_or_uri: str) -> str | None:
     """'image' or 'video' by file extension, None when unsupported."""
-    suffix = PurePosixPath(urlparse(path_or_uri).path if is_uri(path_or_uri) else path_or_uri).suffix.lower()
-    if suffix in IMAGE_EXTENSIONS:
-        return "image"
-    if suffix in VIDEO_EXTENSIONS:
-        return "video"
-    return None
+    return media_kind(PurePosixPath(urlparse(path_or_uri).path if is_uri(path_or_uri) else path_or_uri).suffix)
 
 
 def load_task(path: str | Path, *, check_remote_media: bool = True,
@@ -325,8 +320,8 @@ def _demonstrations(check: _Checker, value: Any, base_dir: Path) -> tuple[Demons
         if media is not None and media_type(media) is None:
             suffix = PurePosixPath(media).suffix or "no extension"
             check.problem(f"{where}.media", f"unsupported media type ({suffix}): {media}; expected an image "
-                                            f"({', '.join(sorted(IMAGE_EXTENSIONS))}) or a video "
-                                            f"({', '.join(sorted(VIDEO_EXTENSIONS))})")
+                                            f"({', '.join('.' + e for e in sorted(IMAGE_EXTENSIONS))}) or a video "
+                                            f"({', '.join('.' + e for e in sorted(VIDEO_EXTENSIONS))})")
         text = check.prompt_text(doc, "text", f"{where}.text", required=True)
         if media is not None:
             demos.append(Demonstration(media=_resolve_media(media, base_dir), text=text))
