@@ -240,6 +240,21 @@ def bench(shots_sweep: str, run_pipeline: bool, json_path: str | None, **options
         click.echo(f"results written to {json_path}")
 
 
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--local", is_flag=True, help="Train in this process instead of on Ray Train.")
+def train(config: str, local: bool) -> None:
+    """Train the bridges (resampler, gated cross-attention, added tokens) of a model on the data a CONFIG
+    file names, backbones frozen. Running the same config again resumes from its latest checkpoint."""
+    from training.config import load_config
+    from training.train import train as train_on_ray
+    from training.train import train_local
+
+    settings = load_config(config)
+    train_local(settings) if local else train_on_ray(settings)
+    click.echo(f"model written to {settings.output_dir}")
+
+
 def _load_tasks_or_exit(task_files: Sequence[str], *, s3_endpoint: str | None,
                         no_remote_check: bool) -> tuple[Task, ...]:
     """The tasks, or exit with every problem before anything has started."""
