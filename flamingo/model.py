@@ -217,7 +217,8 @@ class Flamingo(nn.Module):
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  length_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int | None = None, logits_processor: LogitsProcessorList | None = None,
-                 generator: torch.Generator | None = None, return_dict: bool = False):
+                 generator: torch.Generator | None = None, return_dict: bool = False
+                 ) -> torch.Tensor | GenerationOutput:
         """Continue each prompt. Returns the prompt followed by the new tokens (OpenFlamingo's return), or
         a `GenerationOutput` with `return_dict=True`. Stops at `<|endofchunk|>` or EOS by default.
 

@@ -153,7 +153,7 @@ def run_benchmark(config: BenchConfig) -> BenchResult:
         for shots in config.shots_sweep:
             p = prefix_for(shots)
             generate(visual[0], p)  # warm-up: the first call with new shapes pays one-off costs
-            _, seconds = _timed(lambda: [generate(v, p) for v in visual[:2]], dev)
+            _, seconds = _timed(lambda p=p: [generate(v, p) for v in visual[:2]], dev)
             sweep[shots] = seconds / sum(len(v) for v in visual[:2])
 
     n = config.items

@@ -19,7 +19,7 @@ import torch
 from pipeline.decode import DecodeConfig, decode_item
 from pipeline.encode import pick_device, visual_array
 from pipeline.task import Task
-from pipeline.write import LABEL_SCORE_TYPE, OUTPUT_SCHEMA
+from pipeline.write import OUTPUT_SCHEMA
 
 
 @dataclass
