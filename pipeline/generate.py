@@ -87,6 +87,7 @@ class Annotator:
             for r in todo:
                 res = by_id.get(r["id"], {"error": r["error"] or "no visual tokens"})
                 out.append({"id": r["id"], "source": r["source"], "task": task.name, "task_hash": task.sha256,
+                            "output_column": task.output_column,
                             "model": self.model_id, "annotation": res.get("annotation"),
                             "score": res.get("score"), "label_scores": res.get("label_scores"),
                             "error": res.get("error"), "seconds": res.get("seconds", 0.0)})

@@ -28,7 +28,7 @@ ITEM_COLUMNS = ("id", "source")
 TASK_COLUMN = "task"
 ANNOTATION_COLUMN = "annotation"
 ERROR_COLUMN = "error"
-OUTPUT_COLUMN_COLUMN = "output_column"  # not written yet; names the task columns of `items` once it is
+OUTPUT_COLUMN_COLUMN = "output_column"  # names the task columns of `items` (outputs older than it: the task)
 
 
 @dataclass(frozen=True)

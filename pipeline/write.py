@@ -10,6 +10,7 @@ it as is.
   source        string     URI of the file the item came from (never null)
   task          string     task name (never null)
   task_hash     string     hash of the task definition, to tell edited tasks apart (never null)
+  output_column string     the task's column name in the `items` query view (the task name by default)
   model         string     model name (never null)
   annotation    string     the generated text / chosen label; null on error
   score         float64    mean token log-probability of the annotation; null on error
@@ -49,6 +50,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("task", pa.string()),
         ("task_hash", pa.string()),
+        ("output_column", pa.string()),
         ("model", pa.string()),
         ("annotation", pa.string()),
         ("score", pa.float64()),
@@ -79,6 +81,8 @@ def to_output_table(batch: pa.Table) -> pa.Table:
     """`batch` reduced to OUTPUT_SCHEMA (column order and types), `created_at` filled in when absent.
     Raises ValueError for missing columns or null required values: those are bugs upstream, not bad
     input."""
+    if "output_column" not in batch.column_names and "task" in batch.column_names:
+        batch = batch.append_column("output_column", batch.column("task"))
     if "created_at" not in batch.column_names:
         now = pa.scalar(datetime.now(timezone.utc), OUTPUT_SCHEMA.field("created_at").type)
         batch = batch.append_column("created_at", pa.repeat(now, batch.num_rows))

@@ -312,11 +312,12 @@ def test_query_items_view_has_one_column_per_task(tmp_path: Path) -> None:
                                    ("/in/c.mp4", "/in/c.mp4", None, "triangle")]
 
 
-def test_query_items_columns_are_named_by_output_column_when_the_output_records_it(tmp_path: Path) -> None:
+def test_query_items_columns_are_named_by_output_column(tmp_path: Path) -> None:
     from pipeline import query
 
     table = output_rows()
-    table = table.append_column("output_column", pa.array(["caption", "shape"] * 3))
+    table = table.set_column(table.schema.get_field_index("output_column"), "output_column",
+                             pa.array(["caption", "shape"] * 3))
     con = query.connect(str(write_output(tmp_path / "out", table)))
     assert con.sql("SELECT * FROM items").columns == ["id", "source", "caption", "shape"]
 

@@ -35,6 +35,7 @@ demonstrations:
   - {media: demo_red.png, text: " red"}
 labels: [" red", " blue", " green"]
 query: "Colour:"
+output_column: dominant_colour
 """
 
 
@@ -107,6 +108,8 @@ def test_every_item_gets_exactly_one_row_per_task(tasks, tmp_path):
     count, errors = con.execute("SELECT count(*), count(error) FROM annotations WHERE task = 'caption'").fetchone()
     assert (count, errors) == (len(expected), sum(e is not None for e in expected.values()))
     labels = con.execute("SELECT DISTINCT unnest(label_scores).label FROM annotations ORDER BY 1").fetchall()
+    assert dict(con.execute("SELECT DISTINCT task, output_column FROM annotations").fetchall()) == \
+        {"caption": "caption", "colour": "dominant_colour"}
     assert [l[0] for l in labels] == [" blue", " green", " red"]
 
     # Resume: a second run writes nothing new; a partial output gets completed without duplicates.
