@@ -1,0 +1,142 @@
+"""Stages 1 and 2 (contrastive vision pretraining, text-only LM pretraining) and the miniature Flamingo
+built from them, on backbones small enough to train a few steps in a second."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from open_clip.loss import ClipLoss
+from open_clip.tokenizer import SimpleTokenizer
+
+import flamingo
+from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from training.miniature import build_miniature
+from training.pretrain_lm import (END_OF_TEXT, IGNORE_INDEX, LMPretrainConfig, build_lm, documents, encode_batch,
+                                  held_out_texts, load_lm, perplexity, pretrain_lm, save_lm, train_tokenizer)
+from training.pretrain_vision import (EVAL_STREAM, VisionPretrainConfig, build_clip, contrastive_step, load_vision,
+                                      pixels, pretrain_vision, retrieval_accuracy, sample_pairs, save_vision)
+
+VISION = VisionPretrainConfig(steps=2, batch_size=8, warmup_steps=1, image_size=32, patch_size=8, width=32, layers=1,
+                              head_width=16, embed_dim=16, text_width=32, text_layers=1, text_heads=2)
+LM = LMPretrainConfig(steps=2, batch_size=8, warmup_steps=1, vocab_size=320, tokenizer_documents=300, max_length=64,
+                      hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=128)
+
+
+def _adamw(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=lr)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(documents(LM, 0, LM.tokenizer_documents, stream=2), LM.vocab_size)
+
+
+# --- stage 1: vision ------------------------------------------------------------------------------
+
+
+def test_pairs_are_seeded_and_held_out_scenes_differ():
+    images, captions = sample_pairs(VISION, 3)
+    again_images, again_captions = sample_pairs(VISION, 3)
+    assert captions == again_captions and all((a == b).all() for a, b in zip(images, again_images))
+    assert sample_pairs(VISION, 3, stream=EVAL_STREAM)[1] != captions
+    assert images[0].shape == (32, 32, 3) and all(c.endswith(".") for c in captions)
+    assert pixels(images).shape == (8, 3, 32, 32)
+
+
+def test_contrastive_steps_lower_the_loss():
+    model = build_clip(VISION)
+    images, captions = sample_pairs(VISION, 0)
+    optimizer, tokenizer = _adamw(model, 3e-3), SimpleTokenizer(context_length=VISION.context_length)
+    losses = [contrastive_step(model, optimizer, ClipLoss(), tokenizer, images, captions, 1.0) for _ in range(6)]
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_retrieval_accuracy_is_a_fraction_near_chance_for_a_random_tower():
+    accuracy = retrieval_accuracy(build_clip(VISION), VISION, groups=2, group_size=8)
+    assert 0.0 <= accuracy <= 0.5        # chance is 1/8 (plus ties between identical captions)
+    assert retrieval_accuracy(build_clip(VISION), VISION, groups=2, group_size=8) == accuracy   # deterministic
+
+
+def test_pretrain_vision_is_seeded_and_saves_as_safetensors(tmp_path: Path):
+    first, second = pretrain_vision(VISION), pretrain_vision(VISION)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(first.visual.conv1.weight, build_clip(VISION).visual.conv1.weight)
+    save_vision(first, VISION, tmp_path / "vision")
+    loaded, config = load_vision(tmp_path / "vision")
+    assert config["vision_cfg"]["width"] == VISION.width and not list((tmp_path / "vision").glob("*.pt"))
+    x = pixels(sample_pairs(VISION, 0)[0])
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), first.encode_image(x))
+
+
+# --- stage 2: language ----------------------------------------------------------------------------
+
+
+def test_tokenizer_round_trips_world_text_and_unseen_words(tokenizer):
+    for text in [*held_out_texts(LM, 8), "This is a zibbotrax.", "Question: What colour? Answer: ünïcode"]:
+        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    eos = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    assert tokenizer.eos_token == END_OF_TEXT and tokenizer(END_OF_TEXT)["input_ids"] == [eos]
+    text = "a large red circle at the top left."
+    assert len(tokenizer(text)["input_ids"]) < len(text) / 2                        # merges were learnt
+
+
+def test_batches_end_documents_and_ignore_only_padding(tokenizer):
+    batch = encode_batch(tokenizer, ["a red circle.", "Question: How many shapes are there? Answer: two"], 64)
+    lengths = batch["attention_mask"].sum(1)
+    for row, length in enumerate(lengths.tolist()):
+        assert batch["input_ids"][row, length - 1] == tokenizer.eos_token_id
+        assert (batch["labels"][row, :length] != IGNORE_INDEX).all() and (batch["labels"][row, length:] == IGNORE_INDEX).all()
+
+
+def test_lm_steps_lower_the_loss_and_perplexity(tokenizer):
+    lm = build_lm(LM, tokenizer)
+    texts = held_out_texts(LM, 16)
+    before = perplexity(lm, tokenizer, texts)
+    assert len(tokenizer) / 3 < before < len(tokenizer) * 3        # random: about the vocabulary size
+    batch = encode_batch(tokenizer, documents(LM, 0, 16), LM.max_length)
+    optimizer = _adamw(lm, 3e-3)
+    losses = []
+    for _ in range(6):
+        loss = lm(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert 1 < perplexity(lm, tokenizer, texts) < before
+
+
+def test_pretrain_lm_is_seeded_and_saves_with_save_pretrained(tokenizer, tmp_path: Path):
+    (first, _), (second, _) = pretrain_lm(LM, tokenizer=tokenizer), pretrain_lm(LM, tokenizer=tokenizer)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    save_lm(first, tokenizer, tmp_path / "lm")
+    assert (tmp_path / "lm" / "model.safetensors").is_file() and (tmp_path / "lm" / "tokenizer.json").is_file()
+    loaded, loaded_tokenizer = load_lm(tmp_path / "lm")
+    texts = held_out_texts(LM, 8)
+    assert perplexity(loaded, loaded_tokenizer, texts) == pytest.approx(perplexity(first, tokenizer, texts))
+
+
+# --- the miniature --------------------------------------------------------------------------------
+
+
+def test_build_miniature_loads_with_flamingo_tokens(tokenizer, tmp_path: Path):
+    clip = build_clip(VISION)
+    save_vision(clip, VISION, tmp_path / "vision")
+    save_lm(build_lm(LM, tokenizer), tokenizer, tmp_path / "lm")
+    out = build_miniature(tmp_path / "vision", tmp_path / "lm", tmp_path / "miniature")
+    model = flamingo.load_model(str(out))
+    vocab = model.tokenizer.get_vocab()
+    assert {MEDIA_TOKEN, END_OF_CHUNK_TOKEN, END_OF_TEXT} <= set(vocab) and model.tokenizer.pad_token is not None
+    assert model.config.image_size == VISION.image_size and model.config.vis_dim == VISION.width
+    assert torch.equal(model.vision_encoder.conv1.weight, clip.visual.conv1.weight)   # the pretrained tower
+    lang_x, attention_mask = model.tokenize([f"{MEDIA_TOKEN}a red circle.{END_OF_CHUNK_TOKEN}"])
+    vision_x = pixels(sample_pairs(VISION, 0, count=1)[0])[None, None]                 # (B, T, F, C, H, W)
+    with torch.no_grad():
+        logits = model(vision_x=vision_x, lang_x=lang_x, attention_mask=attention_mask).logits
+    assert logits.shape[:2] == lang_x.shape and torch.isfinite(logits).all()

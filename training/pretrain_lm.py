@@ -1,0 +1,210 @@
+"""Stage 2 of Flamingo's recipe: a language model pretrained on text alone, before any image is seen.
+
+No released LM can be downloaded here, so a small Llama learns the synthetic world's language: captions of
+scenes and clips, "Question: ... Answer: ..." lines (the format stage 3 uses), runs of several captions,
+and fast-binding sentences ("This is a bliket."). Its tokenizer is trained on the same text with the
+`tokenizers` library: byte-level BPE, so any string -- nonsense words included -- still encodes, and
+`<|endoftext|>` separates documents. Saved with Hugging Face `save_pretrained` (safetensors), which is
+what `Flamingo.from_backbones` and `build_miniature` take.
+
+Every document is a pure function of (seed, stream, index): training reads stream 0, evaluation stream 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase, PreTrainedTokenizerFast)
+
+from training.bridges import warmup_cosine
+from training.synthetic import SUPPORT_TEXT, make_binding_episode, make_clip, make_scene
+
+END_OF_TEXT = "<|endoftext|>"
+TRAIN_STREAM, EVAL_STREAM, TOKENIZER_STREAM = 0, 1, 2
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class LMPretrainConfig:
+    """A text-only run: tokenizer and model sizes, data and optimisation (defaults: the stage-2 miniature)."""
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    vocab_size: int = 512                 # BPE target; the world's text needs far fewer words
+    tokenizer_documents: int = 3000
+    max_length: int = 128                 # tokens per training row (documents are cut at the end)
+    max_captions: int = 4                 # longest run of captions in one document
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 1024   # stage 3 sequences run to a few hundred tokens
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "tokenizer_documents", "max_captions", "hidden_size",
+                     "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
+            raise ValueError("lr must be positive; weight_decay, warmup_steps and max_grad_norm >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.vocab_size < 257:
+            raise ValueError(f"vocab_size: must hold the 256 bytes and {END_OF_TEXT}, got {self.vocab_size}")
+        if not 8 <= self.max_length <= self.max_position_embeddings:
+            raise ValueError("max_length: must be in 8..max_position_embeddings")
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("hidden_size must divide into heads, and heads into key-value heads")
+
+
+# --- text ----------------------------------------------------------------------------------------
+
+
+def world_document(rng: np.random.Generator, max_captions: int = 4) -> str:
+    """One document of the world's text: a caption, a QA line, a run of captions or binding sentences."""
+    kind = int(rng.integers(4))
+    if kind == 0:
+        return _sample(rng).caption()
+    if kind == 1:
+        questions = _sample(rng).qa()
+        qa = questions[int(rng.integers(len(questions)))]
+        return f"Question: {qa.question} Answer: {qa.answer}"
+    if kind == 2:
+        return " ".join(_sample(rng).caption() for _ in range(int(rng.integers(2, max_captions + 1))))
+    episode = make_binding_episode(rng, ways=int(rng.integers(1, 4)))
+    return " ".join([*episode.support_texts, SUPPORT_TEXT.format(word=episode.answer)])
+
+
+def _sample(rng: np.random.Generator):
+    return make_clip(rng) if rng.random() < 0.25 else make_scene(rng)
+
+
+def documents(config: LMPretrainConfig, index: int, count: int, stream: int = TRAIN_STREAM) -> list[str]:
+    """`count` documents: a pure function of (seed, stream, index)."""
+    rng = np.random.default_rng((config.seed, stream, index))
+    return [world_document(rng, config.max_captions) for _ in range(count)]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `texts`, with `<|endoftext|>` as its beginning- and end-of-text token.
+    No pad token: `Flamingo.from_backbones` adds one along with its media tokens."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT, bos_token=END_OF_TEXT)
+
+
+def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows of `text<|endoftext|>` with labels; padding (and only padding) is ignored, so
+    the model learns where a document ends."""
+    eos = tokenizer.eos_token_id
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"][:max_length - 1] + [eos] for text in texts]
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), eos, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = torch.tensor(row)
+        attention_mask[i, :len(row)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# --- model, training and evaluation --------------------------------------------------------------
+
+
+def build_lm(config: LMPretrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A randomly initialised Llama sized by `config`, its vocabulary by `tokenizer`; seeded without
+    touching the global RNG. Untied embeddings, like the tiny-random preset's LM."""
+    lm_config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, max_position_embeddings=config.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return AutoModelForCausalLM.from_config(lm_config)
+
+
+def pretrain_lm(config: LMPretrainConfig, log_every: int = 0,
+                tokenizer: PreTrainedTokenizerFast | None = None,
+                lm: PreTrainedModel | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Train a tokenizer (unless given) and an LM (a fresh one unless given) for `config.steps` steps of
+    AdamW with warm-up and cosine decay; prints the loss every `log_every` steps (0: silent)."""
+    if tokenizer is None:
+        tokenizer = train_tokenizer(documents(config, 0, config.tokenizer_documents, TOKENIZER_STREAM),
+                                    config.vocab_size)
+    lm = lm if lm is not None else build_lm(config, tokenizer)
+    params = [p for p in lm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))
+    lm.train()
+    with torch.random.fork_rng(devices=[]):   # dropout, if configured, draws from a seeded RNG
+        torch.manual_seed(config.seed)
+        for step in range(config.steps):
+            batch = encode_batch(tokenizer, documents(config, step, config.batch_size), config.max_length)
+            loss = lm(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
+            optimizer.step()
+            scheduler.step()
+            if log_every and ((step + 1) % log_every == 0 or step + 1 == config.steps):
+                print(f"lm step {step + 1:>5}/{config.steps}  loss {loss.item():.4f}", flush=True)
+    return lm.eval(), tokenizer
+
+
+@torch.no_grad()
+def perplexity(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
+               max_length: int = 128, batch_size: int = 32) -> float:
+    """exp(mean next-token loss) over every predicted token of `texts` (each ending in `<|endoftext|>`).
+    A random model scores about its vocabulary size; a model that knew the text exactly scores 1."""
+    lm.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        batch = encode_batch(tokenizer, texts[start:start + batch_size], max_length)
+        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        total += float(losses)
+        count += int((targets != IGNORE_INDEX).sum())
+    return float(np.exp(total / count))
+
+
+def held_out_texts(config: LMPretrainConfig, count: int = 256) -> list[str]:
+    """Documents from the evaluation stream, never seen in training or by the tokenizer trainer."""
+    return documents(config, 0, count, EVAL_STREAM)
+
+
+# --- saving --------------------------------------------------------------------------------------
+
+
+def save_lm(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
+    """LM and tokenizer side by side with Hugging Face `save_pretrained` (safetensors + JSON)."""
+    directory = Path(directory)
+    lm.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def load_lm(directory: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    return AutoModelForCausalLM.from_pretrained(str(directory)).eval(), AutoTokenizer.from_pretrained(str(directory))

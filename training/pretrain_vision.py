@@ -1,0 +1,212 @@
+"""Stage 1 of Flamingo's recipe: contrastive pretraining of the vision tower on (image, caption) pairs.
+
+No pretrained CLIP can be downloaded here, so a small open_clip tower learns the synthetic world from
+scratch, with open_clip's own model (`open_clip.CLIP`), loss (`ClipLoss`) and tokenizer (`SimpleTokenizer`,
+whose BPE vocabulary ships inside the package, so it works offline). Only `model.visual` is kept by
+Flamingo later; the text tower exists to give the images something to be contrasted with.
+
+Pixels are normalised with `FlamingoConfig`'s default mean / std, which is what `Flamingo.from_backbones`
+records for a tower that carries none, so stage 3 feeds the encoder exactly what it was trained on.
+Every batch is a pure function of (seed, stream, index): training uses stream 0, evaluation stream 1.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import safetensors.torch
+import torch
+from open_clip.loss import ClipLoss
+from open_clip.tokenizer import SimpleTokenizer
+
+from flamingo.config import FlamingoConfig
+from training.bridges import warmup_cosine
+from training.synthetic import make_clip, make_scene
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "model.safetensors"
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+
+
+@dataclass(frozen=True)
+class VisionPretrainConfig:
+    """A contrastive run: tower sizes, data and optimisation (defaults: the stage-1 miniature)."""
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    image_size: int = 64
+    max_objects: int = 3
+    clip_fraction: float = 0.25           # pairs drawn from a video frame instead of a still scene
+    embed_dim: int = 64
+    patch_size: int = 8
+    width: int = 128
+    layers: int = 4
+    head_width: int = 32
+    text_width: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    context_length: int = 48              # a 3-object caption is ~30 BPE tokens
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "embed_dim", "patch_size", "width", "layers", "head_width",
+                     "text_width", "text_layers", "text_heads", "context_length", "max_objects"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size: contrastive learning needs at least 2 pairs, got {self.batch_size}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
+            raise ValueError("lr must be positive; weight_decay, warmup_steps and max_grad_norm >= 0")
+        if not 0 <= self.clip_fraction <= 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("clip_fraction and min_lr_ratio must be in [0, 1]")
+        if self.image_size % self.patch_size or self.width % self.head_width:
+            raise ValueError("image_size must be a multiple of patch_size, and width of head_width")
+
+
+def clip_config(config: VisionPretrainConfig) -> dict[str, Any]:
+    """Keyword arguments of `open_clip.CLIP(...)`: what `save_vision` writes as JSON and what a Flamingo
+    built from this tower stores as `vision_encoder_config`."""
+    return {
+        "embed_dim": config.embed_dim,
+        "vision_cfg": {"image_size": config.image_size, "patch_size": config.patch_size, "width": config.width,
+                       "layers": config.layers, "head_width": config.head_width},
+        "text_cfg": {"context_length": config.context_length, "vocab_size": SimpleTokenizer().vocab_size,
+                     "width": config.text_width, "heads": config.text_heads, "layers": config.text_layers},
+    }
+
+
+def build_clip(config: VisionPretrainConfig) -> open_clip.CLIP:
+    """A randomly initialised tower, seeded without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return open_clip.CLIP(**clip_config(config))
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def visible_caption(objects) -> str:
+    """What one frame of a clip shows ('a small red circle and a large blue square.'): direction and
+    speed are not visible in a still, so they are left out of its caption."""
+    return " and ".join(f"a {o.description}" for o in objects) + "."
+
+
+def sample_pairs(config: VisionPretrainConfig, index: int, stream: int = TRAIN_STREAM,
+                 count: int | None = None) -> tuple[list[np.ndarray], list[str]]:
+    """`count` (default batch_size) (image, caption) pairs: a pure function of (seed, stream, index)."""
+    rng = np.random.default_rng((config.seed, stream, index))
+    images, captions = [], []
+    for _ in range(count or config.batch_size):
+        if rng.random() < config.clip_fraction:
+            clip = make_clip(rng, image_size=config.image_size)
+            images.append(clip.frames()[int(rng.integers(clip.num_frames))])
+            captions.append(visible_caption(clip.objects))
+        else:
+            scene = make_scene(rng, image_size=config.image_size, max_objects=config.max_objects)
+            images.append(scene.image())
+            captions.append(scene.caption())
+    return images, captions
+
+
+def pixels(images: list[np.ndarray]) -> torch.Tensor:
+    """(N, 3, H, W) floats, normalised as Flamingo's image processor does for this tower."""
+    defaults = FlamingoConfig()
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(defaults.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(defaults.image_std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# --- training and evaluation ---------------------------------------------------------------------
+
+
+def contrastive_step(model: open_clip.CLIP, optimizer: torch.optim.Optimizer, loss_fn: ClipLoss,
+                     tokenizer: SimpleTokenizer, images: list[np.ndarray], captions: list[str],
+                     max_grad_norm: float) -> float:
+    """One AdamW step on one batch; returns the loss before the step."""
+    model.train()
+    image_features, text_features, logit_scale = model(pixels(images), tokenizer(captions))
+    loss = loss_fn(image_features, text_features, logit_scale)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    with torch.no_grad():   # CLIP's clamp: a temperature of 1/100 at most, or training turns unstable
+        model.logit_scale.clamp_(0, np.log(100))
+    return loss.item()
+
+
+def pretrain_vision(config: VisionPretrainConfig, log_every: int = 0,
+                    model: open_clip.CLIP | None = None) -> open_clip.CLIP:
+    """Train a tower (a fresh one from `config` unless `model` is given) for `config.steps` steps of AdamW
+    with linear warm-up and cosine decay; prints the loss every `log_every` steps (0: silent)."""
+    model = model if model is not None else build_clip(config)
+    tokenizer = SimpleTokenizer(context_length=config.context_length)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))
+    loss_fn = ClipLoss()
+    with torch.random.fork_rng(devices=[]):   # dropout-free, but keep the caller's RNG untouched anyway
+        torch.manual_seed(config.seed)
+        for step in range(config.steps):
+            images, captions = sample_pairs(config, step)
+            loss = contrastive_step(model, optimizer, loss_fn, tokenizer, images, captions, config.max_grad_norm)
+            scheduler.step()
+            if log_every and ((step + 1) % log_every == 0 or step + 1 == config.steps):
+                print(f"vision step {step + 1:>5}/{config.steps}  loss {loss:.4f}", flush=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def retrieval_accuracy(model: open_clip.CLIP, config: VisionPretrainConfig, groups: int = 8,
+                       group_size: int = 16) -> float:
+    """Image -> text top-1 accuracy on held-out scenes: each image picks one of its group's `group_size`
+    captions (chance = 1 / group_size). A pick counts when its text equals the image's own caption, since
+    two one-object scenes can share a caption."""
+    model.eval()
+    tokenizer = SimpleTokenizer(context_length=config.context_length)
+    hits = 0
+    for group in range(groups):
+        images, captions = sample_pairs(config, group, stream=EVAL_STREAM, count=group_size)
+        image_features, text_features, _ = model(pixels(images), tokenizer(captions))
+        picks = (image_features @ text_features.T).argmax(dim=1).tolist()
+        hits += sum(captions[pick] == captions[row] for row, pick in enumerate(picks))
+    return hits / (groups * group_size)
+
+
+# --- saving --------------------------------------------------------------------------------------
+
+
+def save_vision(model: open_clip.CLIP, config: VisionPretrainConfig, directory: str | Path) -> Path:
+    """The tower as safetensors + the JSON of its `open_clip.CLIP(...)` arguments (no pickle)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps(
+        {"clip_config": clip_config(config), "pretrain_config": asdict(config)}, indent=2) + "\n")
+    safetensors.torch.save_model(model, str(directory / WEIGHTS_FILE))
+    return directory
+
+
+def load_vision(directory: str | Path) -> tuple[open_clip.CLIP, dict[str, Any]]:
+    """The tower `save_vision` wrote, and its CLIP config."""
+    directory = Path(directory)
+    cfg = json.loads((directory / CONFIG_FILE).read_text())["clip_config"]
+    model = open_clip.CLIP(**cfg)
+    missing, unexpected = safetensors.torch.load_model(model, str(directory / WEIGHTS_FILE), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory / WEIGHTS_FILE} does not match {CONFIG_FILE}: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+    return model.eval(), cfg
