@@ -10,7 +10,6 @@ from step s replays exactly what an uninterrupted run does after step s.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from training.optim import adamw_warmup_cosine, clip_gradients
 from training.sequences import Batch
 
 PARAMS_FILE = "trainable.safetensors"
@@ -52,16 +52,6 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up from 1/warmup to 1, then cosine decay to `min_ratio` at the last step."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
-
-
 class BridgeTrainer:
     """Optimizer, schedule and step counter around a Flamingo model whose bridges are trained."""
 
@@ -71,13 +61,9 @@ class BridgeTrainer:
         self.params = trainable_parameters(model)
         if not self.params:
             raise ValueError("the model has no trainable parameters")
-        decay = [p for p in self.params.values() if p.ndim >= 2]      # no decay on gates, norms, biases
-        no_decay = [p for p in self.params.values() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=settings.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(settings.warmup_steps, settings.steps, settings.min_lr_ratio))
+        self.optimizer, self.scheduler = adamw_warmup_cosine(
+            self.params.values(), settings.lr, settings.weight_decay, settings.warmup_steps, settings.steps,
+            settings.min_lr_ratio)
         self.step = 0
 
     @property
@@ -101,8 +87,7 @@ class BridgeTrainer:
             (loss / len(micro_batches)).backward()
             total += loss.item()
         _average_gradients_across_workers(self.params.values())
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.settings.max_grad_norm
-                                                   if self.settings.max_grad_norm > 0 else float("inf"))
+        grad_norm = clip_gradients(self.params.values(), self.settings.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()

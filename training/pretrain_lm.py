@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel,
                           PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
-from training.bridges import warmup_cosine
+from training.optim import adamw_warmup_cosine, clip_gradients
 from training.synthetic import SUPPORT_TEXT, make_binding_episode, make_clip, make_scene
 
 END_OF_TEXT = "<|endoftext|>"
@@ -151,11 +151,8 @@ def pretrain_lm(config: LMPretrainConfig, log_every: int = 0,
                                     config.vocab_size)
     lm = lm if lm is not None else build_lm(config, tokenizer)
     params = [p for p in lm.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))
+    optimizer, scheduler = adamw_warmup_cosine(params, config.lr, config.weight_decay, config.warmup_steps,
+                                               config.steps, config.min_lr_ratio)
     lm.train()
     with torch.random.fork_rng(devices=[]):   # dropout, if configured, draws from a seeded RNG
         torch.manual_seed(config.seed)
@@ -164,7 +161,7 @@ def pretrain_lm(config: LMPretrainConfig, log_every: int = 0,
             loss = lm(**batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
+            clip_gradients(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             if log_every and ((step + 1) % log_every == 0 or step + 1 == config.steps):

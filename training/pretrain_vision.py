@@ -25,7 +25,7 @@ from open_clip.loss import ClipLoss
 from open_clip.tokenizer import SimpleTokenizer
 
 from flamingo.config import FlamingoConfig
-from training.bridges import warmup_cosine
+from training.optim import adamw_warmup_cosine, clip_gradients
 from training.synthetic import make_clip, make_scene
 
 CONFIG_FILE = "open_clip_config.json"
@@ -139,7 +139,7 @@ def contrastive_step(model: open_clip.CLIP, optimizer: torch.optim.Optimizer, lo
     loss = loss_fn(image_features, text_features, logit_scale)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+    clip_gradients(model.parameters(), max_grad_norm)
     optimizer.step()
     with torch.no_grad():   # CLIP's clamp: a temperature of 1/100 at most, or training turns unstable
         model.logit_scale.clamp_(0, np.log(100))
@@ -152,12 +152,9 @@ def pretrain_vision(config: VisionPretrainConfig, log_every: int = 0,
     with linear warm-up and cosine decay; prints the loss every `log_every` steps (0: silent)."""
     model = model if model is not None else build_clip(config)
     tokenizer = SimpleTokenizer(context_length=config.context_length)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))
+    optimizer, scheduler = adamw_warmup_cosine((p for p in model.parameters() if p.requires_grad), config.lr,
+                                               config.weight_decay, config.warmup_steps, config.steps,
+                                               config.min_lr_ratio)
     loss_fn = ClipLoss()
     with torch.random.fork_rng(devices=[]):   # dropout-free, but keep the caller's RNG untouched anyway
         torch.manual_seed(config.seed)
