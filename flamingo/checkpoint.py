@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 
 from .config import FlamingoConfig
-from .lm import input_embedding_path
+from .lm import AddedRows, input_embedding_path
 from .model import Flamingo
 
 CONFIG_FILE = "config.json"
@@ -105,10 +105,11 @@ def load_openflamingo_checkpoint(model: Flamingo, source) -> None:
             mapped[name] = value
 
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
-    added_rows_key = embedding_key.removesuffix("weight") + "added_rows"
-    required = trained - OPTIONAL_KEYS - {added_rows_key}
+    added = {f"lang_encoder.{name}.added_rows": module for name, module in model.lang_encoder.named_modules()
+             if isinstance(module, AddedRows)}
+    required = trained - OPTIONAL_KEYS - set(added)
     missing = sorted(required - set(mapped))
-    if embedding_key not in mapped and added_rows_key not in mapped:
+    if embedding_key not in mapped and embedding_key.removesuffix("weight") + "added_rows" not in mapped:
         missing.append(embedding_key)
     if unexpected or missing or wrong_shape:
         problems = []
@@ -124,8 +125,8 @@ def load_openflamingo_checkpoint(model: Flamingo, source) -> None:
         params = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
         for name, value in mapped.items():
             params[name].copy_(value)
-        if embedding_key in mapped and added_rows_key not in mapped:   # OpenFlamingo trains the whole matrix
-            embedding = model.lang_encoder.get_input_embeddings()
-            embedding.added_rows.copy_(embedding.weight[embedding.added_token_ids])
+        for key, module in added.items():
+            if key not in mapped:   # OpenFlamingo trains whole matrices: the added rows come from them
+                module.reset_added_rows()
         if "perceiver.frame_embs" not in mapped and model.perceiver.frame_embs is not None:
             model.perceiver.frame_embs.zero_()

@@ -103,18 +103,29 @@ class FlamingoLayer(nn.Module):
             return getattr(self.decoder_layer, name)
 
 
-class AddedTokenEmbedding(nn.Module):
-    """The LM's (frozen) input embedding with trainable rows for the tokens Flamingo adds.
+class AddedRows(nn.Module):
+    """A frozen LM matrix (embedding or output layer) whose rows for the tokens Flamingo adds are trained.
 
-    Keeps the frozen matrix under the LM's own `weight` name (a tied output layer keeps sharing it); the
-    added tokens' rows live in `added_rows`, so an optimiser over trainable parameters touches only them.
-    """
+    The frozen matrix keeps the LM's own `weight` name (a tied output layer keeps sharing it); the added
+    tokens' rows live in `added_rows`, so an optimiser over trainable parameters touches only them."""
+
+    def __init__(self, weight: nn.Parameter, added_token_ids: list[int]):
+        super().__init__()
+        self.weight = weight
+        self.register_buffer("added_token_ids", torch.tensor(added_token_ids, dtype=torch.long), persistent=False)
+        self.added_rows = nn.Parameter(weight.detach()[added_token_ids].clone())
+
+    def reset_added_rows(self) -> None:
+        """Take the added rows from `weight` (after loading a checkpoint that trained the whole matrix)."""
+        with torch.no_grad():
+            self.added_rows.copy_(self.weight[self.added_token_ids])
+
+
+class AddedTokenEmbedding(AddedRows):
+    """The LM's input embedding, with trained rows for the added tokens."""
 
     def __init__(self, embedding: nn.Embedding, added_token_ids: list[int]):
-        super().__init__()
-        self.weight = embedding.weight
-        self.register_buffer("added_token_ids", torch.tensor(added_token_ids, dtype=torch.long), persistent=False)
-        self.added_rows = nn.Parameter(embedding.weight.detach()[added_token_ids].clone())
+        super().__init__(embedding.weight, added_token_ids)
 
     @property
     def num_embeddings(self) -> int:
@@ -130,10 +141,20 @@ class AddedTokenEmbedding(nn.Module):
             out = torch.where((input_ids == token_id)[..., None], self.added_rows[row].to(out.dtype), out)
         return out
 
-    def sync_frozen_rows(self) -> None:
-        """Copy the trained rows into the full matrix, for code that reads the LM's embedding directly."""
-        with torch.no_grad():
-            self.weight[self.added_token_ids] = self.added_rows.to(self.weight.dtype)
+
+class AddedTokenHead(AddedRows):
+    """The LM's output layer, with trained rows for the added tokens: without them a frozen (random) row
+    would decide when the model emits `<|endofchunk|>`, and it could hardly learn to stop."""
+
+    def __init__(self, head: nn.Linear, added_token_ids: list[int]):
+        super().__init__(head.weight, added_token_ids)
+        self.bias = head.bias
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight, self.bias)                    # (..., V)
+        bias = None if self.bias is None else self.bias[self.added_token_ids]
+        added = F.linear(hidden, self.added_rows.to(hidden.dtype), bias)     # (..., n_added)
+        return logits.index_copy(-1, self.added_token_ids, added.to(logits.dtype))
 
 
 def inject_flamingo_layers(lm: nn.Module, decoder_layers_attr_name: str, every_n: int, lang_dim: int,

@@ -21,8 +21,8 @@ from . import generation, prefix_attention
 from .config import FlamingoConfig
 from .gated_cross_attention import GatedCrossAttentionBlock, MediaConditioning
 from .generation import FewShotPrefix, GenerationOutput
-from .lm import (AddedTokenEmbedding, ConditioningSlot, infer_decoder_layers_attr_name,
-                 inject_flamingo_layers)
+from .lm import (AddedRows, AddedTokenEmbedding, AddedTokenHead, ConditioningSlot,
+                 infer_decoder_layers_attr_name, inject_flamingo_layers)
 from .resampler import PerceiverResampler
 from .tokens import add_flamingo_tokens
 from .vision import FlamingoVision, encode_vision
@@ -58,6 +58,9 @@ class Flamingo(nn.Module):
         )
         lang_encoder.set_input_embeddings(AddedTokenEmbedding(lang_encoder.get_input_embeddings(),
                                                               config.added_token_ids))
+        if isinstance(lang_encoder.get_output_embeddings(), nn.Linear):
+            lang_encoder.set_output_embeddings(AddedTokenHead(lang_encoder.get_output_embeddings(),
+                                                              config.added_token_ids))
         self.lang_encoder = lang_encoder
         self._lm_arguments = set(inspect.signature(lang_encoder.forward).parameters)
         self.shares_prefix_attention = prefix_attention.install(lang_encoder)
@@ -67,7 +70,9 @@ class Flamingo(nn.Module):
         self.perceiver.requires_grad_(True)
         for block in self.gated_cross_attn_layers():
             block.requires_grad_(True)
-        self.lang_encoder.get_input_embeddings().added_rows.requires_grad_(True)
+        for module in self.lang_encoder.modules():
+            if isinstance(module, AddedRows):
+                module.added_rows.requires_grad_(True)
         self.eval()
 
     # ------------------------------------------------------------------ construction

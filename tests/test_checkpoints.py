@@ -40,6 +40,8 @@ def _openflamingo_style_state(model):
             index, rest = name.split(".layers.")[1].split(".gated_cross_attn_layer.")
             state[f"lang_encoder.gated_cross_attn_layers.{index}.{rest}"] = p.detach().clone()
     state["lang_encoder.model.embed_tokens.weight"] = model.lang_encoder.get_input_embeddings().weight.detach().clone()
+    # OpenFlamingo trains whole embedding matrices; an untied LM's output layer may come along.
+    state["lang_encoder.lm_head.weight"] = model.lang_encoder.get_output_embeddings().weight.detach().clone()
     return state
 
 

@@ -48,6 +48,19 @@ def test_only_the_bridges_are_trainable(model):
     assert not model.vision_encoder.training and not model.lang_encoder.training
 
 
+def test_added_tokens_can_be_learned_in_and_out(model):
+    """Both the input rows and the output rows of the added tokens are trained (a frozen output row would
+    decide alone when the model emits <|endofchunk|>); nothing else of the LM gets a gradient."""
+    lang_x, _ = model.tokenize(["<image>a red circle<|endofchunk|>"])
+    labels = lang_x.clone()
+    model.zero_grad(set_to_none=True)
+    model(vision_x=images(1, 1), lang_x=lang_x, labels=labels).loss.backward()
+    embedding, head = model.lang_encoder.get_input_embeddings(), model.lang_encoder.get_output_embeddings()
+    assert embedding.added_rows.grad.abs().sum() > 0 and head.added_rows.grad.abs().sum() > 0
+    assert embedding.weight.grad is None and head.weight.grad is None
+    model.zero_grad(set_to_none=True)
+
+
 def test_special_tokens_follow_openflamingo_order(model):
     ids = model.tokenizer.convert_tokens_to_ids(["<|endofchunk|>", "<image>", "<PAD>"])
     assert ids == sorted(ids) and ids[0] == 257 and model.tokenizer.pad_token_id == ids[2]
