@@ -55,11 +55,22 @@ class DecodeConfig:
     num_frames: int = 8
     fps: float | None = None
 
+    @classmethod
+    def for_model(cls, model_config, **video) -> "DecodeConfig":
+        """The preprocessing a model (its `FlamingoConfig`) expects; `video`: num_frames / fps."""
+        return cls(model_config.image_size, tuple(model_config.image_mean), tuple(model_config.image_std), **video)
+
     def __post_init__(self) -> None:
         if self.num_frames < 1:
             raise ValueError(f"num_frames must be at least 1, got {self.num_frames}")
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"fps must be positive, got {self.fps}")
+
+
+def image_transform(config: DecodeConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """open_clip's eval transform for `config`: the one preprocessing for items, demonstrations and training."""
+    return open_clip.image_transform(config.image_size, is_train=False, mean=config.mean, std=config.std,
+                                     interpolation=config.interpolation, resize_mode=config.resize_mode)
 
 
 def decode_items(dataset: ray.data.Dataset, config: DecodeConfig, *, batch_size: int = 16) -> ray.data.Dataset:
@@ -70,14 +81,7 @@ def decode_items(dataset: ray.data.Dataset, config: DecodeConfig, *, batch_size:
 def decode_batch(batch: pa.Table, config: DecodeConfig) -> pa.Table:
     """Decode every row of `batch` (needs columns `media_kind`, `data`, `error`); never raises for one
     bad item."""
-    transform = open_clip.image_transform(
-        config.image_size,
-        is_train=False,
-        mean=config.mean,
-        std=config.std,
-        interpolation=config.interpolation,
-        resize_mode=config.resize_mode,
-    )
+    transform = image_transform(config)
     pixels: list[bytes | None] = []
     shapes: list[list[int] | None] = []
     errors: list[str | None] = []

@@ -8,6 +8,7 @@ output row per task, with `error` set when the item could not be annotated.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.decode import DecodeConfig, decode_item
+from pipeline.decode import DecodeConfig, decode_item, image_transform
 from pipeline.encode import pick_device, visual_array
 from pipeline.task import Task
 from pipeline.write import OUTPUT_SCHEMA
@@ -32,11 +33,8 @@ class _PreparedTask:
 
 def load_demonstration_pixels(task: Task, decode: DecodeConfig, storage_options: dict) -> torch.Tensor:
     """(1, n_demos, F, 3, H, W) pixels of a task's demonstrations (all images, or all clips of F frames)."""
-    import open_clip
-
-    transform = open_clip.image_transform(decode.image_size, is_train=False, mean=decode.mean, std=decode.std)
-    config = DecodeConfig(decode.image_size, decode.mean, decode.std, num_frames=task.video.num_frames,
-                          fps=task.video.fps)
+    config = dataclasses.replace(decode, num_frames=task.video.num_frames, fps=task.video.fps)
+    transform = image_transform(config)
     arrays = []
     for demo in task.demonstrations:
         with fsspec.open(demo.media, "rb", **storage_options) as f:
@@ -60,8 +58,7 @@ class Annotator:
         self.model = load_model(model, device=self.device)
         self.model_id = model_id or model
         self.done = done or {}
-        c = self.model.config
-        decode = DecodeConfig(c.image_size, tuple(c.image_mean), tuple(c.image_std))
+        decode = DecodeConfig.for_model(self.model.config)
         self.tasks = [self._prepare(t, decode, storage_options or {}) for t in tasks]
 
     @torch.inference_mode()

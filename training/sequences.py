@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import open_clip
 import torch
 from PIL import Image
 
@@ -123,8 +122,10 @@ def render_text(episode: Episode, media_token: str, end_of_chunk_token: str) -> 
 
 def image_transform(model: Flamingo) -> Transform:
     """The model's eval preprocessing (resize, centre crop, normalise), as the annotation pipeline uses."""
-    config = model.config
-    return open_clip.image_transform(config.image_size, is_train=False, mean=config.image_mean, std=config.image_std)
+    from pipeline.decode import DecodeConfig
+    from pipeline.decode import image_transform as pipeline_transform
+
+    return pipeline_transform(DecodeConfig.for_model(model.config))
 
 
 def encode_episode(model: Flamingo, episode: Episode, transform: Transform, max_length: int) -> Example:
@@ -156,8 +157,7 @@ def read_captioned_media(uris: Sequence[str], model: Flamingo, num_frames: int) 
     from pipeline.decode import DecodeConfig, decode_item
     from pipeline.read import DEFAULT_MAX_ITEM_BYTES, file_rows, list_files
 
-    config = model.config
-    decode = DecodeConfig(config.image_size, tuple(config.image_mean), tuple(config.image_std), num_frames=num_frames)
+    decode = DecodeConfig.for_model(model.config, num_frames=num_frames)
     transform = image_transform(model)
     items = []
     for uri in uris:
