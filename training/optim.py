@@ -34,3 +34,12 @@ def adamw_warmup_cosine(params: Iterable[nn.Parameter], lr: float, weight_decay:
 def clip_gradients(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip to `max_norm` (0: no clipping); returns the norm before clipping."""
     return torch.nn.utils.clip_grad_norm_(list(params), max_norm if max_norm > 0 else float("inf"))
+
+
+def check_optimisation(config) -> None:
+    """The checks every stage's config needs on its optimisation fields (lr, weight_decay, warmup_steps,
+    max_grad_norm, min_lr_ratio)."""
+    if config.lr <= 0 or config.weight_decay < 0 or config.warmup_steps < 0 or config.max_grad_norm < 0:
+        raise ValueError("lr must be positive; weight_decay, warmup_steps and max_grad_norm >= 0")
+    if not 0 <= config.min_lr_ratio <= 1:
+        raise ValueError(f"min_lr_ratio: must be in [0, 1], got {config.min_lr_ratio}")

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel,
                           PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
-from training.optim import adamw_warmup_cosine, clip_gradients
+from training.optim import adamw_warmup_cosine, check_optimisation, clip_gradients
 from training.synthetic import SUPPORT_TEXT, make_binding_episode, make_clip, make_scene
 
 END_OF_TEXT = "<|endoftext|>"
@@ -57,10 +57,7 @@ class LMPretrainConfig:
                      "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
-            raise ValueError("lr must be positive; weight_decay, warmup_steps and max_grad_norm >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        check_optimisation(self)
         if self.vocab_size < 257:
             raise ValueError(f"vocab_size: must hold the 256 bytes and {END_OF_TEXT}, got {self.vocab_size}")
         if not 8 <= self.max_length <= self.max_position_embeddings:

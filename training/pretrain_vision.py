@@ -25,7 +25,7 @@ from open_clip.loss import ClipLoss
 from open_clip.tokenizer import SimpleTokenizer
 
 from flamingo.config import FlamingoConfig
-from training.optim import adamw_warmup_cosine, clip_gradients
+from training.optim import adamw_warmup_cosine, check_optimisation, clip_gradients
 from training.synthetic import make_clip, make_scene
 
 CONFIG_FILE = "open_clip_config.json"
@@ -65,10 +65,9 @@ class VisionPretrainConfig:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size: contrastive learning needs at least 2 pairs, got {self.batch_size}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
-            raise ValueError("lr must be positive; weight_decay, warmup_steps and max_grad_norm >= 0")
-        if not 0 <= self.clip_fraction <= 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("clip_fraction and min_lr_ratio must be in [0, 1]")
+        check_optimisation(self)
+        if not 0 <= self.clip_fraction <= 1:
+            raise ValueError(f"clip_fraction: must be in [0, 1], got {self.clip_fraction}")
         if self.image_size % self.patch_size or self.width % self.head_width:
             raise ValueError("image_size must be a multiple of patch_size, and width of head_width")
 
