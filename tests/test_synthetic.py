@@ -32,6 +32,7 @@ from training.synthetic import (
     make_clip,
     make_scene,
     nonsense_words,
+    scene_variant,
 )
 
 SEEDS = range(40)
@@ -92,6 +93,24 @@ def test_each_object_is_drawn_in_its_colour_inside_its_cell() -> None:
         # no antialiasing: exactly the background and the objects' colours
         drawn = set(map(tuple, pixels.reshape(-1, 3).tolist()))
         assert drawn == {BACKGROUND} | {COLOURS[o.colour] for o in scene.objects}
+
+
+def test_scene_variants_change_exactly_one_attribute_of_one_object() -> None:
+    changed = Counter()
+    for seed in SEEDS:
+        scene = make_scene(seed)
+        variant = scene_variant(seed, scene)
+        assert variant == scene_variant(seed, scene) and variant.caption() != scene.caption()
+        diffs = [(a, b) for a, b in zip(scene.objects, variant.objects) if a != b]
+        assert len(diffs) == 1 and len(variant.objects) == len(scene.objects)
+        (old, new), = diffs
+        fields = [f for f in ("shape", "colour", "size") if getattr(old, f) != getattr(new, f)]
+        fields += ["cell"] if (old.row, old.col) != (new.row, new.col) else []
+        assert len(fields) == 1, (old, new)
+        changed[fields[0]] += 1
+        assert len({(o.colour, o.shape) for o in variant.objects}) == len(variant.objects)   # still unambiguous
+        assert len({(o.row, o.col) for o in variant.objects}) == len(variant.objects)
+    assert set(changed) == {"shape", "colour", "size", "cell"}
 
 
 def test_captions_and_answers_agree_with_the_pixels() -> None:

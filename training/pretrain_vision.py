@@ -26,7 +26,7 @@ from open_clip.tokenizer import SimpleTokenizer
 
 from flamingo.config import FlamingoConfig
 from training.optim import adamw_warmup_cosine, check_optimisation, clip_gradients
-from training.synthetic import make_clip, make_scene
+from training.synthetic import make_clip, make_scene, scene_variant
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -48,6 +48,11 @@ class VisionPretrainConfig:
     image_size: int = 64
     max_objects: int = 3
     clip_fraction: float = 0.25           # pairs drawn from a video frame instead of a still scene
+    # Scenes come in groups of a scene and variants of it that differ in one attribute of one object
+    # (`scene_variant`). Without these hard negatives, colour and count alone tell a batch's random
+    # captions apart, and the tower barely learns shape or position (a linear probe found shape at 0.47,
+    # chance 0.25). 1: independent scenes only.
+    group_size: int = 4
     embed_dim: int = 64
     patch_size: int = 8
     width: int = 128
@@ -59,7 +64,7 @@ class VisionPretrainConfig:
     context_length: int = 48              # a 3-object caption is ~30 BPE tokens
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "embed_dim", "patch_size", "width", "layers", "head_width",
+        for name in ("steps", "batch_size", "group_size", "embed_dim", "patch_size", "width", "layers", "head_width",
                      "text_width", "text_layers", "text_heads", "context_length", "max_objects"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
@@ -105,15 +110,17 @@ def sample_pairs(config: VisionPretrainConfig, index: int, stream: int = TRAIN_S
     """`count` (default batch_size) (image, caption) pairs: a pure function of (seed, stream, index)."""
     rng = np.random.default_rng((config.seed, stream, index))
     images, captions = [], []
-    for _ in range(count or config.batch_size):
+    count = count or config.batch_size
+    while len(images) < count:
         if rng.random() < config.clip_fraction:
             clip = make_clip(rng, image_size=config.image_size)
             images.append(clip.frames()[int(rng.integers(clip.num_frames))])
             captions.append(visible_caption(clip.objects))
-        else:
-            scene = make_scene(rng, image_size=config.image_size, max_objects=config.max_objects)
-            images.append(scene.image())
-            captions.append(scene.caption())
+            continue
+        scene = make_scene(rng, image_size=config.image_size, max_objects=config.max_objects)
+        group = [scene] + [scene_variant(rng, scene) for _ in range(min(config.group_size, count - len(images)) - 1)]
+        images += [s.image() for s in group]
+        captions += [s.caption() for s in group]
     return images, captions
 
 

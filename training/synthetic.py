@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 RGB = tuple[int, int, int]
 Seed = int | Sequence[int] | np.random.SeedSequence | np.random.Generator
 BindingCategory = Literal["shape", "colour_shape"]
+BINDING_CATEGORIES: tuple[BindingCategory, ...] = ("shape", "colour_shape")
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS: Mapping[str, RGB] = MappingProxyType(
@@ -317,6 +318,33 @@ def make_clip(seed: Seed, *, image_size: int = 64, num_frames: int = 8, fps: int
         if not any(_touch(a, b, t) for a, b in combinations(objects, 2) for t in range(num_frames)):
             return Clip(objects, image_size, num_frames, fps)
     raise ValueError(f"cannot place {len(things)} moving objects apart in a {image_size}px frame; lower max_objects")
+
+
+def scene_variant(seed: Seed, scene: Scene) -> Scene:
+    """`scene` with one attribute of one object changed (shape, colour, size or grid cell): a hard
+    negative whose caption differs from the original's in exactly one word or position phrase."""
+    rng = np.random.default_rng(seed)
+    objects = list(scene.objects)
+    index = int(rng.integers(len(objects)))
+    old = objects[index]
+    taken = {(o.colour, o.shape) for o in objects if o is not old}
+    for _ in range(_MAX_PLACEMENT_TRIES):
+        attribute = _pick(rng, ("shape", "colour", "size", "cell"))
+        if attribute == "cell":
+            free = sorted(set(range(GRID * GRID)) - {o.row * GRID + o.col for o in objects})
+            if not free:
+                continue
+            row, col = divmod(int(rng.choice(free)), GRID)
+            thing = Thing(old.shape, old.colour, old.size)
+        else:
+            options = {"shape": SHAPES, "colour": COLOURS, "size": SIZES}[attribute]
+            value = _pick(rng, [v for v in options if v != getattr(old, attribute)])
+            thing = Thing(**{**{k: getattr(old, k) for k in ("shape", "colour", "size")}, attribute: value})
+            row, col = old.row, old.col
+        if (thing.colour, thing.shape) not in taken:
+            objects[index] = _place(rng, thing, row, col, scene.image_size)
+            return Scene(tuple(objects), scene.image_size)
+    raise ValueError("cannot vary this scene")   # unreachable: a colour or size change always fits
 
 
 def make_binding_episode(
