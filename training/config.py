@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from training.synthetic import BindingCategory
+from training.synthetic import BINDING_CATEGORIES
 
 
 class ConfigError(ValueError):
@@ -42,9 +42,10 @@ class DataConfig:
     binding_weight: float = 1.0
     min_media: int = 2                   # media per caption / QA episode (images); clip episodes use 1..2
     max_media: int = 4
-    binding_ways: int = 2
-    binding_shots: int = 1
-    binding_category: BindingCategory = "shape"
+    binding_ways: int = 2                # words per binding episode
+    binding_shots: int = 1               # shots per word: drawn from 1..binding_shots for each episode
+    # what the words name: shapes (colour varies), colour + shape pairs, or either, drawn per episode
+    binding_categories: tuple[str, ...] = BINDING_CATEGORIES
     max_length: int = 512                # tokens per sequence; longer ones are cut at the end
 
 
@@ -93,6 +94,11 @@ class TrainConfig:
         weights = (d.caption_weight, d.qa_weight, d.binding_weight)
         if min(weights) < 0 or sum(weights) <= 0:
             raise ValueError("data.caption_weight / qa_weight / binding_weight: must be >= 0, not all 0")
+        unknown = sorted(set(d.binding_categories) - set(BINDING_CATEGORIES)) or (not d.binding_categories and [""])
+        if unknown:
+            raise ValueError(f"data.binding_categories: {unknown[0]!r} is not one of {list(BINDING_CATEGORIES)}")
+        if d.binding_ways < 1 or d.binding_shots < 1:
+            raise ValueError("data.binding_ways / data.binding_shots: must be at least 1")
         if d.max_length < 8:
             raise ValueError(f"data.max_length: must be at least 8, got {d.max_length}")
 
@@ -103,7 +109,7 @@ class TrainConfig:
     def from_dict(cls, data: Any, source: str = "<dict>") -> "TrainConfig":
         """Build and validate; errors read '<source>: field: problem'."""
         try:
-            return _build(cls, data, "")
+            return build_dataclass(cls, data, "")
         except (ValueError, TypeError) as error:
             raise ConfigError(f"{source}: {error}") from None
 
@@ -118,7 +124,7 @@ def load_config(path: str | Path) -> TrainConfig:
     return TrainConfig.from_dict(data, source=str(path))
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     """A dataclass from a mapping, nested dataclasses included, checking names and simple types."""
     if not isinstance(data, dict):
         raise TypeError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
@@ -135,7 +141,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value, f"{prefix}{name}.")
+            values[name] = build_dataclass(hint, value, f"{prefix}{name}.")
         else:
             values[name] = _check_type(value, hint, f"{prefix}{name}")
     try:

@@ -4,8 +4,9 @@
 Three episode types, so the bridges learn both to describe media and to use the context:
   caption  -- 2-4 scenes (or 1-2 clips), each followed by its caption;
   qa       -- the same with 'Question: ... Answer: ...' about each one;
-  binding  -- a fast-binding episode (`make_binding_episode`): support images named with nonsense words,
-              then the query image, whose name is only predictable from the support pairs.
+  binding  -- a fast-binding episode (`make_binding_episode`): support images named with nonsense words
+              (1..`binding_shots` per word), then the query image, whose name is only predictable from
+              the support pairs.
 
 With `data.shards`, caption episodes use the captioned images and clips of those shards instead, read and
 preprocessed by the annotation pipeline's own reader and decoder.
@@ -76,8 +77,9 @@ class Batch:
 def make_episode(rng: np.random.Generator, task: str, video: bool, config: DataConfig) -> Episode:
     """One episode of `task`; clips instead of scenes when `video` (binding episodes are image-only)."""
     if task == "binding":
-        episode = make_binding_episode(rng, ways=config.binding_ways, shots=config.binding_shots,
-                                       category=config.binding_category, image_size=config.image_size)
+        shots = int(rng.integers(1, config.binding_shots + 1))
+        episode = make_binding_episode(rng, ways=config.binding_ways, shots=shots,
+                                       category=_pick(rng, config.binding_categories), image_size=config.image_size)
         media = [*episode.support_images(), episode.query_image()]
         texts = [*episode.support_texts, f"{episode.query_text} {episode.answer}."]
         return Episode(tuple(image[None] for image in media), tuple(texts), task)
@@ -101,6 +103,10 @@ def make_episode(rng: np.random.Generator, task: str, video: bool, config: DataC
     else:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     return Episode(tuple(media), tuple(texts), task)
+
+
+def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
 
 
 def media_count(rng: np.random.Generator, video: bool, config: DataConfig) -> int:
