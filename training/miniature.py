@@ -8,8 +8,8 @@ its pretrained LM.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -17,21 +17,33 @@ from flamingo.model import Flamingo
 from training.pretrain_lm import load_lm
 from training.pretrain_vision import load_vision
 
-# Bridges sized for 128-wide backbones (the tiny-random preset's, scaled up a little).
-BRIDGES: dict[str, Any] = {"num_latents": 16, "resampler_depth": 2, "resampler_heads": 4, "resampler_dim_head": 32,
-                           "xattn_heads": 4, "xattn_dim_head": 32, "ff_mult": 2, "max_num_frames": 8}
+
+@dataclass(frozen=True)
+class BridgeSizes:
+    """Sizes of the trained parts, for 128-wide backbones (the tiny-random preset's, scaled up a little)."""
+
+    num_latents: int = 16              # visual tokens per image: a 64 px scene holds at most 3 objects
+    resampler_depth: int = 2
+    resampler_heads: int = 4
+    resampler_dim_head: int = 32
+    xattn_heads: int = 4
+    xattn_dim_head: int = 32
+    ff_mult: int = 2
+    max_num_frames: int = 8            # time embeddings: clips of up to 8 frames
+    cross_attn_every_n_layers: int = 1
 
 
 def build_miniature(vision_dir: str | Path, lm_dir: str | Path, out_dir: str | Path,
-                    cross_attn_every_n_layers: int = 1, seed: int = 0, **bridge_overrides: Any) -> Path:
+                    sizes: BridgeSizes = BridgeSizes(), seed: int = 0) -> Path:
     """Wrap the two pretrained backbones with `Flamingo.from_backbones` (bridges seeded by `seed`) and
     `save_pretrained` the result to `out_dir`, which `flamingo.load_model` then reads offline."""
     clip, clip_config = load_vision(vision_dir)
     lm, tokenizer = load_lm(lm_dir)
+    bridges = dataclasses.asdict(sizes)
+    every = bridges.pop("cross_attn_every_n_layers")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Flamingo.from_backbones(clip, lm, tokenizer, cross_attn_every_n_layers,
-                                        **{**BRIDGES, **bridge_overrides})
+        model = Flamingo.from_backbones(clip, lm, tokenizer, every, **bridges)
     # Where the backbones came from: a custom open_clip tower rebuilt from its config, an LM from its
     # config (save_pretrained fills in lang_encoder_config and the tokenizer folder).
     model.config = dataclasses.replace(model.config, vision_encoder="custom", vision_encoder_pretrained=None,

@@ -1,0 +1,155 @@
+"""The whole recipe of the bundled miniature model, as one seeded run from a YAML file
+(`jobs/train_configs/miniature.yaml`):
+
+  stage 1  contrastive pretraining of a small open_clip vision tower      -> <out_dir>/vision
+  stage 2  a BPE tokenizer and a small Llama pretrained on the world's text  -> <out_dir>/lm
+  join     both frozen, fresh bridges, gates closed                        -> <out_dir>/miniature
+  stage 3  only the bridges train, on interleaved episodes (Ray Train or local) -> <out_dir>/model
+  eval     the held-out table of `training.evaluate`                         -> <out_dir>/model/eval.json
+
+A stage whose output folder is complete is skipped, and stage 3 resumes from its latest checkpoint, so
+an interrupted recipe continues where it stopped. Each stage's wall time goes to <out_dir>/recipe.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from training.config import ConfigError, DataConfig, TrainConfig, build_dataclass
+from training.evaluate import EvalConfig
+from training.miniature import BridgeSizes
+from training.pretrain_lm import LMPretrainConfig
+from training.pretrain_vision import VisionPretrainConfig
+
+RECIPE_FILE = "recipe.json"
+
+
+@dataclass(frozen=True)
+class Stage3Config:
+    """Stage 3 as in a `flamingo-annotate train` config, less the paths the recipe decides itself."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: int = 3000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 100
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    out_dir: str
+    vision: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
+    lm: LMPretrainConfig = field(default_factory=LMPretrainConfig)
+    bridges: BridgeSizes = field(default_factory=BridgeSizes)
+    stage3: Stage3Config = field(default_factory=Stage3Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        root = Path(self.out_dir)
+        return {name: root / name for name in ("vision", "lm", "miniature", "stage3", "model")}
+
+    def train_config(self) -> TrainConfig:
+        """Stage 3 as the `TrainConfig` that `flamingo-annotate train` would read."""
+        paths = self.paths
+        return TrainConfig(model=str(paths["miniature"]), checkpoint_dir=str(paths["stage3"]),
+                           output_dir=str(paths["model"]), run_name=f"recipe-{Path(self.out_dir).name}",
+                           **{f.name: getattr(self.stage3, f.name) for f in dataclasses.fields(Stage3Config)})
+
+
+def load_recipe(path: str | Path) -> RecipeConfig:
+    """Read a recipe YAML (`yaml.safe_load`); errors read '<file>: field: problem'."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+        config = build_dataclass(RecipeConfig, data, "")
+        config.train_config()       # stage 3's own checks (TrainConfig.__post_init__)
+        return config
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def run_recipe(config: RecipeConfig, local: bool = False, log_every: int = 100) -> Path:
+    """Run every stage not yet done; returns the trained model's folder."""
+    from flamingo import load_model
+    from training import pretrain_lm, pretrain_vision
+    from training.evaluate import evaluate
+    from training.miniature import build_miniature
+    from training.train import train, train_local
+
+    paths = config.paths
+    Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+    record = _read_record(Path(config.out_dir))
+    record["config"] = _as_json(config)
+
+    def stage(name: str, done: bool, work) -> None:
+        if done:
+            print(f"== {name}: already done, skipping", flush=True)
+            return
+        print(f"== {name}", flush=True)
+        start = time.perf_counter()
+        result = work()
+        record.setdefault("stages", {})[name] = {"seconds": round(time.perf_counter() - start, 1), **(result or {})}
+        _write_record(Path(config.out_dir), record)
+
+    def vision() -> dict[str, float]:
+        tower = pretrain_vision.pretrain_vision(config.vision, log_every=log_every)
+        accuracy = pretrain_vision.retrieval_accuracy(tower, config.vision)
+        print(f"held-out image->caption top-1 among 16: {accuracy:.2f} (chance 0.06)", flush=True)
+        pretrain_vision.save_vision(tower, config.vision, paths["vision"])
+        return {"retrieval_top1": accuracy}
+
+    def lm() -> dict[str, float]:
+        model, tokenizer = pretrain_lm.pretrain_lm(config.lm, log_every=log_every)
+        ppl = pretrain_lm.perplexity(model, tokenizer, pretrain_lm.held_out_texts(config.lm))
+        print(f"held-out perplexity: {ppl:.2f}", flush=True)
+        pretrain_lm.save_lm(model, tokenizer, paths["lm"])
+        return {"perplexity": ppl}
+
+    def bridges_and_eval() -> dict[str, Any]:
+        settings = config.train_config()
+        train_local(settings) if local else train(settings)
+        report = evaluate(load_model(str(paths["model"])), config.eval)
+        (paths["model"] / "eval.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        print(report.table(), flush=True)
+        return {}
+
+    stage("stage 1: vision tower", (paths["vision"] / pretrain_vision.WEIGHTS_FILE).is_file(), vision)
+    stage("stage 2: language model", (paths["lm"] / "config.json").is_file(), lm)
+    stage("join: bridges on frozen backbones", (paths["miniature"] / "config.json").is_file(),
+          lambda: build_miniature(paths["vision"], paths["lm"], paths["miniature"], config.bridges, config.stage3.seed)
+          and None)
+    stage("stage 3: bridges, then evaluation", (paths["model"] / "eval.json").is_file(), bridges_and_eval)
+    return paths["model"]
+
+
+def _as_json(config: RecipeConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _read_record(root: Path) -> dict[str, Any]:
+    path = root / RECIPE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_record(root: Path, record: dict[str, Any]) -> None:
+    (root / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n")
