@@ -13,7 +13,7 @@ from open_clip.tokenizer import SimpleTokenizer
 import flamingo
 from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from training.miniature import build_miniature
-from training.pretrain_lm import (END_OF_TEXT, IGNORE_INDEX, LMPretrainConfig, build_lm, documents, encode_batch,
+from training.pretrain_lm import (END_OF_TEXT, described_binding, IGNORE_INDEX, LMPretrainConfig, build_lm, documents, encode_batch,
                                   held_out_texts, load_lm, perplexity, pretrain_lm, save_lm, train_tokenizer)
 from training.pretrain_vision import (EVAL_STREAM, VisionPretrainConfig, build_clip, contrastive_step, load_vision,
                                       pixels, pretrain_vision, retrieval_accuracy, sample_pairs, save_vision)
@@ -120,6 +120,20 @@ def test_pretrain_lm_is_seeded_and_saves_with_save_pretrained(tokenizer, tmp_pat
     loaded, loaded_tokenizer = load_lm(tmp_path / "lm")
     texts = held_out_texts(LM, 8)
     assert perplexity(loaded, loaded_tokenizer, texts) == pytest.approx(perplexity(first, tokenizer, texts))
+
+
+def test_described_binding_answers_follow_from_the_text():
+    import re
+
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        sentences = re.findall(r"This (\w+) (\w+) is a (\w+)\.", described_binding(rng))
+        *support, (colour, shape, answer) = sentences
+        same_shape = {word for c, s, word in support if s == shape}
+        same_object = {word for c, s, word in support if (c, s) == (colour, shape)}
+        assert answer in same_shape and len({w for _, _, w in support}) >= 2
+        assert same_object <= {answer}   # words name shapes or colour + shape pairs, never both ways
 
 
 # --- the miniature --------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreT
                           PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
 from training.optim import adamw_warmup_cosine, check_optimisation, clip_gradients
-from training.synthetic import SUPPORT_TEXT, make_binding_episode, make_clip, make_scene
+from training.synthetic import BINDING_CATEGORIES, SUPPORT_TEXT, make_binding_episode, make_clip, make_scene
 
 END_OF_TEXT = "<|endoftext|>"
 TRAIN_STREAM, EVAL_STREAM, TOKENIZER_STREAM = 0, 1, 2
@@ -70,8 +70,9 @@ class LMPretrainConfig:
 
 
 def world_document(rng: np.random.Generator, max_captions: int = 4) -> str:
-    """One document of the world's text: a caption, a QA line, a run of captions or binding sentences."""
-    kind = int(rng.integers(4))
+    """One document of the world's text: a caption, a QA line, a run of captions, binding sentences, or
+    described binding sentences."""
+    kind = int(rng.integers(5))
     if kind == 0:
         return _sample(rng).caption()
     if kind == 1:
@@ -80,8 +81,22 @@ def world_document(rng: np.random.Generator, max_captions: int = 4) -> str:
         return f"Question: {qa.question} Answer: {qa.answer}"
     if kind == 2:
         return " ".join(_sample(rng).caption() for _ in range(int(rng.integers(2, max_captions + 1))))
-    episode = make_binding_episode(rng, ways=int(rng.integers(1, 4)))
-    return " ".join([*episode.support_texts, SUPPORT_TEXT.format(word=episode.answer)])
+    if kind == 3:
+        episode = make_binding_episode(rng, ways=int(rng.integers(1, 4)))
+        return " ".join([*episode.support_texts, SUPPORT_TEXT.format(word=episode.answer)])
+    return described_binding(rng)
+
+
+def described_binding(rng: np.random.Generator) -> str:
+    """'This red circle is a bliket. This blue star is a dovax. This green circle is a bliket.': a binding
+    episode in words, where the last word follows from matching the object named before it. It gives
+    the LM the in-context skill that few-shot binding from images needs in stage 3, where the bridges
+    only have to make an image look, to the LM, like the words that describe it."""
+    category = BINDING_CATEGORIES[int(rng.integers(len(BINDING_CATEGORIES)))]
+    episode = make_binding_episode(rng, ways=int(rng.integers(2, 4)), shots=int(rng.integers(1, 4)), category=category)
+    words = [text.split()[-1].rstrip(".") for text in episode.support_texts]
+    scenes = [*episode.support, episode.query]
+    return " ".join(f"This {scene.objects[0].name} is a {word}." for scene, word in zip(scenes, [*words, episode.answer]))
 
 
 def _sample(rng: np.random.Generator):
