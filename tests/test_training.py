@@ -102,6 +102,16 @@ def test_training_lowers_the_loss_and_changes_only_the_bridges(tmp_path):
     assert not model.vision_encoder.training and not model.lang_encoder.training  # backbones stay in eval
 
 
+def test_gates_can_learn_faster_than_the_rest(model):
+    trainer = BridgeTrainer(model, OptimSettings.from_config(replace(small_config(Path("unused")), gate_lr_scale=30)))
+    gates = {id(b.attn_gate) for b in model.gated_cross_attn_layers()} | {id(b.ff_gate) for b in model.gated_cross_attn_layers()}
+    by_lr = {}
+    for group in trainer.optimizer.param_groups:
+        by_lr.setdefault(group["initial_lr"], set()).update(id(p) for p in group["params"])
+    assert by_lr[30 * 1e-3] == gates and not gates & by_lr[1e-3]
+    assert sum(map(len, by_lr.values())) == len(trainer.params)
+
+
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     straight = train_local(small_config(tmp_path / "straight"))
 

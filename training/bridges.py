@@ -42,6 +42,7 @@ class OptimSettings:
     min_lr_ratio: float
     max_grad_norm: float
     grad_accum: int
+    gate_lr_scale: float
 
     @classmethod
     def from_config(cls, config: Any) -> "OptimSettings":
@@ -61,9 +62,10 @@ class BridgeTrainer:
         self.params = trainable_parameters(model)
         if not self.params:
             raise ValueError("the model has no trainable parameters")
+        gates = [p for name, p in self.params.items() if name.endswith(("attn_gate", "ff_gate"))]
         self.optimizer, self.scheduler = adamw_warmup_cosine(
             self.params.values(), settings.lr, settings.weight_decay, settings.warmup_steps, settings.steps,
-            settings.min_lr_ratio)
+            settings.min_lr_ratio, fast=gates, fast_lr_scale=settings.gate_lr_scale)
         self.step = 0
 
     @property

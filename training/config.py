@@ -61,6 +61,10 @@ class TrainConfig:
     batch_size: int = 4                  # sequences per micro-batch
     grad_accum: int = 1                  # micro-batches per optimizer step
     lr: float = 1e-4
+    # The tanh gates scale everything the bridges add, so while they are near 0 Adam's fixed-size steps
+    # barely change the model's output: a larger step for the gates alone lets small models start using
+    # the images within a short run. 1: every trainable parameter at `lr`, as in the paper.
+    gate_lr_scale: float = 1.0
     weight_decay: float = 0.1
     warmup_steps: int = 10
     min_lr_ratio: float = 0.0            # cosine decays to lr * min_lr_ratio
@@ -77,7 +81,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "cpus_per_worker"):
+        for name in ("lr", "gate_lr_scale", "cpus_per_worker"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "weight_decay", "max_grad_norm"):

@@ -21,12 +21,17 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Call
 
 
 def adamw_warmup_cosine(params: Iterable[nn.Parameter], lr: float, weight_decay: float, warmup_steps: int,
-                        total_steps: int, min_lr_ratio: float
+                        total_steps: int, min_lr_ratio: float, fast: Iterable[nn.Parameter] = (),
+                        fast_lr_scale: float = 1.0
                         ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    params = list(params)
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
+    """AdamW with warm-up + cosine; parameters in `fast` (undecayed) learn at `lr * fast_lr_scale`."""
+    fast_ids = {id(p) for p in fast}
+    params = [p for p in params if id(p) not in fast_ids]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    if fast_ids:
+        groups.append({"params": list(fast), "weight_decay": 0.0, "lr": lr * fast_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps, min_lr_ratio))
     return optimizer, scheduler
 
