@@ -58,10 +58,12 @@ def test_recipe_runs_every_stage_then_skips_them(tmp_path: Path, capsys):
 
 def test_recipe_errors_name_the_file_and_field(tmp_path: Path):
     bad = dict(SMALL, stage3={**SMALL["stage3"], "lr": -1})
-    with pytest.raises(ConfigError, match=r"recipe\.yaml: lr: must be positive"):
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: stage3\.lr: must be positive"):
         load_recipe(write_recipe(tmp_path, **bad))
     with pytest.raises(ConfigError, match=r"recipe\.yaml: vision\.stepz: unknown field"):
         load_recipe(write_recipe(tmp_path, vision={"stepz": 3}))
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: stage3\.output_dir: set by the recipe"):
+        load_recipe(write_recipe(tmp_path, stage3={**SMALL["stage3"], "output_dir": "elsewhere"}))
     result = CliRunner().invoke(main, ["recipe", str(write_recipe(tmp_path, lm={"vocab_size": 3}))])
     assert result.exit_code != 0 and "lm.vocab_size" in result.output
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from training.config import ConfigError, DataConfig, TrainConfig, build_dataclass
+from training.config import ConfigError, TrainConfig, build_dataclass
 from training.evaluate import EvalConfig
 from training.miniature import BridgeSizes
 from training.pretrain_lm import LMPretrainConfig
@@ -32,33 +32,12 @@ RECIPE_FILE = "recipe.json"
 
 
 @dataclass(frozen=True)
-class Stage3Config:
-    """Stage 3 as in a `flamingo-annotate train` config, less the paths the recipe decides itself."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    steps: int = 3000
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 500
-    log_every: int = 100
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-
-
-@dataclass(frozen=True)
 class RecipeConfig:
     out_dir: str
     vision: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
     lm: LMPretrainConfig = field(default_factory=LMPretrainConfig)
     bridges: BridgeSizes = field(default_factory=BridgeSizes)
-    stage3: Stage3Config = field(default_factory=Stage3Config)
+    stage3: dict = field(default_factory=dict)   # a `flamingo-annotate train` config less its paths
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
@@ -67,11 +46,13 @@ class RecipeConfig:
         return {name: root / name for name in ("vision", "lm", "miniature", "stage3", "model")}
 
     def train_config(self) -> TrainConfig:
-        """Stage 3 as the `TrainConfig` that `flamingo-annotate train` would read."""
-        paths = self.paths
-        return TrainConfig(model=str(paths["miniature"]), checkpoint_dir=str(paths["stage3"]),
-                           output_dir=str(paths["model"]), run_name=f"recipe-{Path(self.out_dir).name}",
-                           **{f.name: getattr(self.stage3, f.name) for f in dataclasses.fields(Stage3Config)})
+        """Stage 3 as the `TrainConfig` that `flamingo-annotate train` would read; the recipe sets the paths."""
+        paths = {"model": str(self.paths["miniature"]), "checkpoint_dir": str(self.paths["stage3"]),
+                 "output_dir": str(self.paths["model"]), "run_name": f"recipe-{Path(self.out_dir).name}"}
+        taken = sorted(set(paths) & set(self.stage3))
+        if taken:
+            raise ValueError(f"stage3.{taken[0]}: set by the recipe (from out_dir); leave it out")
+        return build_dataclass(TrainConfig, {**self.stage3, **paths}, "stage3.")
 
 
 def load_recipe(path: str | Path) -> RecipeConfig:
@@ -136,7 +117,8 @@ def run_recipe(config: RecipeConfig, local: bool = False, log_every: int = 100) 
     stage("stage 1: vision tower", (paths["vision"] / pretrain_vision.WEIGHTS_FILE).is_file(), vision)
     stage("stage 2: language model", (paths["lm"] / "config.json").is_file(), lm)
     stage("join: bridges on frozen backbones", (paths["miniature"] / "config.json").is_file(),
-          lambda: build_miniature(paths["vision"], paths["lm"], paths["miniature"], config.bridges, config.stage3.seed)
+          lambda: build_miniature(paths["vision"], paths["lm"], paths["miniature"], config.bridges,
+                                  config.train_config().seed)
           and None)
     stage("stage 3: bridges, then evaluation", (paths["model"] / "eval.json").is_file(), bridges_and_eval)
     return paths["model"]
