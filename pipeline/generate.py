@@ -121,6 +121,7 @@ class Annotator:
         results = []
         for row in scores.tolist():
             best = int(np.argmax(row))
-            results.append({"annotation": task.labels[best], "score": row[best],
-                            "label_scores": [{"label": l, "score": s} for l, s in zip(task.labels, row)]})
+            labels = [label.strip() for label in task.labels]   # " two" is scored; "two" is the annotation
+            results.append({"annotation": labels[best], "score": row[best],
+                            "label_scores": [{"label": l, "score": s} for l, s in zip(labels, row)]})
         return results

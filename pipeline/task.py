@@ -21,7 +21,8 @@
 
 The prompt follows OpenFlamingo: `instruction`, then `<image>{query}{text}<|endofchunk|>` per demonstration,
 then `<image>{query}` for the item, which the model continues (generate) or which is scored against each
-`{label}<|endofchunk|>` (classify). Text is joined verbatim, so put spaces where you want them.
+`{label}<|endofchunk|>` (classify). Text is joined verbatim, so put spaces where you want them (the
+annotation written for a classify item is its label without surrounding spaces).
 
 All validation happens in `load_task`, before any work starts. Every problem of a file is collected and raised
 together as one `TaskError` naming the file, the field (dotted path, e.g. `demonstrations[2].media`) and the

@@ -98,7 +98,7 @@ def test_validate_ok(runner: CliRunner) -> None:
     lines = result.stdout.splitlines()
     assert len(lines) == len(EXAMPLES)
     caption = next(line for line in lines if " caption " in line)
-    assert "generate" in caption and "3 demos" in caption and "sha256:" in caption
+    assert "generate" in caption and "2 demos" in caption and "sha256:" in caption
 
 
 def test_validate_reports_bad_files_and_still_lists_the_good_ones(runner: CliRunner, bad_task: Path) -> None:
@@ -215,14 +215,14 @@ def job_client(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
 
 
 def test_submit_sends_the_entrypoint_with_the_same_options(runner: CliRunner, job_client: list[tuple]) -> None:
-    result = runner.invoke(main, ["submit", CAPTION, str(TASKS / "classify_shape.yaml"),
+    result = runner.invoke(main, ["submit", CAPTION, str(TASKS / "count.yaml"),
                                   "--input", "s3://b/in", "--output", "s3://b/out", "--address", "http://head:8265",
                                   "--generate-gpus", "0.5", "--vision-actors", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert job_client[0] == ("connect", "http://head:8265")
     _, entrypoint, runtime_env = job_client[1]
     assert shlex.split(entrypoint) == [
-        "python", "jobs/annotate.py", "jobs/tasks/caption.yaml", "jobs/tasks/classify_shape.yaml",
+        "python", "jobs/annotate.py", "jobs/tasks/caption.yaml", "jobs/tasks/count.yaml",
         "--input", "s3://b/in", "--output", "s3://b/out", "--vision-actors", "2", "--generate-gpus", "0.5",
         "--no-progress"]
     assert runtime_env["working_dir"] == str(PROJECT_ROOT)

@@ -14,7 +14,7 @@ from pipeline.task import (END_OF_CHUNK, MEDIA_TOKEN, Demonstration, GenerationO
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 EXAMPLES = sorted((JOBS / "tasks").glob("*.yaml"))
-DEMO_IMAGE = JOBS / "tasks" / "demos" / "red_circle.png"
+DEMO_IMAGE = JOBS / "tasks" / "demos" / "one.png"
 
 
 def write(directory: Path, text: str, name: str = "task.yaml") -> Path:
@@ -50,12 +50,11 @@ def only_problem(path: Path, **options) -> Problem:
 # --- valid files -------------------------------------------------------------------------------------------------
 
 def test_shipped_examples_load_with_their_demonstration_media() -> None:
-    assert {p.stem for p in EXAMPLES} >= {"caption", "vqa_color", "classify_shape"}
+    assert {p.stem for p in EXAMPLES} >= {"caption", "count"}
     tasks = load_tasks(EXAMPLES)
     by_name = {t.name: t for t in tasks}
-    assert by_name["classify_shape"].kind == "classify"
-    assert by_name["classify_shape"].labels == ("circle", "square", "triangle")
-    assert by_name["caption"].kind == by_name["vqa_color"].kind == "generate"
+    assert by_name["count"].kind == "classify" and by_name["count"].labels == (" one", " two", " three")
+    assert by_name["caption"].kind == "generate"
     for task in tasks:
         assert 2 <= len(task.demonstrations) <= 4
         for demo in task.demonstrations:
@@ -63,11 +62,15 @@ def test_shipped_examples_load_with_their_demonstration_media() -> None:
             assert demo.media_type == "image"
 
 
-def test_shipped_sample_input_is_small_and_supported() -> None:
-    files = sorted((JOBS / "sample").iterdir())
-    kinds = [media_type(str(f)) for f in files]
-    assert kinds.count("image") >= 8 and kinds.count("video") >= 2 and None not in kinds
-    assert sum(f.stat().st_size for f in files) < 300_000
+def test_shipped_sample_input_is_a_small_shard_of_scenes_and_clips() -> None:
+    from pipeline.read import file_rows
+
+    (shard,) = sorted((JOBS / "sample").iterdir())
+    assert shard.suffix == ".tar" and shard.stat().st_size < 300_000
+    rows = list(file_rows(str(shard), shard.stat().st_size, None, 10_000_000))
+    kinds = [row["media_kind"] for row in rows]
+    assert kinds.count("image") >= 8 and kinds.count("video") >= 2
+    assert all(row["error"] is None and row["caption"] for row in rows)   # ground truth travels with each item
 
 
 def test_full_file_loads_into_frozen_dataclasses(task_dir: Path) -> None:
