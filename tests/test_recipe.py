@@ -24,8 +24,10 @@ SMALL = {
            "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512},
     "bridges": {"num_latents": 4, "resampler_depth": 1, "resampler_heads": 2, "resampler_dim_head": 8,
                 "xattn_heads": 2, "xattn_dim_head": 8, "ff_mult": 1, "max_num_frames": 4},
-    "stage3": {"data": {"image_size": 32, "max_media": 2, "max_length": 160, "num_frames": 4, "binding_shots": 2},
-               "steps": 3, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 3, "log_every": 1},
+    "stage3": [{"data": {"image_size": 32, "max_objects": 1, "qa_weight": 0, "binding_weight": 0, "video_fraction": 0},
+                "steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1},
+               {"data": {"image_size": 32, "max_media": 2, "max_length": 160, "num_frames": 4, "binding_shots": 2},
+                "steps": 3, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 3, "log_every": 1}],
     "eval": {"scenes": 2, "clips": 1, "episodes": 2, "shots": [0, 1], "image_size": 32, "max_new_tokens": 4},
 }
 
@@ -42,7 +44,8 @@ def test_recipe_runs_every_stage_then_skips_them(tmp_path: Path, capsys):
     record = json.loads((tmp_path / "out" / RECIPE_FILE).read_text())
     assert set(record["stages"]) == {"stage 1: vision tower", "stage 2: language model",
                                      "join: bridges on frozen backbones", "stage 3: bridges, then evaluation"}
-    assert record["config"]["stage3"]["steps"] == 3
+    assert [phase["steps"] for phase in record["config"]["stage3"]] == [2, 3]
+    assert (tmp_path / "out" / "stage3" / "phase1" / "model" / "config.json").is_file()   # phase 2 started there
     assert 0 <= record["stages"]["stage 1: vision tower"]["retrieval_top1"] <= 1
     report = json.loads((model_dir / "eval.json").read_text())
     assert set(report["binding"]["shape"]) == {"model", "gates_closed"}
@@ -57,17 +60,18 @@ def test_recipe_runs_every_stage_then_skips_them(tmp_path: Path, capsys):
 
 
 def test_recipe_errors_name_the_file_and_field(tmp_path: Path):
-    bad = dict(SMALL, stage3={**SMALL["stage3"], "lr": -1})
-    with pytest.raises(ConfigError, match=r"recipe\.yaml: stage3\.lr: must be positive"):
+    bad = dict(SMALL, stage3=[SMALL["stage3"][0], {**SMALL["stage3"][1], "lr": -1}])
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: stage3\[1\]\.lr: must be positive"):
         load_recipe(write_recipe(tmp_path, **bad))
     with pytest.raises(ConfigError, match=r"recipe\.yaml: vision\.stepz: unknown field"):
         load_recipe(write_recipe(tmp_path, vision={"stepz": 3}))
-    with pytest.raises(ConfigError, match=r"recipe\.yaml: stage3\.output_dir: set by the recipe"):
-        load_recipe(write_recipe(tmp_path, stage3={**SMALL["stage3"], "output_dir": "elsewhere"}))
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: stage3\[0\]\.output_dir: set by the recipe"):
+        load_recipe(write_recipe(tmp_path, stage3=[{**SMALL["stage3"][0], "output_dir": "elsewhere"}]))
     result = CliRunner().invoke(main, ["recipe", str(write_recipe(tmp_path, lm={"vocab_size": 3}))])
     assert result.exit_code != 0 and "lm.vocab_size" in result.output
 
 
 def test_the_bundled_recipe_file_is_valid():
     config = load_recipe(REPO / "jobs" / "train_configs" / "miniature.yaml")
-    assert config.train_config().model.endswith("miniature") and config.eval.shots == (0, 1, 2, 4, 8)
+    first, *_ = config.train_configs()
+    assert first.model.endswith("miniature") and config.eval.shots == (0, 1, 2, 4, 8)

@@ -37,7 +37,9 @@ class RecipeConfig:
     vision: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
     lm: LMPretrainConfig = field(default_factory=LMPretrainConfig)
     bridges: BridgeSizes = field(default_factory=BridgeSizes)
-    stage3: dict = field(default_factory=dict)   # a `flamingo-annotate train` config less its paths
+    # Phases of stage 3, in order: each a `flamingo-annotate train` config less its paths, starting
+    # from the previous phase's model (a curriculum: e.g. one-object captions first).
+    stage3: list = field(default_factory=lambda: [{}])
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
@@ -45,14 +47,25 @@ class RecipeConfig:
         root = Path(self.out_dir)
         return {name: root / name for name in ("vision", "lm", "miniature", "stage3", "model")}
 
-    def train_config(self) -> TrainConfig:
-        """Stage 3 as the `TrainConfig` that `flamingo-annotate train` would read; the recipe sets the paths."""
-        paths = {"model": str(self.paths["miniature"]), "checkpoint_dir": str(self.paths["stage3"]),
-                 "output_dir": str(self.paths["model"]), "run_name": f"recipe-{Path(self.out_dir).name}"}
-        taken = sorted(set(paths) & set(self.stage3))
-        if taken:
-            raise ValueError(f"stage3.{taken[0]}: set by the recipe (from out_dir); leave it out")
-        return build_dataclass(TrainConfig, {**self.stage3, **paths}, "stage3.")
+    def train_configs(self) -> list[TrainConfig]:
+        """Stage 3's phases as the `TrainConfig`s `flamingo-annotate train` would read; the recipe sets
+        the paths: phase i trains from phase i-1's model, and the last phase writes <out_dir>/model."""
+        if not self.stage3:
+            raise ValueError("stage3: list at least one phase")
+        configs, start = [], str(self.paths["miniature"])
+        for i, phase in enumerate(self.stage3):
+            where = self.paths["stage3"] / f"phase{i + 1}"
+            last = i == len(self.stage3) - 1
+            paths = {"model": start, "checkpoint_dir": str(where), "run_name": f"recipe-{Path(self.out_dir).name}-{i + 1}",
+                     "output_dir": str(self.paths["model"] if last else where / "model")}
+            if not isinstance(phase, dict):
+                raise TypeError(f"stage3[{i}]: expected a mapping, got {type(phase).__name__}")
+            taken = sorted(set(paths) & set(phase))
+            if taken:
+                raise ValueError(f"stage3[{i}].{taken[0]}: set by the recipe (from out_dir); leave it out")
+            configs.append(build_dataclass(TrainConfig, {**phase, **paths}, f"stage3[{i}]."))
+            start = configs[-1].output_dir
+        return configs
 
 
 def load_recipe(path: str | Path) -> RecipeConfig:
@@ -61,7 +74,7 @@ def load_recipe(path: str | Path) -> RecipeConfig:
     try:
         data = yaml.safe_load(path.read_text())
         config = build_dataclass(RecipeConfig, data, "")
-        config.train_config()       # stage 3's own checks (TrainConfig.__post_init__)
+        config.train_configs()      # stage 3's own checks (TrainConfig.__post_init__)
         return config
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
@@ -107,8 +120,11 @@ def run_recipe(config: RecipeConfig, local: bool = False, log_every: int = 100) 
         return {"perplexity": ppl}
 
     def bridges_and_eval() -> dict[str, Any]:
-        settings = config.train_config()
-        train_local(settings) if local else train(settings)
+        for i, settings in enumerate(config.train_configs()):
+            print(f"-- phase {i + 1}: {settings.steps} steps", flush=True)
+            if (Path(settings.output_dir) / "config.json").is_file():
+                continue    # a finished phase of an interrupted recipe
+            train_local(settings) if local else train(settings)
         report = evaluate(load_model(str(paths["model"])), config.eval)
         (paths["model"] / "eval.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         print(report.table(), flush=True)
@@ -118,7 +134,7 @@ def run_recipe(config: RecipeConfig, local: bool = False, log_every: int = 100) 
     stage("stage 2: language model", (paths["lm"] / "config.json").is_file(), lm)
     stage("join: bridges on frozen backbones", (paths["miniature"] / "config.json").is_file(),
           lambda: build_miniature(paths["vision"], paths["lm"], paths["miniature"], config.bridges,
-                                  config.train_config().seed)
+                                  config.train_configs()[0].seed)
           and None)
     stage("stage 3: bridges, then evaluation", (paths["model"] / "eval.json").is_file(), bridges_and_eval)
     return paths["model"]
