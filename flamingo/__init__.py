@@ -6,11 +6,11 @@
 """
 
 from .config import FlamingoConfig
-from .factory import PRESETS, create_model_and_transforms, from_preset, load_model
+from .factory import DEFAULT_MODEL, PRESETS, create_model_and_transforms, from_preset, load_model
 from .generation import FewShotPrefix, GenerationOutput
 from .model import Flamingo
 
 __all__ = [
-    "Flamingo", "FlamingoConfig", "FewShotPrefix", "GenerationOutput", "PRESETS",
+    "DEFAULT_MODEL", "Flamingo", "FlamingoConfig", "FewShotPrefix", "GenerationOutput", "PRESETS",
     "create_model_and_transforms", "from_preset", "load_model",
 ]

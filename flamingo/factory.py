@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import open_clip
 import torch
@@ -16,6 +17,9 @@ from .model import Flamingo
 from .tokens import byte_level_tokenizer
 
 BYTE_LEVEL_TOKENIZER = "byte-level"  # built in code: see tokens.byte_level_tokenizer
+# Trained models shipped inside the package (save_pretrained folders with a model card), loadable by name.
+BUNDLED_DIR = Path(__file__).parent / "weights"
+DEFAULT_MODEL = "miniature"          # what `run`, `demo` and `eval` use without --model: no download
 
 
 @dataclass(frozen=True)
@@ -166,11 +170,23 @@ def _record_sources(model: Flamingo, **sources) -> None:
     model.config = dataclasses.replace(model.config, **sources)
 
 
+def bundled_models() -> list[str]:
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").is_file()) if BUNDLED_DIR.is_dir() else []
+
+
+def saved_folder(name_or_path: str) -> Path | None:
+    """The save_pretrained folder a name refers to: a path, or the name of a bundled model."""
+    for folder in (Path(name_or_path), BUNDLED_DIR / name_or_path):
+        if (folder / "config.json").is_file():
+            return folder
+    return None
+
+
 def image_preprocessing(name_or_path: str) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
     """(image_size, mean, std) of a model without building it, so CPU decode tasks can preprocess."""
-    from pathlib import Path
-    if Path(name_or_path, "config.json").is_file():
-        config = FlamingoConfig.load(Path(name_or_path, "config.json"))
+    folder = saved_folder(name_or_path)
+    if folder is not None:
+        config = FlamingoConfig.load(folder / "config.json")
         return config.image_size, tuple(config.image_mean), tuple(config.image_std)
     preset = resolve_preset(name_or_path)
     if preset is None:
@@ -183,15 +199,16 @@ def image_preprocessing(name_or_path: str) -> tuple[int, tuple[float, ...], tupl
 
 def load_model(name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                trust_remote_code: bool = False) -> Flamingo:
-    """The one way the pipeline gets a model: a preset name or hub id, or a `save_pretrained` folder."""
-    from pathlib import Path
-    if Path(name_or_path, "config.json").is_file():
-        model = Flamingo.from_pretrained(name_or_path)
+    """The one way the pipeline gets a model: a `save_pretrained` folder, a bundled model's name
+    ('miniature'), or a preset name or hub id."""
+    folder = saved_folder(name_or_path)
+    if folder is not None:
+        model = Flamingo.from_pretrained(folder)
     elif resolve_preset(name_or_path) is not None:
         model = from_preset(name_or_path, trust_remote_code=trust_remote_code)
     else:
-        raise ValueError(f"{name_or_path!r} is neither a saved model folder nor a preset "
-                         f"({', '.join(sorted(PRESETS))})")
+        raise ValueError(f"{name_or_path!r} is neither a saved model folder, a bundled model "
+                         f"({', '.join(bundled_models())}) nor a preset ({', '.join(sorted(PRESETS))})")
     return model.to(device=device, dtype=dtype)
 
 

@@ -273,7 +273,7 @@ def recipe(config: str, local: bool) -> None:
 
 
 @main.command("eval")
-@click.option("--model", metavar="NAME_OR_PATH", help="A preset or a saved model folder [default: the bundled miniature].")
+@click.option("--model", metavar="NAME_OR_PATH", help="A preset or a saved model folder [default: tiny-random].")
 @click.option("--scenes", type=click.IntRange(min=1), default=64, show_default=True,
               help="Held-out scenes to caption and question.")
 @click.option("--clips", type=click.IntRange(min=0), default=32, show_default=True,

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from flamingo.factory import DEFAULT_MODEL
+
 
 @dataclass
 class StageResources:
@@ -49,7 +51,7 @@ class JobConfig:
     task_files: list[str]
     input_uri: str
     output_uri: str
-    model: str = "tiny-random"
+    model: str = DEFAULT_MODEL
     address: str | None = None               # None: start (and stop) a local Ray instance
     vision: StageResources = field(default_factory=StageResources)
     generation: StageResources = field(default_factory=default_generation_resources)
