@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import flamingo
 from pipeline.cli import main
-from training.evaluate import EvalConfig, caption_scores, evaluate, gates_closed, object_phrases, qa_scores
+from training.evaluate import caption_scores, gates_closed, object_phrases, qa_scores
 from training.synthetic import QA, make_scene
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.task import (END_OF_CHUNK, MEDIA_TOKEN, Demonstration, GenerationOptions, Problem, TaskError,
-                           VideoOptions, check_tasks, load_task, load_tasks, media_type)
+                           VideoOptions, check_tasks, load_task, load_tasks)
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 EXAMPLES = sorted((JOBS / "tasks").glob("*.yaml"))
