@@ -22,7 +22,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreT
                           PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
 from training.optim import adamw_warmup_cosine, check_optimisation, clip_gradients
-from training.synthetic import BINDING_CATEGORIES, SUPPORT_TEXT, make_binding_episode, make_clip, make_scene
+from training.synthetic import BINDING_CATEGORIES, SUPPORT_TEXT, make_binding_episode, make_clip, make_scene, pick
 
 END_OF_TEXT = "<|endoftext|>"
 TRAIN_STREAM, EVAL_STREAM, TOKENIZER_STREAM = 0, 1, 2
@@ -92,7 +92,7 @@ def described_binding(rng: np.random.Generator) -> str:
     episode in words, where the last word follows from matching the object named before it. It gives
     the LM the in-context skill that few-shot binding from images needs in stage 3, where the bridges
     only have to make an image look, to the LM, like the words that describe it."""
-    category = BINDING_CATEGORIES[int(rng.integers(len(BINDING_CATEGORIES)))]
+    category = pick(rng, BINDING_CATEGORIES)
     episode = make_binding_episode(rng, ways=int(rng.integers(2, 4)), shots=int(rng.integers(1, 4)), category=category)
     words = [text.split()[-1].rstrip(".") for text in episode.support_texts]
     scenes = [*episode.support, episode.query]

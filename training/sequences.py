@@ -27,7 +27,7 @@ from PIL import Image
 
 from flamingo.model import Flamingo
 from training.config import DataConfig
-from training.synthetic import make_binding_episode, make_clip, make_scene
+from training.synthetic import make_binding_episode, make_clip, make_scene, pick
 
 IGNORE_INDEX = -100   # what HF's cross-entropy skips
 TASKS = ("caption", "qa", "binding")
@@ -79,7 +79,7 @@ def make_episode(rng: np.random.Generator, task: str, video: bool, config: DataC
     if task == "binding":
         shots = int(rng.integers(1, config.binding_shots + 1))
         episode = make_binding_episode(rng, ways=config.binding_ways, shots=shots,
-                                       category=_pick(rng, config.binding_categories), image_size=config.image_size)
+                                       category=pick(rng, config.binding_categories), image_size=config.image_size)
         media = [*episode.support_images(), episode.query_image()]
         texts = [*episode.support_texts, f"{episode.query_text} {episode.answer}."]
         return Episode(tuple(image[None] for image in media), tuple(texts), task)
@@ -103,10 +103,6 @@ def make_episode(rng: np.random.Generator, task: str, video: bool, config: DataC
     else:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     return Episode(tuple(media), tuple(texts), task)
-
-
-def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
-    return options[int(rng.integers(len(options)))]
 
 
 def media_count(rng: np.random.Generator, video: bool, config: DataConfig) -> int:

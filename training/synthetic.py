@@ -329,7 +329,7 @@ def scene_variant(seed: Seed, scene: Scene) -> Scene:
     old = objects[index]
     taken = {(o.colour, o.shape) for o in objects if o is not old}
     for _ in range(_MAX_PLACEMENT_TRIES):
-        attribute = _pick(rng, ("shape", "colour", "size", "cell"))
+        attribute = pick(rng, ("shape", "colour", "size", "cell"))
         if attribute == "cell":
             free = sorted(set(range(GRID * GRID)) - {o.row * GRID + o.col for o in objects})
             if not free:
@@ -338,7 +338,7 @@ def scene_variant(seed: Seed, scene: Scene) -> Scene:
             thing = Thing(old.shape, old.colour, old.size)
         else:
             options = {"shape": SHAPES, "colour": COLOURS, "size": SIZES}[attribute]
-            value = _pick(rng, [v for v in options if v != getattr(old, attribute)])
+            value = pick(rng, [v for v in options if v != getattr(old, attribute)])
             thing = Thing(**{**{k: getattr(old, k) for k in ("shape", "colour", "size")}, attribute: value})
             row, col = old.row, old.col
         if (thing.colour, thing.shape) not in taken:
@@ -392,7 +392,7 @@ def nonsense_words(seed: Seed, count: int) -> tuple[str, ...]:
     rng = np.random.default_rng(seed)
     words: list[str] = []
     while len(words) < count:
-        word = "".join(_pick(rng, _ONSETS) + _pick(rng, _VOWELS) for _ in range(2)) + _pick(rng, _CODAS)
+        word = "".join(pick(rng, _ONSETS) + pick(rng, _VOWELS) for _ in range(2)) + pick(rng, _CODAS)
         if word not in _RESERVED_WORDS and word not in words:
             words.append(word)
     return tuple(words)
@@ -444,7 +444,8 @@ def _check_image_size(image_size: int) -> None:
         raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
 
 
-def _pick(rng: np.random.Generator, options: Iterable[str]) -> str:
+def pick(rng: np.random.Generator, options: Iterable[str]) -> str:
+    """One of `options`, uniformly."""
     options = tuple(options)
     return options[int(rng.integers(len(options)))]
 
@@ -453,7 +454,7 @@ def _distinct_things(rng: np.random.Generator, count: int) -> list[Thing]:
     """`count` objects with distinct colour + shape pairs and random sizes."""
     colours = tuple(COLOURS)
     pairs = rng.choice(len(colours) * len(SHAPES), size=count, replace=False)
-    return [Thing(SHAPES[int(p) % len(SHAPES)], colours[int(p) // len(SHAPES)], _pick(rng, SIZES)) for p in pairs]
+    return [Thing(SHAPES[int(p) % len(SHAPES)], colours[int(p) // len(SHAPES)], pick(rng, SIZES)) for p in pairs]
 
 
 def _place(rng: np.random.Generator, thing: Thing, row: int, col: int, image_size: int) -> SceneObject:
@@ -467,7 +468,7 @@ def _place(rng: np.random.Generator, thing: Thing, row: int, col: int, image_siz
 
 def _launch(rng: np.random.Generator, thing: Thing, image_size: int, num_frames: int, fps: int) -> MovingObject:
     """`thing` with a random direction and speed, starting where its whole path stays in the frame."""
-    direction, speed = _pick(rng, DIRECTIONS), _pick(rng, SPEEDS)
+    direction, speed = pick(rng, DIRECTIONS), pick(rng, SPEEDS)
     radius = round(SIZES[thing.size] * image_size, 2)
     step = round(SPEEDS[speed] * image_size / fps, 4)
     travel = step * (num_frames - 1)
@@ -489,7 +490,7 @@ def _touch(a: MovingObject, b: MovingObject, frame: int) -> bool:
 
 def _exemplar(rng: np.random.Generator, colour: str | None, shape: str, image_size: int) -> Scene:
     """A one-object scene of `shape` (and `colour`, or a random one), random size and cell."""
-    thing = Thing(shape, colour or _pick(rng, COLOURS), _pick(rng, SIZES))
+    thing = Thing(shape, colour or pick(rng, COLOURS), pick(rng, SIZES))
     row, col = divmod(int(rng.integers(GRID * GRID)), GRID)
     return Scene((_place(rng, thing, row, col, image_size),), image_size)
 
