@@ -94,9 +94,9 @@ def described_binding(rng: np.random.Generator) -> str:
     only have to make an image look, to the LM, like the words that describe it."""
     category = pick(rng, BINDING_CATEGORIES)
     episode = make_binding_episode(rng, ways=int(rng.integers(2, 4)), shots=int(rng.integers(1, 4)), category=category)
-    words = [text.split()[-1].rstrip(".") for text in episode.support_texts]
     scenes = [*episode.support, episode.query]
-    return " ".join(f"This {scene.objects[0].name} is a {word}." for scene, word in zip(scenes, [*words, episode.answer]))
+    words = [*episode.support_words, episode.answer]
+    return " ".join(f"This {scene.objects[0].name} is a {word}." for scene, word in zip(scenes, words))
 
 
 def _sample(rng: np.random.Generator):

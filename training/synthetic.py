@@ -264,10 +264,14 @@ class BindingEpisode:
     words: tuple[str, ...]
     categories: tuple[str, ...]
     support: tuple[Scene, ...]
-    support_texts: tuple[str, ...]
+    support_words: tuple[str, ...]      # the word shown with each support image
     query: Scene
     answer: str
     query_text: str = QUERY_TEXT
+
+    @property
+    def support_texts(self) -> tuple[str, ...]:
+        return tuple(SUPPORT_TEXT.format(word=word) for word in self.support_words)
 
     @property
     def chance(self) -> float:
@@ -378,7 +382,7 @@ def make_binding_episode(
         words=words,
         categories=tuple(shape if colour is None else f"{colour} {shape}" for colour, shape in chosen),
         support=support,
-        support_texts=tuple(SUPPORT_TEXT.format(word=words[i]) for i in order),
+        support_words=tuple(words[i] for i in order),
         query=query,
         answer=words[target],
     )
