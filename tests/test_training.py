@@ -151,6 +151,9 @@ def test_config_rejects_unknown_and_mistyped_fields_naming_file_and_field(tmp_pa
     path.write_text(base + "steps: many\n")
     with pytest.raises(ConfigError, match=rf"{path}: steps: expected int"):
         load_config(path)
+    path.write_text(base + "data:\n  binding_categories: [shape, size]\n")
+    with pytest.raises(ConfigError, match=rf"{path}: data\.binding_categories: choose from"):
+        load_config(path)
     path.write_text(base + "data:\n  video_fraction: 2\n")
     with pytest.raises(ConfigError, match=rf"{path}: data\.video_fraction: must be in"):
         load_config(path)

@@ -98,9 +98,9 @@ class TrainConfig:
         weights = (d.caption_weight, d.qa_weight, d.binding_weight)
         if min(weights) < 0 or sum(weights) <= 0:
             raise ValueError("data.caption_weight / qa_weight / binding_weight: must be >= 0, not all 0")
-        unknown = sorted(set(d.binding_categories) - set(BINDING_CATEGORIES)) or (not d.binding_categories and [""])
-        if unknown:
-            raise ValueError(f"data.binding_categories: {unknown[0]!r} is not one of {list(BINDING_CATEGORIES)}")
+        if not d.binding_categories or not set(d.binding_categories) <= set(BINDING_CATEGORIES):
+            raise ValueError(f"data.binding_categories: choose from {list(BINDING_CATEGORIES)}, "
+                             f"got {list(d.binding_categories)}")
         if d.binding_ways < 1 or d.binding_shots < 1:
             raise ValueError("data.binding_ways / data.binding_shots: must be at least 1")
         if d.max_length < 8:
@@ -119,13 +119,22 @@ class TrainConfig:
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    """Read a YAML training config (`yaml.safe_load`: data only, no Python objects)."""
+    """Read a YAML training config."""
+    return load_dataclass(path, TrainConfig)
+
+
+def load_dataclass(path: str | Path, cls: type) -> Any:
+    """A config dataclass from a YAML file (`yaml.safe_load`: data only, no Python objects); every error
+    is a ConfigError reading '<file>: field: problem'."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    return TrainConfig.from_dict(data, source=str(path))
+    try:
+        return build_dataclass(cls, data, "")
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{path}: {error}") from None
 
 
 def build_dataclass(cls: type, data: Any, prefix: str) -> Any:

@@ -20,9 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from training.config import ConfigError, TrainConfig, build_dataclass
+from training.config import TrainConfig, build_dataclass, load_dataclass
 from training.evaluate import EvalConfig
 from training.miniature import BridgeSizes
 from training.pretrain_lm import LMPretrainConfig
@@ -41,6 +39,9 @@ class RecipeConfig:
     # from the previous phase's model (a curriculum: e.g. one-object captions first).
     stage3: list = field(default_factory=lambda: [{}])
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        self.train_configs()        # stage 3's own checks (TrainConfig.__post_init__), before any work
 
     @property
     def paths(self) -> dict[str, Path]:
@@ -69,17 +70,8 @@ class RecipeConfig:
 
 
 def load_recipe(path: str | Path) -> RecipeConfig:
-    """Read a recipe YAML (`yaml.safe_load`); errors read '<file>: field: problem'."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-        config = build_dataclass(RecipeConfig, data, "")
-        config.train_configs()      # stage 3's own checks (TrainConfig.__post_init__)
-        return config
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"{path}: {error}") from None
+    """Read a recipe YAML; errors read '<file>: field: problem'."""
+    return load_dataclass(path, RecipeConfig)
 
 
 def run_recipe(config: RecipeConfig, local: bool = False, log_every: int = 100) -> Path:
