@@ -273,7 +273,7 @@ def recipe(config: str, local: bool) -> None:
 
 
 @main.command("eval")
-@click.option("--model", metavar="NAME_OR_PATH", help="A preset or a saved model folder [default: tiny-random].")
+@click.option("--model", metavar="NAME_OR_PATH", help="A preset, a bundled model or a saved model folder [default: miniature].")
 @click.option("--scenes", type=click.IntRange(min=1), default=64, show_default=True,
               help="Held-out scenes to caption and question.")
 @click.option("--clips", type=click.IntRange(min=0), default=32, show_default=True,
@@ -291,8 +291,6 @@ def evaluate(model: str | None, scenes: int, clips: int, episodes: int, ways: in
              seed: int, json_path: str | None) -> None:
     """Caption, question-answering and few-shot binding accuracy on held-out scenes of the synthetic world,
     with the binding curve repeated with every gate at 0 (no vision) as the control."""
-    import json
-
     from flamingo import DEFAULT_MODEL, load_model
     from training.evaluate import EvalConfig
     from training.evaluate import evaluate as run_evaluation
@@ -306,7 +304,7 @@ def evaluate(model: str | None, scenes: int, clips: int, episodes: int, ways: in
     report = run_evaluation(load_model(model or DEFAULT_MODEL), settings)
     click.echo(report.table())
     if json_path:
-        Path(json_path).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        report.save(json_path)
         click.echo(f"results written to {json_path}")
 
 

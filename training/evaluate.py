@@ -21,10 +21,12 @@ single-object scenes will also have been drawn in training, as in any procedural
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,6 +81,9 @@ class EvalReport:
                 "binding": {category: {k: {str(s): v for s, v in curve.items()} for k, curve in curves.items()}
                             for category, curves in self.binding.items()},
                 "binding_chance": self.chance, "examples": self.examples}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def table(self) -> str:
         """The report as the plain-text table the CLI prints."""

@@ -118,7 +118,7 @@ def run_recipe(config: RecipeConfig, local: bool = False, log_every: int = 100) 
                 continue    # a finished phase of an interrupted recipe
             train_local(settings) if local else train(settings)
         report = evaluate(load_model(str(paths["model"])), config.eval)
-        (paths["model"] / "eval.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        report.save(paths["model"] / "eval.json")
         print(report.table(), flush=True)
         return {}
 
