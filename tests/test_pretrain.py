@@ -13,8 +13,9 @@ from open_clip.tokenizer import SimpleTokenizer
 import flamingo
 from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from training.miniature import build_miniature
-from training.pretrain_lm import (END_OF_TEXT, described_binding, IGNORE_INDEX, LMPretrainConfig, build_lm, documents, encode_batch,
-                                  held_out_texts, load_lm, perplexity, pretrain_lm, save_lm, train_tokenizer)
+from training.pretrain_lm import (END_OF_TEXT, IGNORE_INDEX, DocumentMix, LMPretrainConfig, binding_accuracy, build_lm,
+                                  documents, encode_batch, held_out_texts, load_lm, named_binding, perplexity,
+                                  pretrain_lm, repeated_words, save_lm, train_tokenizer)
 from training.pretrain_vision import (EVAL_STREAM, VisionPretrainConfig, build_clip, contrastive_step, load_vision,
                                       pixels, pretrain_vision, retrieval_accuracy, sample_pairs, save_vision)
 
@@ -122,18 +123,42 @@ def test_pretrain_lm_is_seeded_and_saves_with_save_pretrained(tokenizer, tmp_pat
     assert perplexity(loaded, loaded_tokenizer, texts) == pytest.approx(perplexity(first, tokenizer, texts))
 
 
-def test_described_binding_answers_follow_from_the_text():
+def test_named_binding_answers_follow_from_the_object_named_before_them():
     import re
 
     import numpy as np
     rng = np.random.default_rng(0)
     for _ in range(50):
-        sentences = re.findall(r"This (\w+) (\w+) is a (\w+)\.", described_binding(rng))
+        sentences = re.findall(r"This is a (\w+) (\w+) (\w+)\.", named_binding(rng))
         *support, (colour, shape, answer) = sentences
         same_shape = {word for c, s, word in support if s == shape}
         same_object = {word for c, s, word in support if (c, s) == (colour, shape)}
         assert answer in same_shape and len({w for _, _, w in support}) >= 2
         assert same_object <= {answer}   # words name shapes or colour + shape pairs, never both ways
+
+
+def test_repeated_words_say_the_same_run_twice():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        first, second = repeated_words(rng).removesuffix(".").split(". ")
+        assert first == second and 4 <= len(first.split()) <= 12
+
+
+def test_document_mix_weights_choose_the_kinds():
+    import dataclasses
+    only_repeats = dataclasses.replace(LM, documents=DocumentMix(**{kind: 0.0 for kind in ("caption", "qa", "captions",
+                                                                                          "binding", "named_binding")}))
+    for text in documents(only_repeats, 0, 10):
+        first, second = text.removesuffix(".").split(". ")
+        assert first == second
+    with pytest.raises(ValueError, match="documents: weights"):
+        DocumentMix(repeat=-1.0)
+
+
+def test_binding_accuracy_of_an_untrained_lm_is_near_chance(tokenizer):
+    accuracy = binding_accuracy(build_lm(LM, tokenizer), tokenizer, LM, episodes=60)
+    assert 0.2 <= accuracy <= 0.7   # chance is about 0.42 over 2..3 words
 
 
 # --- the miniature --------------------------------------------------------------------------------

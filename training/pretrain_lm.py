@@ -2,7 +2,9 @@
 
 No released LM can be downloaded here, so a small Llama learns the synthetic world's language: captions of
 scenes and clips, "Question: ... Answer: ..." lines (the format stage 3 uses), runs of several captions,
-and fast-binding sentences ("This is a bliket."). Its tokenizer is trained on the same text with the
+fast-binding sentences ("This is a red circle bliket.") and runs of words said twice, from which it learns
+to copy. Copying and binding in text are what stage 3's few-shot binding from images is built on; a
+frozen LM without them leaves the bridges nothing to steer (`binding_accuracy` measures it). Its tokenizer is trained on the same text with the
 `tokenizers` library: byte-level BPE, so any string -- nonsense words included -- still encodes, and
 `<|endoftext|>` separates documents. Saved with Hugging Face `save_pretrained` (safetensors), which is
 what `Flamingo.from_backbones` and `build_miniature` take.
@@ -12,7 +14,7 @@ Every document is a pure function of (seed, stream, index): training reads strea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +24,38 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreT
                           PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
 from training.optim import adamw_warmup_cosine, check_optimisation, clip_gradients
-from training.synthetic import BINDING_CATEGORIES, SUPPORT_TEXT, make_binding_episode, make_clip, make_scene, pick
+from training.synthetic import (BINDING_CATEGORIES, COLOURS, NUMBER_WORDS, SHAPES, SUPPORT_TEXT, make_binding_episode,
+                                make_clip, make_scene, nonsense_words, pick)
 
 END_OF_TEXT = "<|endoftext|>"
 TRAIN_STREAM, EVAL_STREAM, TOKENIZER_STREAM = 0, 1, 2
 IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class DocumentMix:
+    """How often each kind of document is drawn (relative weights). The default mix is the one whose LM
+    binds in text (`binding_accuracy` 0.99 where equal weights left it at chance): copying is learnt
+    from the repeated runs, and which word to copy from the named-binding sentences."""
+
+    caption: float = 1.0            # one caption of a scene or clip
+    qa: float = 1.0                 # "Question: ... Answer: ..."
+    captions: float = 1.0           # a run of 2..max_captions captions
+    binding: float = 1.0            # "This is a bliket." sentences: a word seen before comes back
+    named_binding: float = 2.0      # "This is a red circle bliket. ...": the object before the word picks it
+    repeat: float = 4.0             # a run of words said twice: the copying that binding rests on
+
+    def __post_init__(self) -> None:
+        weights = [getattr(self, name) for name in DOCUMENT_KINDS]
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError("documents: weights must be non-negative, and at least one positive")
+
+    def probabilities(self) -> np.ndarray:
+        weights = np.array([getattr(self, name) for name in DOCUMENT_KINDS], dtype=float)
+        return weights / weights.sum()
+
+
+DOCUMENT_KINDS = tuple(f.name for f in fields(DocumentMix))
 
 
 @dataclass(frozen=True)
@@ -45,11 +74,12 @@ class LMPretrainConfig:
     tokenizer_documents: int = 3000
     max_length: int = 128                 # tokens per training row (documents are cut at the end)
     max_captions: int = 4                 # longest run of captions in one document
+    documents: DocumentMix = field(default_factory=DocumentMix)
     hidden_size: int = 128
     intermediate_size: int = 384
     num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
+    num_attention_heads: int = 8          # 8 heads of 16: with 4 query heads on 2 key-value heads the
+    num_key_value_heads: int = 8          # same run stayed at chance on text binding (0.49 against 0.99)
     max_position_embeddings: int = 1024   # stage 3 sequences run to a few hundred tokens
 
     def __post_init__(self) -> None:
@@ -69,34 +99,46 @@ class LMPretrainConfig:
 # --- text ----------------------------------------------------------------------------------------
 
 
-def world_document(rng: np.random.Generator, max_captions: int = 4) -> str:
-    """One document of the world's text: a caption, a QA line, a run of captions, binding sentences, or
-    described binding sentences."""
-    kind = int(rng.integers(5))
-    if kind == 0:
+def world_document(rng: np.random.Generator, mix: DocumentMix, max_captions: int = 4) -> str:
+    """One document of the world's text, of a kind drawn by `mix`'s weights."""
+    kind = DOCUMENT_KINDS[int(rng.choice(len(DOCUMENT_KINDS), p=mix.probabilities()))]
+    if kind == "caption":
         return _sample(rng).caption()
-    if kind == 1:
+    if kind == "qa":
         questions = _sample(rng).qa()
         qa = questions[int(rng.integers(len(questions)))]
         return f"Question: {qa.question} Answer: {qa.answer}"
-    if kind == 2:
+    if kind == "captions":
         return " ".join(_sample(rng).caption() for _ in range(int(rng.integers(2, max_captions + 1))))
-    if kind == 3:
+    if kind == "binding":
         episode = make_binding_episode(rng, ways=int(rng.integers(1, 4)))
         return " ".join([*episode.support_texts, SUPPORT_TEXT.format(word=episode.answer)])
-    return described_binding(rng)
+    if kind == "named_binding":
+        return named_binding(rng)
+    return repeated_words(rng)
 
 
-def described_binding(rng: np.random.Generator) -> str:
-    """'This red circle is a bliket. This blue star is a dovax. This green circle is a bliket.': a binding
-    episode in words, where the last word follows from matching the object named before it. It gives
-    the LM the in-context skill that few-shot binding from images needs in stage 3, where the bridges
-    only have to make an image look, to the LM, like the words that describe it."""
+def named_binding(rng: np.random.Generator) -> str:
+    """'This is a red circle bliket. This is a blue star dovax. This is a red circle bliket.': a binding
+    episode in words, where each word follows the object that names it. Stage 3's support chunks read
+    '<image>This is a bliket.', so the bridges only have to make the image after 'This is a' look, to
+    the LM, like the words 'red circle'; the LM already knows what to copy from there."""
     category = pick(rng, BINDING_CATEGORIES)
     episode = make_binding_episode(rng, ways=int(rng.integers(2, 4)), shots=int(rng.integers(1, 4)), category=category)
     scenes = [*episode.support, episode.query]
     words = [*episode.support_words, episode.answer]
-    return " ".join(f"This {scene.objects[0].name} is a {word}." for scene, word in zip(scenes, words))
+    return " ".join(f"This is a {scene.objects[0].name} {word}." for scene, word in zip(scenes, words))
+
+
+def repeated_words(rng: np.random.Generator) -> str:
+    """'bliket red dovax four. bliket red dovax four.': 4..12 words, nonsense and the world's, said twice.
+    The second half is predictable only by finding the same words earlier and copying what came next,
+    which is how induction heads form (Olsson et al. 2022); the world's templated text alone never made
+    the LM learn it, and without it no binding, in text or from images, rises above chance."""
+    vocabulary = (*COLOURS, *SHAPES, *NUMBER_WORDS[1:6])
+    words = [nonsense_words(rng, 1)[0] if rng.random() < 0.5 else pick(rng, vocabulary)
+             for _ in range(int(rng.integers(4, 13)))]
+    return " ".join(words) + ". " + " ".join(words) + "."
 
 
 def _sample(rng: np.random.Generator):
@@ -106,7 +148,7 @@ def _sample(rng: np.random.Generator):
 def documents(config: LMPretrainConfig, index: int, count: int, stream: int = TRAIN_STREAM) -> list[str]:
     """`count` documents: a pure function of (seed, stream, index)."""
     rng = np.random.default_rng((config.seed, stream, index))
-    return [world_document(rng, config.max_captions) for _ in range(count)]
+    return [world_document(rng, config.documents, config.max_captions) for _ in range(count)]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -197,6 +239,29 @@ def perplexity(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: l
         total += float(losses)
         count += int((targets != IGNORE_INDEX).sum())
     return float(np.exp(total / count))
+
+
+@torch.no_grad()
+def binding_accuracy(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: LMPretrainConfig,
+                     episodes: int = 150) -> float:
+    """How often the LM, given a held-out named-binding episode up to its last word, puts the right word
+    above the episode's other words (chance about 0.42 over 2..3 words). Stage 3's few-shot binding
+    from images needs this near 1 first: the frozen LM does the matching and copying there too."""
+    lm.eval()
+    rng = np.random.default_rng((config.seed, EVAL_STREAM, 1))
+    correct = 0
+    for _ in range(episodes):
+        sentences = named_binding(rng).removesuffix(".").split(". ")
+        words = sorted({sentence.rsplit(" ", 1)[1] for sentence in sentences})
+        prompt, answer = " ".join(sentences).rsplit(" ", 1)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        scores = []
+        for word in words:
+            word_ids = tokenizer(f" {word}.", add_special_tokens=False)["input_ids"]
+            logits = lm(input_ids=torch.tensor([prompt_ids + word_ids])).logits[0, len(prompt_ids) - 1:-1]
+            scores.append(float(logits.float().log_softmax(-1).gather(1, torch.tensor(word_ids)[:, None]).sum()))
+        correct += words[int(np.argmax(scores))] == answer
+    return correct / episodes
 
 
 def held_out_texts(config: LMPretrainConfig, count: int = 256) -> list[str]:

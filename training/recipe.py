@@ -107,9 +107,10 @@ def run_recipe(config: RecipeConfig, local: bool = False, log_every: int = 100) 
     def lm() -> dict[str, float]:
         model, tokenizer = pretrain_lm.pretrain_lm(config.lm, log_every=log_every)
         ppl = pretrain_lm.perplexity(model, tokenizer, pretrain_lm.held_out_texts(config.lm))
-        print(f"held-out perplexity: {ppl:.2f}", flush=True)
+        binding = pretrain_lm.binding_accuracy(model, tokenizer, config.lm)
+        print(f"held-out perplexity: {ppl:.2f}; binding in text: {binding:.2f} (chance about 0.42)", flush=True)
         pretrain_lm.save_lm(model, tokenizer, paths["lm"])
-        return {"perplexity": ppl}
+        return {"perplexity": ppl, "text_binding": binding}
 
     def bridges_and_eval() -> dict[str, Any]:
         for i, settings in enumerate(config.train_configs()):
