@@ -135,6 +135,8 @@ def test_named_binding_answers_follow_from_the_object_named_before_them():
         same_object = {word for c, s, word in support if (c, s) == (colour, shape)}
         assert answer in same_shape and len({w for _, _, w in support}) >= 2
         assert same_object <= {answer}   # words name shapes or colour + shape pairs, never both ways
+    lengths = {named_binding(rng, max_shots=6).count(".") for _ in range(200)}
+    assert max(lengths) > 10 and max(lengths) <= 3 * 6 + 1   # up to 3 words x 6 shots, and the query
 
 
 def test_repeated_words_say_the_same_run_twice():

@@ -3,11 +3,12 @@
 No released LM can be downloaded here, so a small Llama learns the synthetic world's language: captions of
 scenes and clips, "Question: ... Answer: ..." lines (the format stage 3 uses), runs of several captions,
 fast-binding sentences ("This is a red circle bliket.") and runs of words said twice, from which it learns
-to copy. Copying and binding in text are what stage 3's few-shot binding from images is built on; a
-frozen LM without them leaves the bridges nothing to steer (`binding_accuracy` measures it). Its tokenizer is trained on the same text with the
-`tokenizers` library: byte-level BPE, so any string -- nonsense words included -- still encodes, and
-`<|endoftext|>` separates documents. Saved with Hugging Face `save_pretrained` (safetensors), which is
-what `Flamingo.from_backbones` and `build_miniature` take.
+to copy. Copying and binding in text are what stage 3's few-shot binding from images is built on: a
+frozen LM without them leaves the bridges nothing to steer (`binding_accuracy` measures it).
+
+Its tokenizer is trained on the same text with the `tokenizers` library: byte-level BPE, so any string --
+nonsense words included -- still encodes, and `<|endoftext|>` separates documents. Saved with Hugging
+Face `save_pretrained` (safetensors), which is what `Flamingo.from_backbones` and `build_miniature` take.
 
 Every document is a pure function of (seed, stream, index): training reads stream 0, evaluation stream 1.
 """
@@ -75,6 +76,10 @@ class LMPretrainConfig:
     max_length: int = 128                 # tokens per training row (documents are cut at the end)
     max_captions: int = 4                 # longest run of captions in one document
     documents: DocumentMix = field(default_factory=DocumentMix)
+    # named-binding episodes show each word 1..binding_shots times. The LM binds only as far into a
+    # prompt as it was trained to: with 3 (documents under ~100 tokens) the bridged model fell from 0.89
+    # at 4 shots per word to 0.56 at 8, where the prompt runs to ~150 tokens
+    binding_shots: int = 3
     hidden_size: int = 128
     intermediate_size: int = 384
     num_hidden_layers: int = 4
@@ -83,7 +88,7 @@ class LMPretrainConfig:
     max_position_embeddings: int = 1024   # stage 3 sequences run to a few hundred tokens
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "tokenizer_documents", "max_captions", "hidden_size",
+        for name in ("steps", "batch_size", "tokenizer_documents", "max_captions", "binding_shots", "hidden_size",
                      "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
@@ -99,9 +104,9 @@ class LMPretrainConfig:
 # --- text ----------------------------------------------------------------------------------------
 
 
-def world_document(rng: np.random.Generator, mix: DocumentMix, max_captions: int = 4) -> str:
-    """One document of the world's text, of a kind drawn by `mix`'s weights."""
-    kind = DOCUMENT_KINDS[int(rng.choice(len(DOCUMENT_KINDS), p=mix.probabilities()))]
+def world_document(rng: np.random.Generator, config: LMPretrainConfig) -> str:
+    """One document of the world's text, of a kind drawn by `config.documents`' weights."""
+    kind = DOCUMENT_KINDS[int(rng.choice(len(DOCUMENT_KINDS), p=config.documents.probabilities()))]
     if kind == "caption":
         return _sample(rng).caption()
     if kind == "qa":
@@ -109,22 +114,23 @@ def world_document(rng: np.random.Generator, mix: DocumentMix, max_captions: int
         qa = questions[int(rng.integers(len(questions)))]
         return f"Question: {qa.question} Answer: {qa.answer}"
     if kind == "captions":
-        return " ".join(_sample(rng).caption() for _ in range(int(rng.integers(2, max_captions + 1))))
+        return " ".join(_sample(rng).caption() for _ in range(int(rng.integers(2, config.max_captions + 1))))
     if kind == "binding":
         episode = make_binding_episode(rng, ways=int(rng.integers(1, 4)))
         return " ".join([*episode.support_texts, SUPPORT_TEXT.format(word=episode.answer)])
     if kind == "named_binding":
-        return named_binding(rng)
+        return named_binding(rng, config.binding_shots)
     return repeated_words(rng)
 
 
-def named_binding(rng: np.random.Generator) -> str:
+def named_binding(rng: np.random.Generator, max_shots: int = 3) -> str:
     """'This is a red circle bliket. This is a blue star dovax. This is a red circle bliket.': a binding
     episode in words, where each word follows the object that names it. Stage 3's support chunks read
     '<image>This is a bliket.', so the bridges only have to make the image after 'This is a' look, to
     the LM, like the words 'red circle'; the LM already knows what to copy from there."""
     category = pick(rng, BINDING_CATEGORIES)
-    episode = make_binding_episode(rng, ways=int(rng.integers(2, 4)), shots=int(rng.integers(1, 4)), category=category)
+    episode = make_binding_episode(rng, ways=int(rng.integers(2, 4)), shots=int(rng.integers(1, max_shots + 1)),
+                                   category=category)
     scenes = [*episode.support, episode.query]
     words = [*episode.support_words, episode.answer]
     return " ".join(f"This is a {scene.objects[0].name} {word}." for scene, word in zip(scenes, words))
@@ -148,7 +154,7 @@ def _sample(rng: np.random.Generator):
 def documents(config: LMPretrainConfig, index: int, count: int, stream: int = TRAIN_STREAM) -> list[str]:
     """`count` documents: a pure function of (seed, stream, index)."""
     rng = np.random.default_rng((config.seed, stream, index))
-    return [world_document(rng, config.documents, config.max_captions) for _ in range(count)]
+    return [world_document(rng, config) for _ in range(count)]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -251,7 +257,7 @@ def binding_accuracy(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, co
     rng = np.random.default_rng((config.seed, EVAL_STREAM, 1))
     correct = 0
     for _ in range(episodes):
-        sentences = named_binding(rng).removesuffix(".").split(". ")
+        sentences = named_binding(rng, config.binding_shots).removesuffix(".").split(". ")
         words = sorted({sentence.rsplit(" ", 1)[1] for sentence in sentences})
         prompt, answer = " ".join(sentences).rsplit(" ", 1)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
