@@ -47,6 +47,7 @@ def test_recipe_runs_every_stage_then_skips_them(tmp_path: Path, capsys):
     assert [phase["steps"] for phase in record["config"]["stage3"]] == [2, 3]
     assert (tmp_path / "out" / "stage3" / "phase1" / "model" / "config.json").is_file()   # phase 2 started there
     assert 0 <= record["stages"]["stage 1: vision tower"]["retrieval_top1"] <= 1
+    assert 0 <= record["stages"]["stage 2: language model"]["text_binding"] <= 1
     report = json.loads((model_dir / "eval.json").read_text())
     assert set(report["binding"]["shape"]) == {"model", "gates_closed"}
     assert set(report["binding"]["colour_shape"]["model"]) == {"0", "1"}
