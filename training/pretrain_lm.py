@@ -25,8 +25,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreT
                           PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
 from training.optim import adamw_warmup_cosine, check_optimisation, clip_gradients
-from training.synthetic import (BINDING_CATEGORIES, COLOURS, NUMBER_WORDS, SHAPES, SUPPORT_TEXT, make_binding_episode,
-                                make_clip, make_scene, nonsense_words, pick)
+from training.synthetic import (BINDING_CATEGORIES, COLOURS, NUMBER_WORDS, SHAPES, SUPPORT_TEXT, BindingEpisode,
+                                make_binding_episode, make_clip, make_scene, nonsense_words, pick)
 
 END_OF_TEXT = "<|endoftext|>"
 TRAIN_STREAM, EVAL_STREAM, TOKENIZER_STREAM = 0, 1, 2
@@ -128,9 +128,16 @@ def named_binding(rng: np.random.Generator, max_shots: int = 3) -> str:
     episode in words, where each word follows the object that names it. Stage 3's support chunks read
     '<image>This is a bliket.', so the bridges only have to make the image after 'This is a' look, to
     the LM, like the words 'red circle'; the LM already knows what to copy from there."""
+    return named_binding_text(named_binding_episode(rng, max_shots))
+
+
+def named_binding_episode(rng: np.random.Generator, max_shots: int = 3) -> BindingEpisode:
     category = pick(rng, BINDING_CATEGORIES)
-    episode = make_binding_episode(rng, ways=int(rng.integers(2, 4)), shots=int(rng.integers(1, max_shots + 1)),
-                                   category=category)
+    return make_binding_episode(rng, ways=int(rng.integers(2, 4)), shots=int(rng.integers(1, max_shots + 1)),
+                                category=category)
+
+
+def named_binding_text(episode: BindingEpisode) -> str:
     scenes = [*episode.support, episode.query]
     words = [*episode.support_words, episode.answer]
     return " ".join(f"This is a {scene.objects[0].name} {word}." for scene, word in zip(scenes, words))
@@ -257,16 +264,15 @@ def binding_accuracy(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, co
     rng = np.random.default_rng((config.seed, EVAL_STREAM, 1))
     correct = 0
     for _ in range(episodes):
-        sentences = named_binding(rng, config.binding_shots).removesuffix(".").split(". ")
-        words = sorted({sentence.rsplit(" ", 1)[1] for sentence in sentences})
-        prompt, answer = " ".join(sentences).rsplit(" ", 1)
+        episode = named_binding_episode(rng, config.binding_shots)
+        prompt = named_binding_text(episode).removesuffix(f" {episode.answer}.")   # the text, less its last word
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         scores = []
-        for word in words:
+        for word in episode.words:
             word_ids = tokenizer(f" {word}.", add_special_tokens=False)["input_ids"]
             logits = lm(input_ids=torch.tensor([prompt_ids + word_ids])).logits[0, len(prompt_ids) - 1:-1]
             scores.append(float(logits.float().log_softmax(-1).gather(1, torch.tensor(word_ids)[:, None]).sum()))
-        correct += words[int(np.argmax(scores))] == answer
+        correct += episode.words[int(np.argmax(scores))] == episode.answer
     return correct / episodes
 
 
