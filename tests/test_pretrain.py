@@ -13,9 +13,9 @@ from open_clip.tokenizer import SimpleTokenizer
 import flamingo
 from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from training.miniature import build_miniature
-from training.pretrain_lm import (END_OF_TEXT, IGNORE_INDEX, DocumentMix, LMPretrainConfig, binding_accuracy, build_lm,
-                                  documents, encode_batch, held_out_texts, load_lm, named_binding, perplexity,
-                                  pretrain_lm, repeated_words, save_lm, train_tokenizer)
+from training.pretrain_lm import (DOCUMENT_KINDS, END_OF_TEXT, IGNORE_INDEX, DocumentMix, LMPretrainConfig,
+                                  binding_accuracy, build_lm, documents, encode_batch, held_out_texts, load_lm,
+                                  named_binding, perplexity, pretrain_lm, repeated_words, save_lm, train_tokenizer)
 from training.pretrain_vision import (EVAL_STREAM, VisionPretrainConfig, build_clip, contrastive_step, load_vision,
                                       pixels, pretrain_vision, retrieval_accuracy, sample_pairs, save_vision)
 
@@ -154,8 +154,10 @@ def test_document_mix_weights_choose_the_kinds():
     for text in documents(only_repeats, 0, 10):
         first, second = text.removesuffix(".").split(". ")
         assert first == second
-    with pytest.raises(ValueError, match="documents: weights"):
+    with pytest.raises(ValueError, match="repeat: must be non-negative"):
         DocumentMix(repeat=-1.0)
+    with pytest.raises(ValueError, match="must not all be 0"):
+        DocumentMix(**{kind: 0.0 for kind in DOCUMENT_KINDS})
 
 
 def test_binding_accuracy_of_an_untrained_lm_is_near_chance(tokenizer):

@@ -47,9 +47,11 @@ class DocumentMix:
     repeat: float = 4.0             # a run of words said twice: the copying that binding rests on
 
     def __post_init__(self) -> None:
-        weights = [getattr(self, name) for name in DOCUMENT_KINDS]
-        if min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError("documents: weights must be non-negative, and at least one positive")
+        for name in DOCUMENT_KINDS:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be non-negative, got {getattr(self, name)}")
+        if not any(getattr(self, name) for name in DOCUMENT_KINDS):
+            raise ValueError(f"{' / '.join(DOCUMENT_KINDS)}: must not all be 0")
 
     def probabilities(self) -> np.ndarray:
         weights = np.array([getattr(self, name) for name in DOCUMENT_KINDS], dtype=float)
