@@ -8,6 +8,10 @@ and `lang_encoder.old_decoder_blocks.<i>.*` (the same layers as `<layers>.<i>.de
 backbone weights, when present, are loaded too (they are what the checkpoint says). Required: every
 resampler and gated-block parameter, except `perceiver.frame_embs` (OpenFlamingo has no time embeddings;
 they stay zero, which leaves images exactly as OpenFlamingo computes them).
+
+These functions take a model and need nothing but its modules and config, so `Flamingo.save_pretrained` and
+`Flamingo.load_openflamingo_checkpoint` call them. Loading a saved folder builds a model first: that is
+`flamingo.build.load_pretrained`.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ import dataclasses
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import safetensors.torch
 import torch
 
-from .config import FlamingoConfig
 from .lm import AddedRows, input_embedding_path
-from .model import Flamingo
+
+if TYPE_CHECKING:
+    from .model import Flamingo
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -41,24 +47,6 @@ def save_pretrained(model: Flamingo, path: str | Path) -> None:
     config.save(path / CONFIG_FILE)
     model.tokenizer.save_pretrained(path / TOKENIZER_DIR)
     safetensors.torch.save_model(model, str(path / WEIGHTS_FILE))   # handles tied (shared) tensors
-
-
-def load_pretrained(path: str | Path, device: str | torch.device | None = None) -> Flamingo:
-    from .factory import build_lang_encoder, build_tokenizer, build_vision_encoder
-
-    path = Path(path)
-    config = FlamingoConfig.load(path / CONFIG_FILE)
-    clip = build_vision_encoder(config.vision_encoder, None, config.vision_encoder_config)
-    lm = build_lang_encoder(config.lang_encoder, config.lang_encoder_config, config.trust_remote_code)
-    tokenizer = build_tokenizer(str(path / config.tokenizer) if (path / config.tokenizer).is_dir()
-                                else config.tokenizer, config.trust_remote_code)
-    model = Flamingo(clip.visual, lm, tokenizer, config)
-    missing, unexpected = safetensors.torch.load_model(model, str(path / WEIGHTS_FILE), strict=False,
-                                                       device=str(device or "cpu"))
-    if missing or unexpected:
-        raise ValueError(f"{path / WEIGHTS_FILE} does not match its config: missing {sorted(missing)}, "
-                         f"unexpected {sorted(unexpected)}")
-    return model
 
 
 def read_checkpoint(source: str | Path) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@ to the residual stream through tanh(gate) with the gate at 0 at init, so a new m
 Masking is image-causal: each text token sees only the visual tokens of the last `<image>` before it (or,
 with only_attend_immediate_media=False, of every image before it); text before the first image sees none and
 gets exactly zero from the attention. Which media a token may see comes in a `MediaConditioning` passed with
-the call, never stored on the module.
+the call, never stored on the module. A text-only call still passes one (with no media); passing none is an
+error, because it means the call did not come through the Flamingo model.
 """
 
 from __future__ import annotations
@@ -76,17 +77,22 @@ class MaskedCrossAttention(nn.Module):
         return self.to_out(out)
 
 
+MISSING_MEDIA = ("GatedCrossAttentionBlock called outside a Flamingo call: the media of the call are missing; "
+                 "call the Flamingo model (forward, generate, score), not its lang_encoder directly")
+
+
 class GatedCrossAttentionBlock(nn.Module):
     def __init__(self, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8, ff_mult: int = 4,
-                 only_attend_immediate_media: bool = True):
+                 only_attend_immediate_media: bool = True, gate_init: float = 0.0):
         super().__init__()
         self.attn = MaskedCrossAttention(dim, dim_visual, dim_head, heads, only_attend_immediate_media)
-        self.attn_gate = nn.Parameter(torch.tensor([0.0]))
+        self.attn_gate = nn.Parameter(torch.tensor([float(gate_init)]))
         self.ff = feed_forward(dim, ff_mult)
-        self.ff_gate = nn.Parameter(torch.tensor([0.0]))
+        self.ff_gate = nn.Parameter(torch.tensor([float(gate_init)]))
 
     def forward(self, x: torch.Tensor, cond: MediaConditioning | None) -> torch.Tensor:
-        if cond is not None:
-            x = x + self.attn(x, cond, cache_key=id(self)) * self.attn_gate.tanh()
+        if cond is None:
+            raise RuntimeError(MISSING_MEDIA)
+        x = x + self.attn(x, cond, cache_key=id(self)) * self.attn_gate.tanh()
         # The dense part runs for every token, images or not, as in OpenFlamingo.
         return x + self.ff(x) * self.ff_gate.tanh()

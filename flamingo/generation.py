@@ -1,5 +1,6 @@
 """Decoding for Flamingo: greedy, sampling and beam search over the LM's KV cache, candidate scoring, and
-the shared few-shot prefix.
+the shared few-shot prefix. Everything here drives a `ConditionedLM` (the wrapped LM and its call path), never
+the whole Flamingo model: the vision side has run before, and its visual tokens come in as arguments.
 
 Three costs are paid once, not per token or per beam: the vision encoder (once per item), the visual
 keys/values of each gated block (once per call, cached in the `MediaConditioning`), and, with a
@@ -12,8 +13,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 from transformers import DynamicCache, StaticCache
 from transformers.generation.logits_process import (
@@ -25,9 +24,7 @@ from transformers.generation.logits_process import (
 )
 
 from .gated_cross_attention import MediaConditioning
-
-if TYPE_CHECKING:
-    from .model import Flamingo
+from .lm import ConditionedLM, positions_from_mask
 
 NEG_INF = -1.0e9
 
@@ -79,12 +76,12 @@ class _Prompt:
                        _repeat_conditioning(self.cond, n), prefix_kv=self.prefix_kv,
                        position_offset=self.position_offset)
 
-    def for_decoding(self, model: "Flamingo", new_tokens: int, n: int = 1) -> "_Prompt":
+    def for_decoding(self, lm: ConditionedLM, new_tokens: int, n: int = 1) -> "_Prompt":
         """The same state (rows repeated n times) with its keys/values moved into a cache preallocated for
         `new_tokens` more tokens: decode steps then write in place instead of re-concatenating every
         layer's keys/values at every step."""
         length = self.cache.get_seq_length()
-        static = StaticCache(config=model.lang_encoder.config, max_cache_len=length + new_tokens)
+        static = StaticCache(config=lm.config, max_cache_len=length + new_tokens)
         for source, target in zip(self.cache.layers, static.layers):
             keys, values = _repeat(source.keys, n), _repeat(source.values, n)
             target.lazy_initialization(keys, values)
@@ -108,24 +105,19 @@ def _repeat_conditioning(cond: MediaConditioning, n: int) -> MediaConditioning:
                              {k: (_repeat(kv[0], n), _repeat(kv[1], n)) for k, kv in cond.kv_cache.items()})
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip padding, so a padded row computes exactly what it would alone."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def prepare_prefix(model: "Flamingo", lang_x: torch.Tensor, visual_tokens: torch.Tensor | None) -> FewShotPrefix:
+def prepare_prefix(lm: ConditionedLM, lang_x: torch.Tensor, visual_tokens: torch.Tensor | None) -> FewShotPrefix:
     if lang_x.shape[0] != 1:
         raise ValueError(f"a prefix is one prompt (batch 1), got batch {lang_x.shape[0]}")
     mask = torch.ones_like(lang_x)
-    cond = model.media_conditioning(lang_x, visual_tokens)
+    cond = lm.conditioning(lang_x, visual_tokens)
     cache = DynamicCache()
-    model.run_lm(lang_x, mask, positions_from_mask(mask), cond, cache, logits_to_keep=1)
+    lm(lang_x, mask, positions_from_mask(mask), cond, cache, logits_to_keep=1)
     last = int(cond.media_index[0, -1])
     last_media = visual_tokens[:, last:last + 1] if last >= 0 else None
     return FewShotPrefix(lang_x, cache, last_media)
 
 
-def run_prompt(model: "Flamingo", lang_x: torch.Tensor, attention_mask: torch.Tensor,
+def run_prompt(lm: ConditionedLM, lang_x: torch.Tensor, attention_mask: torch.Tensor,
                visual_tokens: torch.Tensor | None, prefix: FewShotPrefix | None) -> _Prompt:
     """Run the prompt (after the prefix, if any) at batch B; return the state decoding continues from."""
     b = lang_x.shape[0]
@@ -136,25 +128,25 @@ def run_prompt(model: "Flamingo", lang_x: torch.Tensor, attention_mask: torch.Te
             last = prefix.last_media.expand(b, -1, -1, -1)
             media = last if visual_tokens is None else torch.cat([last, visual_tokens], dim=1)
             media_offset = 1
-        if model.shares_prefix_attention:   # the prefix stays at batch 1, read once per step for all rows
+        if lm.shares_prefix_attention:   # the prefix stays at batch 1, read once per step for all rows
             state.prefix_kv, state.position_offset = prefix.key_values(), prefix.length
         else:                               # every row gets its own copy of the prefix's keys/values
             state.cache = copy.deepcopy(prefix.cache)
             state.cache.batch_repeat_interleave(b)
             state.attention_mask = torch.cat([attention_mask.new_ones(b, prefix.length), attention_mask], dim=1)
-    cond = model.media_conditioning(lang_x, media, media_offset=media_offset)
-    out = model.run_lm(lang_x, state.attention_mask, state.positions(state.attention_mask, lang_x.shape[1]), cond,
-                       state.cache, logits_to_keep=1, prefix_kv=state.prefix_kv)
+    cond = lm.conditioning(lang_x, media, media_offset=media_offset)
+    out = lm(lang_x, state.attention_mask, state.positions(state.attention_mask, lang_x.shape[1]), cond,
+             state.cache, logits_to_keep=1, prefix_kv=state.prefix_kv)
     state.last_logits = out.logits[:, -1].float()
     state.cond = cond.continued(cond.last_media_index())
     return state
 
 
-def _step(model: "Flamingo", state: _Prompt, tokens: torch.Tensor) -> torch.Tensor:
+def _step(lm: ConditionedLM, state: _Prompt, tokens: torch.Tensor) -> torch.Tensor:
     """Append one token per row (tokens: (N,)) and return the next logits (N, V)."""
     state.attention_mask = state.mask_buffer[:, :state.attention_mask.shape[1] + 1]   # a view: no copy
-    out = model.run_lm(tokens[:, None], state.attention_mask, state.positions(state.attention_mask, 1), state.cond,
-                       state.cache, prefix_kv=state.prefix_kv)
+    out = lm(tokens[:, None], state.attention_mask, state.positions(state.attention_mask, 1), state.cond,
+             state.cache, prefix_kv=state.prefix_kv)
     return out.logits[:, -1].float()
 
 
@@ -174,12 +166,12 @@ def logits_processors(do_sample: bool, temperature: float, top_k: int, top_p: fl
     return processors
 
 
-def decode_greedy_or_sample(model: "Flamingo", state: _Prompt, prompt_ids: torch.Tensor, max_new_tokens: int,
+def decode_greedy_or_sample(lm: ConditionedLM, state: _Prompt, prompt_ids: torch.Tensor, max_new_tokens: int,
                             stop_ids: torch.Tensor, pad_id: int, do_sample: bool,
                             processors: LogitsProcessorList, generator: torch.Generator | None
                             ) -> GenerationOutput:
     b = prompt_ids.shape[0]
-    state = state.for_decoding(model, max_new_tokens)
+    state = state.for_decoding(lm, max_new_tokens)
     sequences = prompt_ids
     finished = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
     sum_logprob = torch.zeros(b, device=prompt_ids.device)
@@ -199,19 +191,19 @@ def decode_greedy_or_sample(model: "Flamingo", state: _Prompt, prompt_ids: torch
         finished |= torch.isin(token, stop_ids)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        logits = _step(model, state, token)
+        logits = _step(lm, state, token)
     return GenerationOutput(sequences, sequences[:, prompt_ids.shape[1]:], num_tokens,
                             sum_logprob / num_tokens.clamp(min=1))
 
 
-def decode_beam_search(model: "Flamingo", state: _Prompt, prompt_ids: torch.Tensor, max_new_tokens: int,
+def decode_beam_search(lm: ConditionedLM, state: _Prompt, prompt_ids: torch.Tensor, max_new_tokens: int,
                        stop_ids: torch.Tensor, pad_id: int, num_beams: int, length_penalty: float,
                        processors: LogitsProcessorList) -> GenerationOutput:
     """Beam search with Hugging Face's rules (its default early-stopping heuristic and length penalty), so
     results match `generate(num_beams=K)`; written out here because the LM call is ours."""
     b, k, dev = prompt_ids.shape[0], num_beams, prompt_ids.device
     keep = max(2, 1 + len(stop_ids)) * k                                  # candidates kept per step
-    state = state.for_decoding(model, max_new_tokens, k)
+    state = state.for_decoding(lm, max_new_tokens, k)
     running = torch.full((b, k, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     running_scores = torch.full((b, k), NEG_INF, device=dev)
     running_scores[:, 0] = 0.0                                            # all beams start identical
@@ -258,7 +250,7 @@ def decode_beam_search(model: "Flamingo", state: _Prompt, prompt_ids: torch.Tens
             break
         state.cache.reorder_cache(beam_index)
         history = torch.cat([history[beam_index], running[:, :, t].reshape(-1, 1)], dim=1)
-        logits = _step(model, state, running[:, :, t].reshape(-1))
+        logits = _step(lm, state, running[:, :, t].reshape(-1))
 
     lens = done_lens[:, 0]
     new_tokens = done[:, 0, : int(lens.max())]
@@ -266,7 +258,7 @@ def decode_beam_search(model: "Flamingo", state: _Prompt, prompt_ids: torch.Tens
     return GenerationOutput(torch.cat([prompt_ids, new_tokens], 1), new_tokens, lens, done_sums[:, 0] / lens)
 
 
-def score_candidates(model: "Flamingo", state: _Prompt, candidates: list[list[int]], pad_id: int,
+def score_candidates(lm: ConditionedLM, state: _Prompt, candidates: list[list[int]], pad_id: int,
                      length_normalize: bool) -> torch.Tensor:
     """Log-likelihood of each candidate continuation after each prompt: (B, K), all in one batched pass."""
     b, k = state.last_logits.shape[0], len(candidates)
@@ -284,8 +276,8 @@ def score_candidates(model: "Flamingo", state: _Prompt, candidates: list[list[in
         # Candidates are right-padded: their own tokens never see the padding that follows them.
         mask = torch.cat([state.attention_mask, valid_bk[:, :-1]], dim=1)
         cond = state.cond.continued(state.cond.media_index.expand(-1, longest - 1))
-        out = model.run_lm(tokens_bk[:, :-1], mask, state.positions(mask, longest - 1), cond, state.cache,
-                           prefix_kv=state.prefix_kv)
+        out = lm(tokens_bk[:, :-1], mask, state.positions(mask, longest - 1), cond, state.cache,
+                 prefix_kv=state.prefix_kv)
         logprobs = out.logits.float().log_softmax(-1).gather(2, tokens_bk[:, 1:, None]).squeeze(2)
         total = total + (logprobs * valid_bk[:, 1:]).sum(1)
     scores = total.view(b, k)

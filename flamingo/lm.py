@@ -1,13 +1,16 @@
 """Wrapping a frozen Hugging Face causal LM: gated blocks before its decoder layers, trainable rows for the
-added tokens, and a per-call slot through which the gated blocks receive the call's media.
+added tokens, a per-call slot through which the gated blocks receive the call's media, and `ConditionedLM`,
+the one way to call the wrapped LM (tokens + the call's media in, logits out).
 
 Why a slot and not keyword arguments: not every HF architecture forwards extra arguments to its decoder
-layers (MPT does not), and released checkpoints use remote code we do not control. The slot is set only for
-the duration of one call by `Flamingo` (and per thread), so nothing is left on the model between calls.
+layers (MPT does not), and released checkpoints use remote code we do not control. `ConditionedLM` sets the
+slot only for the duration of one call (and per thread), so nothing is left on the model between calls; a
+gated block that finds the slot empty raises, since the LM was then called directly, without its media.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -15,7 +18,10 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import prefix_attention
+from .config import FlamingoConfig
 from .gated_cross_attention import GatedCrossAttentionBlock, MediaConditioning
 
 # Where the decoder layers live, by architecture (the OpenFlamingo table plus GPT-2).
@@ -157,21 +163,21 @@ class AddedTokenHead(AddedRows):
         return logits.index_copy(-1, self.added_token_ids, added.to(logits.dtype))
 
 
-def inject_flamingo_layers(lm: nn.Module, decoder_layers_attr_name: str, every_n: int, lang_dim: int,
-                           vis_dim: int, heads: int, dim_head: int, ff_mult: int,
-                           only_attend_immediate_media: bool, slot: ConditioningSlot) -> None:
+def inject_flamingo_layers(lm: nn.Module, config: FlamingoConfig, slot: ConditioningSlot) -> None:
     """Wrap every decoder layer; layers i with (i + 1) % every_n == 0 get a gated block (OpenFlamingo's rule)."""
-    layers = lm.get_submodule(decoder_layers_attr_name)
+    lang_dim = getattr(lm.config, "d_model", None) or lm.config.hidden_size          # MPT: d_model
+    layers = lm.get_submodule(config.decoder_layers_attr_name)
     wrapped = nn.ModuleList(
         FlamingoLayer(
-            GatedCrossAttentionBlock(lang_dim, vis_dim, dim_head, heads, ff_mult, only_attend_immediate_media)
-            if (i + 1) % every_n == 0 else None,
+            GatedCrossAttentionBlock(lang_dim, config.vis_dim, config.xattn_dim_head, config.xattn_heads,
+                                     config.ff_mult, config.only_attend_immediate_media, config.gate_init)
+            if (i + 1) % config.cross_attn_every_n_layers == 0 else None,
             layer,
             slot,
         )
         for i, layer in enumerate(layers)
     )
-    set_submodule(lm, decoder_layers_attr_name, wrapped)
+    set_submodule(lm, config.decoder_layers_attr_name, wrapped)
 
 
 def input_embedding_path(lm: nn.Module) -> str:
@@ -181,3 +187,78 @@ def input_embedding_path(lm: nn.Module) -> str:
         if module is target:
             return name
     raise ValueError("the LM's input embedding is not one of its submodules")
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding, so a padded row computes exactly what it would alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ConditionedLM:
+    """The wrapped LM as Flamingo calls it: one call = token ids + the call's media (a `MediaConditioning`).
+
+    It owns the call path: which media each token sees (`conditioning`), the slot the gated blocks read them
+    from, and which arguments this LM accepts. Decoding (generation.py) drives only this object. It holds no
+    weights of its own: `lang_encoder` is the module registered on the Flamingo model."""
+
+    def __init__(self, lang_encoder: nn.Module, slot: ConditioningSlot, media_token_id: int,
+                 media_token: str = "<image>"):
+        self.lang_encoder = lang_encoder
+        self.slot = slot
+        self.media_token_id = media_token_id
+        self.media_token = media_token
+        self.arguments = set(inspect.signature(lang_encoder.forward).parameters)
+        self.shares_prefix_attention = prefix_attention.installed(lang_encoder)
+
+    @classmethod
+    def wrap(cls, lang_encoder: nn.Module, config: FlamingoConfig, media_token_id: int) -> "ConditionedLM":
+        """Turn a plain HF causal LM into Flamingo's (in place): gated blocks before its decoder layers,
+        trainable rows for the added tokens, shared-prefix attention where the architecture takes it."""
+        slot = ConditioningSlot()
+        inject_flamingo_layers(lang_encoder, config, slot)
+        lang_encoder.set_input_embeddings(AddedTokenEmbedding(lang_encoder.get_input_embeddings(),
+                                                              config.added_token_ids))
+        if isinstance(lang_encoder.get_output_embeddings(), nn.Linear):
+            lang_encoder.set_output_embeddings(AddedTokenHead(lang_encoder.get_output_embeddings(),
+                                                              config.added_token_ids))
+        prefix_attention.install(lang_encoder)
+        return cls(lang_encoder, slot, media_token_id, config.media_token)
+
+    @property
+    def config(self):
+        """The HF config of the LM (cache shapes)."""
+        return self.lang_encoder.config
+
+    def gated_cross_attn_layers(self) -> list[GatedCrossAttentionBlock]:
+        return [m for m in self.lang_encoder.modules() if isinstance(m, GatedCrossAttentionBlock)]
+
+    def conditioning(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor | None,
+                     media_offset: int = 0) -> MediaConditioning:
+        """Which media each text token sees: the k-th `<image>` of a row is media k (+ media_offset).
+        input_ids: (B, L); visual_tokens: (B, T, n, D_vis) or None for text only."""
+        media_index = (input_ids == self.media_token_id).long().cumsum(-1) - 1 + media_offset   # (B, L)
+        available = 0 if visual_tokens is None else visual_tokens.shape[1]
+        needed = int(media_index.max()) + 1 if media_index.numel() else 0
+        if needed > available:
+            raise ValueError(f"the text has {needed - media_offset} {self.media_token} token(s) in a row "
+                             f"but only {available - media_offset} media were given")
+        if visual_tokens is not None:
+            visual_tokens = visual_tokens.to(self.lang_encoder.get_input_embeddings().weight.dtype)
+        return MediaConditioning(visual_tokens, media_index)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 cond: MediaConditioning, past_key_values=None, labels: torch.Tensor | None = None,
+                 logits_to_keep: int = 0, use_cache: bool = True, prefix_kv: list | None = None
+                 ) -> CausalLMOutputWithPast:
+        """One LM call with the gated blocks seeing `cond` for exactly its duration. `prefix_kv`: keys/values
+        of a shared prefix the tokens continue (see prefix_attention)."""
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                      use_cache=use_cache, labels=labels)
+        if prefix_kv is not None:
+            kwargs[prefix_attention.PREFIX_ARGUMENT] = prefix_kv
+        if "position_ids" in self.arguments:  # ALiBi models (MPT) take none: their bias is relative
+            kwargs["position_ids"] = position_ids
+        if logits_to_keep and "logits_to_keep" in self.arguments:
+            kwargs["logits_to_keep"] = logits_to_keep
+        with self.slot.use(cond):
+            return self.lang_encoder(**kwargs)

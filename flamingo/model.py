@@ -1,14 +1,30 @@
-"""The Flamingo model: frozen open_clip vision encoder -> Perceiver Resampler -> frozen HF causal LM with
-gated cross-attention blocks. The public surface follows OpenFlamingo (`forward`, `generate`,
-`vision_x` shaped (B, T_media, F, C, H, W)); the faster paths (shared prefix, scoring) sit beside it.
+"""The Flamingo model (Alayrac et al., 2022): a frozen open_clip vision encoder, a Perceiver Resampler and a
+frozen Hugging Face causal LM with gated cross-attention blocks. The public surface follows OpenFlamingo
+(`forward`, `generate`, `vision_x` shaped (B, T_media, F, C, H, W)); the faster paths (shared prefix, scoring)
+sit beside it.
 
-Media are arguments of every call. Nothing about a call is left on the model afterwards, so calls with
-different media can be made in any order, or from several threads.
+The route of the media, for one call:
+
+    vision_x (B, T, F, 3, H, W) pixels
+      -> vision_encoder (frozen)        patch tokens (B*T*F, v, vis_dim)                          vision.py
+      -> perceiver                      visual tokens (B, T, num_latents, vis_dim)                resampler.py
+      -> lm.conditioning(lang_x, .)     MediaConditioning: the visual tokens + media_index (B, L), lm.py
+                                        the last <image> at or before each text token (-1: none)
+      -> lm(...) puts it in the slot    per thread, for exactly this call                         lm.py
+      -> every FlamingoLayer            gated block (reads the slot; image-causal mask: a token   gated_cross_attention.py
+                                        attends only to the visual tokens of its media_index),
+                                        then the frozen decoder layer
+      -> logits (B, L, V)
+
+Media are arguments of every call; nothing about a call is left on the model afterwards, so calls with
+different media can be made in any order, or from several threads. Calling `lang_encoder` directly skips
+this route, so its gated blocks raise. A fixed few-shot start of the prompt can be run once
+(`prepare_prefix`) and continued by any number of queries (generation.py): exact, because under image-causal
+masking the queries see the demonstrations' images only through their self-attention keys/values.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,53 +33,45 @@ from torch import nn
 from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import generation, prefix_attention
+from . import checkpoint, generation
 from .config import FlamingoConfig
-from .gated_cross_attention import GatedCrossAttentionBlock, MediaConditioning
+from .gated_cross_attention import GatedCrossAttentionBlock
 from .generation import FewShotPrefix, GenerationOutput
-from .lm import (AddedRows, AddedTokenEmbedding, AddedTokenHead, ConditioningSlot,
-                 infer_decoder_layers_attr_name, inject_flamingo_layers)
+from .lm import AddedRows, ConditionedLM, infer_decoder_layers_attr_name, positions_from_mask
 from .resampler import PerceiverResampler
 from .tokens import add_flamingo_tokens
-from .vision import FlamingoVision, encode_vision
+from .vision import FlamingoVision, encode_vision, patch_token_width, tower_image_size, tower_normalisation
 
 
 class Flamingo(nn.Module):
     def __init__(self, vision_encoder: nn.Module, lang_encoder: nn.Module, tokenizer: PreTrainedTokenizerBase,
                  config: FlamingoConfig):
-        """Prefer `Flamingo.from_backbones` (which adds the special tokens) or `flamingo.load_model`."""
+        """Wrap the backbones as `config` says: an open_clip model (or its `.visual`), an HF causal LM and its
+        tokenizer. Adds the Flamingo tokens (and embedding rows for them) where missing, and fills the fields
+        the config leaves to the backbones (see `complete_config`). `flamingo.build` makes the backbones
+        from a config; `flamingo.load_model` takes a name or a folder."""
         super().__init__()
-        self.config = config
+        visual = getattr(vision_encoder, "visual", vision_encoder)
+        new_tokens = add_flamingo_tokens(tokenizer)
+        if len(tokenizer) > lang_encoder.get_input_embeddings().weight.shape[0]:  # LMs often pad their vocab
+            lang_encoder.resize_token_embeddings(len(tokenizer))
+        self.config = config = complete_config(config, visual, lang_encoder, tokenizer, new_tokens)
         self.tokenizer = tokenizer
-        tokenizer.padding_side = "left"
         vocab = tokenizer.get_vocab()
         missing = [t for t in (config.media_token, config.end_of_chunk_token) if t not in vocab]
         if missing:
-            raise ValueError(f"the tokenizer lacks {missing}; build with Flamingo.from_backbones, which adds them")
+            raise ValueError(f"the tokenizer lacks {missing}, the config's media / end-of-chunk tokens")
         self.media_token_id = vocab[config.media_token]
         self.eoc_token_id = vocab[config.end_of_chunk_token]
 
-        vision_encoder.output_tokens = True  # open_clip: visual(x) -> (pooled, patch tokens)
-        self.vision_encoder = vision_encoder
+        visual.output_tokens = True  # open_clip: visual(x) -> (pooled, patch tokens)
+        self.vision_encoder = visual
         self.perceiver = PerceiverResampler(
             config.vis_dim, config.resampler_depth, config.resampler_dim_head, config.resampler_heads,
             config.num_latents, config.max_num_frames, config.ff_mult,
         )
-        lang_dim = getattr(lang_encoder.config, "d_model", None) or lang_encoder.config.hidden_size  # MPT: d_model
-        self._slot = ConditioningSlot()
-        inject_flamingo_layers(
-            lang_encoder, config.decoder_layers_attr_name, config.cross_attn_every_n_layers, lang_dim,
-            config.vis_dim, config.xattn_heads, config.xattn_dim_head, config.ff_mult,
-            config.only_attend_immediate_media, self._slot,
-        )
-        lang_encoder.set_input_embeddings(AddedTokenEmbedding(lang_encoder.get_input_embeddings(),
-                                                              config.added_token_ids))
-        if isinstance(lang_encoder.get_output_embeddings(), nn.Linear):
-            lang_encoder.set_output_embeddings(AddedTokenHead(lang_encoder.get_output_embeddings(),
-                                                              config.added_token_ids))
-        self.lang_encoder = lang_encoder
-        self._lm_arguments = set(inspect.signature(lang_encoder.forward).parameters)
-        self.shares_prefix_attention = prefix_attention.install(lang_encoder)
+        self.lm = ConditionedLM.wrap(lang_encoder, config, self.media_token_id)   # the LM's call path
+        self.lang_encoder = lang_encoder                                            # its weights
 
         # Frozen backbones; trained: resampler, gated blocks, the added tokens' embedding rows.
         self.requires_grad_(False)
@@ -75,50 +83,34 @@ class Flamingo(nn.Module):
                 module.added_rows.requires_grad_(True)
         self.eval()
 
-    # ------------------------------------------------------------------ construction
+    # ------------------------------------------------------------------ construction and weights
     @classmethod
     def from_backbones(cls, vision_encoder: nn.Module, lang_encoder: nn.Module,
                        tokenizer: PreTrainedTokenizerBase, cross_attn_every_n_layers: int = 1,
-                       decoder_layers_attr_name: str | None = None, **config_overrides) -> "Flamingo":
-        """Build from already constructed backbones: an open_clip model (or its `.visual`), an HF causal LM
-        and its tokenizer. Adds the Flamingo tokens and resizes the LM's embeddings for them."""
+                       decoder_layers_attr_name: str | None = None, **config_fields) -> "Flamingo":
+        """OpenFlamingo-style, from already constructed backbones: the config is `config_fields` (bridge
+        sizes etc.) with the pixel statistics the tower states; the rest is read from the backbones."""
         visual = getattr(vision_encoder, "visual", vision_encoder)
-        image_size = visual.image_size
-        image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-        new_tokens = add_flamingo_tokens(tokenizer)
-        if len(tokenizer) > lang_encoder.get_input_embeddings().weight.shape[0]:  # LMs often pad their vocab
-            lang_encoder.resize_token_embeddings(len(tokenizer))
-        config = FlamingoConfig(
-            cross_attn_every_n_layers=cross_attn_every_n_layers,
-            decoder_layers_attr_name=decoder_layers_attr_name or infer_decoder_layers_attr_name(lang_encoder),
-            vis_dim=_patch_token_width(visual),
-            image_size=int(image_size),
-            added_token_ids=tokenizer.convert_tokens_to_ids(
-                new_tokens or [FlamingoConfig.end_of_chunk_token, FlamingoConfig.media_token]),
-        )
-        mean, std = getattr(visual, "image_mean", None), getattr(visual, "image_std", None)
-        if mean is not None and std is not None:
-            config = replace(config, image_mean=tuple(mean), image_std=tuple(std))
-        config = replace(config, **config_overrides)
-        return cls(visual, lang_encoder, tokenizer, config)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> "Flamingo":
-        """Load a model saved with `save_pretrained` (safetensors + JSON, no pickles)."""
-        from .checkpoint import load_pretrained
-        return load_pretrained(path, device=device)
+        config = FlamingoConfig(cross_attn_every_n_layers=cross_attn_every_n_layers,
+                                decoder_layers_attr_name=decoder_layers_attr_name,
+                                **{**tower_normalisation(visual), **config_fields})
+        return cls(vision_encoder, lang_encoder, tokenizer, config)
 
     def save_pretrained(self, path: str | Path) -> None:
-        from .checkpoint import save_pretrained
-        save_pretrained(self, path)
+        """Config, weights (safetensors) and tokenizer in a folder that `flamingo.load_model` reads offline."""
+        checkpoint.save_pretrained(self, path)
 
     def load_openflamingo_checkpoint(self, path_or_state_dict) -> None:
         """Load a released OpenFlamingo `checkpoint.pt` (a path, a hub id, or a state dict)."""
-        from .checkpoint import load_openflamingo_checkpoint
-        load_openflamingo_checkpoint(self, path_or_state_dict)
+        checkpoint.load_openflamingo_checkpoint(self, path_or_state_dict)
 
     def gated_cross_attn_layers(self) -> list[GatedCrossAttentionBlock]:
-        return [m for m in self.lang_encoder.modules() if isinstance(m, GatedCrossAttentionBlock)]
+        return self.lm.gated_cross_attn_layers()
+
+    @property
+    def shares_prefix_attention(self) -> bool:
+        """Whether a shared prefix is read once per batch (prefix_attention) rather than copied per row."""
+        return self.lm.shares_prefix_attention
 
     def parameter_counts(self) -> dict[str, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -151,36 +143,6 @@ class Flamingo(nn.Module):
         """Encoder + resampler alone (same weights), e.g. to drop the LM where only vision runs."""
         return FlamingoVision(self.vision_encoder, self.perceiver)
 
-    def media_conditioning(self, lang_x: torch.Tensor, visual_tokens: torch.Tensor | None,
-                           media_offset: int = 0) -> MediaConditioning:
-        """Which media each text token sees: the k-th `<image>` of a row is media k (+ media_offset)."""
-        media_index = (lang_x == self.media_token_id).long().cumsum(-1) - 1 + media_offset   # (B, L)
-        available = 0 if visual_tokens is None else visual_tokens.shape[1]
-        needed = int(media_index.max()) + 1 if media_index.numel() else 0
-        if needed > available:
-            raise ValueError(f"the text has {needed - media_offset} {self.config.media_token} token(s) in a row "
-                             f"but only {available - media_offset} media were given")
-        if visual_tokens is not None:
-            visual_tokens = visual_tokens.to(self.dtype)
-        return MediaConditioning(visual_tokens, media_index)
-
-    def run_lm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-               cond: MediaConditioning | None, past_key_values=None, labels: torch.Tensor | None = None,
-               logits_to_keep: int = 0, use_cache: bool = True, prefix_kv: list | None = None
-               ) -> CausalLMOutputWithPast:
-        """One LM call with the gated blocks seeing `cond` for exactly its duration. `prefix_kv`: keys/values
-        of a shared prefix the tokens continue (see prefix_attention)."""
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                      use_cache=use_cache, labels=labels)
-        if prefix_kv is not None:
-            kwargs[prefix_attention.PREFIX_ARGUMENT] = prefix_kv
-        if "position_ids" in self._lm_arguments:  # ALiBi models (MPT) take none: their bias is relative
-            kwargs["position_ids"] = position_ids
-        if logits_to_keep and "logits_to_keep" in self._lm_arguments:
-            kwargs["logits_to_keep"] = logits_to_keep
-        with self._slot.use(cond):
-            return self.lang_encoder(**kwargs)
-
     def forward(self, vision_x: torch.Tensor | None = None, lang_x: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 past_key_values=None, use_cache: bool = False,
@@ -193,7 +155,7 @@ class Flamingo(nn.Module):
             visual_tokens = self.encode_vision(vision_x)
         if attention_mask is None:
             attention_mask = torch.ones_like(lang_x)
-        cond = self.media_conditioning(lang_x, visual_tokens)
+        cond = self.lm.conditioning(lang_x, visual_tokens)
         past_len = 0
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
             past_len = past_key_values.get_seq_length()
@@ -202,8 +164,8 @@ class Flamingo(nn.Module):
         full_mask = attention_mask
         if attention_mask.shape[1] == lang_x.shape[1] and past_len:
             full_mask = torch.cat([attention_mask.new_ones(lang_x.shape[0], past_len), attention_mask], 1)
-        positions = generation.positions_from_mask(full_mask)[:, -lang_x.shape[1]:]
-        return self.run_lm(lang_x, full_mask, positions, cond, past_key_values, labels=labels, use_cache=use_cache)
+        positions = positions_from_mask(full_mask)[:, -lang_x.shape[1]:]
+        return self.lm(lang_x, full_mask, positions, cond, past_key_values, labels=labels, use_cache=use_cache)
 
     # ------------------------------------------------------------------ generation and scoring
     @torch.inference_mode()
@@ -212,7 +174,7 @@ class Flamingo(nn.Module):
         """Compute a fixed few-shot prefix once (batch 1): its visual tokens and its KV cache."""
         if visual_tokens is None and vision_x is not None:
             visual_tokens = self.encode_vision(vision_x)
-        return generation.prepare_prefix(self, lang_x.to(self.device), visual_tokens)
+        return generation.prepare_prefix(self.lm, lang_x.to(self.device), visual_tokens)
 
     @torch.inference_mode()
     def generate(self, vision_x: torch.Tensor | None = None, lang_x: torch.Tensor | None = None,
@@ -240,14 +202,14 @@ class Flamingo(nn.Module):
         pad = self.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         processors = generation.logits_processors(do_sample, temperature, top_k, top_p, logits_processor,
                                                   min_new_tokens, lang_x.shape[1], stop)
-        state = generation.run_prompt(self, lang_x, attention_mask, visual_tokens, prefix)
+        state = generation.run_prompt(self.lm, lang_x, attention_mask, visual_tokens, prefix)
         if num_beams > 1:
             if do_sample:
                 raise ValueError("beam search with sampling is not supported; use num_beams=1 to sample")
-            out = generation.decode_beam_search(self, state, lang_x, max_new_tokens, stop, pad, num_beams,
+            out = generation.decode_beam_search(self.lm, state, lang_x, max_new_tokens, stop, pad, num_beams,
                                                 length_penalty, processors)
         else:
-            out = generation.decode_greedy_or_sample(self, state, lang_x, max_new_tokens, stop, pad,
+            out = generation.decode_greedy_or_sample(self.lm, state, lang_x, max_new_tokens, stop, pad,
                                                      do_sample, processors, generator)
         return out if return_dict else out.sequences
 
@@ -261,8 +223,8 @@ class Flamingo(nn.Module):
             visual_tokens = self.encode_vision(vision_x.to(self.device))
         lang_x = lang_x.to(self.device)
         attention_mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask.to(self.device)
-        state = generation.run_prompt(self, lang_x, attention_mask, visual_tokens, prefix)
-        return generation.score_candidates(self, state, candidates, self.tokenizer.pad_token_id, length_normalize)
+        state = generation.run_prompt(self.lm, lang_x, attention_mask, visual_tokens, prefix)
+        return generation.score_candidates(self.lm, state, candidates, self.tokenizer.pad_token_id, length_normalize)
 
     # ------------------------------------------------------------------ text in, text out
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,13 +249,19 @@ class Flamingo(nn.Module):
         return torch.tensor(ids, device=self.device)
 
 
-def _patch_token_width(visual: nn.Module) -> int:
-    """Width of the patch tokens an open_clip vision tower returns (before its projection)."""
-    transformer = getattr(visual, "transformer", None)
-    if isinstance(getattr(transformer, "width", None), int):
-        return transformer.width
-    ln_post = getattr(visual, "ln_post", None)
-    if ln_post is not None:
-        return ln_post.normalized_shape[0]
-    raise ValueError(f"cannot tell the patch-token width of {type(visual).__name__}; pass vis_dim=")
-
+def complete_config(config: FlamingoConfig, visual: nn.Module, lm: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                    new_tokens: list[str]) -> FlamingoConfig:
+    """The config with the fields it leaves open (None) read from the backbones: the tower's patch-token width
+    and image size, where the LM keeps its decoder layers, and the ids of the tokens Flamingo added (with a
+    tokenizer that had them all, the media and end-of-chunk tokens)."""
+    image_size = tower_image_size(visual)
+    if config.image_size is not None and config.image_size != image_size:
+        raise ValueError(f"the config says image_size {config.image_size}, but the vision tower takes {image_size}")
+    added = config.added_token_ids
+    if added is None:
+        added = tokenizer.convert_tokens_to_ids(new_tokens or [config.end_of_chunk_token, config.media_token])
+    return replace(
+        config, image_size=image_size, added_token_ids=list(added),
+        vis_dim=config.vis_dim if config.vis_dim is not None else patch_token_width(visual),
+        decoder_layers_attr_name=config.decoder_layers_attr_name or infer_decoder_layers_attr_name(lm),
+    )

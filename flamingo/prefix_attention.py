@@ -35,6 +35,11 @@ def install(lm: nn.Module) -> bool:
     return True
 
 
+def installed(lm: nn.Module) -> bool:
+    """Whether `lm` reads a shared prefix once for the batch (else each row gets its own copy)."""
+    return lm.config._attn_implementation == NAME
+
+
 def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                             **kwargs) -> tuple[torch.Tensor, None]:

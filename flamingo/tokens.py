@@ -1,13 +1,17 @@
-"""Flamingo's special tokens and a tokenizer that needs no download (for tiny test models)."""
+"""Flamingo's special tokens, and adding them to a tokenizer. Light (no transformers import at run time), so
+code that only writes prompts can import the token strings cheaply."""
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 MEDIA_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 PAD_TOKEN = "<PAD>"
+BYTE_LEVEL_TOKENIZER = "byte-level"   # a tokenizer name: the one built in code (backbones.byte_level_tokenizer)
 
 
 def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
@@ -23,15 +27,3 @@ def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
         new.append(PAD_TOKEN)
     tokenizer.padding_side = "left"  # generation continues at the right end of every row
     return new
-
-
-def byte_level_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with no merges: 256 byte tokens plus an end-of-text token. Built in code,
-    so tiny models can be created and saved on a machine with no model hub."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<|endoftext|>"] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>")

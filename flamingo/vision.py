@@ -34,3 +34,28 @@ class FlamingoVision(nn.Module):
 
     def forward(self, vision_x: torch.Tensor) -> torch.Tensor:
         return encode_vision(self.vision_encoder, self.perceiver, vision_x)
+
+
+# Facts of an open_clip vision tower that size the bridges and the image processor.
+
+def patch_token_width(visual: nn.Module) -> int:
+    """Width of the patch tokens an open_clip vision tower returns (before its projection)."""
+    transformer = getattr(visual, "transformer", None)
+    if isinstance(getattr(transformer, "width", None), int):
+        return transformer.width
+    ln_post = getattr(visual, "ln_post", None)
+    if ln_post is not None:
+        return ln_post.normalized_shape[0]
+    raise ValueError(f"cannot tell the patch-token width of {type(visual).__name__}; pass vis_dim=")
+
+
+def tower_image_size(visual: nn.Module) -> int:
+    size = visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def tower_normalisation(visual: nn.Module) -> dict[str, tuple[float, ...]]:
+    """The pixel mean / std a tower states (open_clip sets them on towers it creates by name), as config
+    fields; empty when it states none."""
+    mean, std = getattr(visual, "image_mean", None), getattr(visual, "image_std", None)
+    return {} if mean is None or std is None else {"image_mean": tuple(mean), "image_std": tuple(std)}

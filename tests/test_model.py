@@ -84,7 +84,7 @@ def test_each_token_cross_attends_to_the_last_image_only(model):
     """Which visual tokens each text token may attend to (later text still sees earlier text, and through it
     earlier images, by self-attention: that is the paper's design)."""
     lang_x, _ = model.tokenize(["before <image>one<|endofchunk|><image>two"])
-    cond = model.media_conditioning(lang_x, torch.zeros(1, 2, 8, 64))
+    cond = model.lm.conditioning(lang_x, torch.zeros(1, 2, 8, 64))
     image_positions = (lang_x[0] == model.media_token_id).nonzero().flatten().tolist()
     expected = [-1] * image_positions[0] + [0] * (image_positions[1] - image_positions[0]) \
         + [1] * (lang_x.shape[1] - image_positions[1])
@@ -105,7 +105,7 @@ def test_calls_leave_no_state_behind(model):
     torch.testing.assert_close(again_b, alone_b, atol=0, rtol=0)
     assert model.generate(vision_x=a, lang_x=lang_x, max_new_tokens=6).tolist() == gen_a.tolist()
     assert not torch.equal(alone_a, alone_b)
-    assert model._slot.current() is None
+    assert model.lm.slot.current() is None
     # Concurrent calls from threads do not see each other's media.
     results = {}
 

@@ -8,8 +8,8 @@ import open_clip
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from flamingo.factory import PRESETS
-from flamingo.tokens import byte_level_tokenizer
+from flamingo.backbones import byte_level_tokenizer
+from flamingo.presets import PRESETS
 
 VISION = PRESETS["tiny-random"].vision_encoder_config
 VIS_DIM = VISION["vision_cfg"]["width"]

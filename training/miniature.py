@@ -11,9 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from flamingo.model import Flamingo
+from flamingo.build import build
+from flamingo.config import FlamingoConfig
 from training.pretrain_lm import load_lm
 from training.pretrain_vision import load_vision
 
@@ -35,18 +34,16 @@ class BridgeSizes:
 
 def build_miniature(vision_dir: str | Path, lm_dir: str | Path, out_dir: str | Path,
                     sizes: BridgeSizes = BridgeSizes(), seed: int = 0) -> Path:
-    """Wrap the two pretrained backbones with `Flamingo.from_backbones` (bridges seeded by `seed`) and
-    `save_pretrained` the result to `out_dir`, which `flamingo.load_model` then reads offline."""
+    """Join the two pretrained backbones with fresh bridges (seeded by `seed`) and `save_pretrained` the
+    result to `out_dir`, which `flamingo.load_model` then reads offline."""
     clip, clip_config = load_vision(vision_dir)
     lm, tokenizer = load_lm(lm_dir)
-    bridges = dataclasses.asdict(sizes)
-    every = bridges.pop("cross_attn_every_n_layers")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Flamingo.from_backbones(clip, lm, tokenizer, every, **bridges)
-    # Where the backbones came from: a custom open_clip tower rebuilt from its config, an LM from its
-    # config (save_pretrained fills in lang_encoder_config and the tokenizer folder).
-    model.config = dataclasses.replace(model.config, vision_encoder="custom", vision_encoder_pretrained=None,
-                                       vision_encoder_config=clip_config, lang_encoder="")
+    # What the model is: a custom open_clip tower rebuilt from its config, an LM from its config (with the
+    # tokenizer stage 2 trained), and the bridge sizes. The pretrained backbones are passed to `build` as they
+    # are; only the bridges are new.
+    config = FlamingoConfig(vision_encoder="custom", vision_encoder_pretrained=None, vision_encoder_config=clip_config,
+                            lang_encoder="", lang_encoder_config=lm.config.to_dict(), tokenizer=str(lm_dir),
+                            **dataclasses.asdict(sizes))
+    model = build(config, seed, vision_encoder=clip, lang_encoder=lm, tokenizer=tokenizer)
     model.save_pretrained(out_dir)
     return Path(out_dir)
