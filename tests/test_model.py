@@ -120,6 +120,16 @@ def test_calls_leave_no_state_behind(model):
     assert results["a"].tolist() == gen_a.tolist() and results["b"].tolist() == gen_b.tolist()
 
 
+def test_calling_the_lang_encoder_directly_is_a_clear_error(model):
+    """The gated blocks get their media from the Flamingo call: the bare LM has none to give them."""
+    lang_x, _ = model.tokenize(["plain text"])
+    with pytest.raises(RuntimeError, match="outside a Flamingo call.*not its lang_encoder directly"):
+        model.lang_encoder(input_ids=lang_x)
+    with torch.no_grad():
+        text_only = model(lang_x=lang_x).logits       # the same text through the model: no media, no error
+    assert torch.isfinite(text_only).all()
+
+
 def test_left_padded_batch_equals_each_item_alone(model):
     texts = ["<image>a", "<image>a much longer prompt<|endofchunk|><image>with two images"]
     vision_x = images(2, 2, seed=3)
