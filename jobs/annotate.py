@@ -8,7 +8,7 @@ job's cluster. `flamingo-annotate submit` builds this command for you.
 
 import sys
 
-from pipeline.cli import main
+from flamingo_annotate.cli import main
 
 if __name__ == "__main__":
     main(["run", "--address", "auto", *sys.argv[1:]], prog_name="jobs/annotate.py")

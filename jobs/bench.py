@@ -8,7 +8,7 @@ Takes the options of `flamingo-annotate bench` (see `python jobs/bench.py --help
 
 import sys
 
-from pipeline.cli import main
+from flamingo_annotate.cli import main
 
 if __name__ == "__main__":
     main(["bench", *sys.argv[1:]], prog_name="jobs/bench.py")

@@ -10,7 +10,7 @@ latest checkpoint.
 
 import sys
 
-from pipeline.cli import main
+from flamingo_annotate.cli import main
 
 if __name__ == "__main__":
     main(["train", *sys.argv[1:]], prog_name="jobs/train.py")

@@ -6,7 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from flamingo_annotate.cli import main
 
 pytest.importorskip("open_flamingo")
 
@@ -14,7 +14,8 @@ pytest.importorskip("open_flamingo")
 def test_bench_runs_and_matches_openflamingo(tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, [
-        "bench", "--model", "tiny-random-openflamingo", "--items", "8", "--batch-size", "4", "--openflamingo-batch-size", "4",
+        "bench", "--model", "tiny-random-openflamingo", "--items", "8", "--batch-size", "4",
+        "--openflamingo-batch-size", "4",
         "--shots", "2", "--caption-tokens", "4", "--new-tokens", "5", "--shots-sweep", "0,2",
         "--compare-openflamingo", "--json", str(out)])
     assert result.exit_code == 0, result.output

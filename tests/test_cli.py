@@ -1,4 +1,4 @@
-"""The command line (pipeline/cli.py), the query helpers behind it, the Ray job entrypoint and cluster.yaml."""
+"""The command line (flamingo_annotate/cli.py), the query helpers behind it, the Ray job entrypoint and cluster.yaml."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from flamingo_annotate.cli import PROJECT_ROOT, main
 from pipeline import job
-from pipeline.cli import PROJECT_ROOT, main
 from pipeline.job import JobConfig, JobSummary, StageResources
+from pipeline.task import load_tasks
 from pipeline.write import to_output_table
 
 TASKS = PROJECT_ROOT / "jobs" / "tasks"
@@ -77,16 +78,24 @@ def write_output(folder: Path, table: pa.Table | None = None) -> Path:
 # --- import cost and help ----------------------------------------------------------------------------------------
 
 def test_cli_module_imports_no_heavy_libraries() -> None:
-    code = ("import sys, pipeline.cli; "
+    code = ("import sys, flamingo_annotate.cli; "
             "print(sorted(m for m in ('ray', 'torch', 'duckdb', 'pyarrow', 'fsspec') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
+def test_query_module_imports_no_ray() -> None:
+    """`query` reads the output schema's column names (pipeline.schema) without starting Ray."""
+    code = "import sys, pipeline.query; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_help_lists_the_commands(runner: CliRunner) -> None:
     result = runner.invoke(main, ["--help"])
     assert result.exit_code == 0
-    for command in ("run", "submit", "status", "logs", "validate", "query", "demo"):
+    for command in ("run", "submit", "status", "logs", "validate", "query", "demo", "train", "recipe", "eval",
+                    "bench"):
         assert f"  {command} " in result.output
 
 
@@ -139,7 +148,7 @@ def test_run_builds_the_job_config_from_the_options(
     assert result.exit_code == 0, result.output
     (config,) = run_job_calls
     assert config == JobConfig(
-        task_files=[str(Path(p).resolve()) for p in EXAMPLES],
+        tasks=load_tasks(EXAMPLES),
         input_uri="s3://bucket/images/",
         output_uri=str(tmp_path / "out" / "run"),
         model="some/checkpoint",
@@ -161,7 +170,7 @@ def test_run_without_options_keeps_the_job_defaults(runner: CliRunner, run_job_c
     result = runner.invoke(main, ["run", CAPTION, "--input", "s3://b/in", "--output", "s3://b/out"])
     assert result.exit_code == 0, result.output
     (config,) = run_job_calls
-    assert config == JobConfig(task_files=[CAPTION], input_uri="s3://b/in", output_uri="s3://b/out")
+    assert config == JobConfig(tasks=load_tasks([CAPTION]), input_uri="s3://b/in", output_uri="s3://b/out")
 
 
 @pytest.mark.parametrize("option, value", [("--vision-actors", "0"), ("--generate-gpus", "-1"), ("--fps", "0")])
@@ -366,7 +375,7 @@ def test_demo_runs_the_bundled_tasks_on_the_bundled_sample(
     result = runner.invoke(main, ["demo", "--output", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
     (config,) = configs
-    assert config == JobConfig(task_files=EXAMPLES, input_uri=str(PROJECT_ROOT / "jobs" / "sample"),
+    assert config == JobConfig(tasks=load_tasks(EXAMPLES), input_uri=str(PROJECT_ROOT / "jobs" / "sample"),
                                output_uri=str(tmp_path / "demo"))
     assert "Annotated 3 items" in result.stdout and "/in/a.png | caption | A red circle." in result.stdout
 

@@ -1,41 +1,30 @@
-"""Parity with the reference implementation: OpenFlamingo 2.0.1's own code, tiny random weights, its state
-dict loaded through our OpenFlamingo loader. Gates are opened first, or cross-attention would be a no-op."""
+"""Parity with the reference implementation: OpenFlamingo 2.0.1's own code, assembled by
+flamingo_annotate/reference.py as the benchmark assembles it, with tiny random weights; its state dict is loaded
+through our OpenFlamingo loader. Gates are opened first, or cross-attention would be a no-op."""
 
 import pytest
 import torch
-
-from flamingo import Flamingo
 from tiny_models import VIS_DIM, images, make_backbones, open_gates
 
-open_flamingo = pytest.importorskip("open_flamingo")
-from open_flamingo.src.flamingo import Flamingo as ReferenceFlamingo  # noqa: E402
-from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
-from open_flamingo.src.utils import extend_instance  # noqa: E402
+from flamingo import Flamingo
+
+pytest.importorskip("open_flamingo")
+from flamingo_annotate.reference import build_reference  # noqa: E402  (needs OpenFlamingo)
 
 LAYERS = {"llama": "model.layers", "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers",
           "mpt": "transformer.blocks"}
 
 
-class _LMMixin(FlamingoLMMixin):
-    """OpenFlamingo's mixin requires attention_mask positionally; transformers 5 generate() omits it."""
-
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
-        return FlamingoLMMixin.forward(self, input_ids, attention_mask, **kwargs)
-
-
 def build_pair(arch: str, every: int):
     clip, lm, tokenizer = make_backbones(arch)
     ref_clip, ref_lm, ref_tokenizer = make_backbones(arch)
-    ref_clip.visual.output_tokens = True  # as OpenFlamingo's factory does
     ref_tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
     if ref_tokenizer.pad_token is None:
         ref_tokenizer.add_special_tokens({"pad_token": "<PAD>"})
-    extend_instance(ref_lm, _LMMixin)
-    ref_lm.set_decoder_layers_attr_name(LAYERS[arch])
     ref_lm.resize_token_embeddings(len(ref_tokenizer))
-    reference = ReferenceFlamingo(ref_clip, ref_lm, ref_tokenizer.encode("<|endofchunk|>")[-1],
-                                  ref_tokenizer.encode("<image>")[-1], vis_dim=VIS_DIM,
-                                  cross_attn_every_n_layers=every).eval()
+    reference = build_reference(ref_clip, ref_lm, eoc_token_id=ref_tokenizer.encode("<|endofchunk|>")[-1],
+                                media_token_id=ref_tokenizer.encode("<image>")[-1], vis_dim=VIS_DIM,
+                                cross_attn_every_n_layers=every, decoder_layers_attr_name=LAYERS[arch]).eval()
     torch.manual_seed(1)
     with torch.no_grad():  # random bridges, not the initial ones, so every parameter matters
         for name, p in reference.named_parameters():

@@ -1,6 +1,7 @@
 """`flamingo-annotate`: validate task files, run or submit annotation jobs, query their output.
 
 The commands only parse options and print; the work lives in pipeline.task, pipeline.job and pipeline.query.
+The commands that make or measure a model (train, recipe, eval, bench) are in model_commands.py.
 Ray, torch and DuckDB are imported inside the commands that need them, so `--help` and `validate` are instant.
 """
 
@@ -15,12 +16,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from flamingo_annotate.model_commands import MODEL_COMMANDS
 from pipeline.task import Task, TaskError, check_tasks, is_uri
 
-if TYPE_CHECKING:  # pipeline.job may import Ray
+if TYPE_CHECKING:  # pipeline.job imports the model library (torch)
     from pipeline.job import JobConfig, JobSummary
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the repository root, which `submit` uploads
 JOBS_DIR = PROJECT_ROOT / "jobs"
 ENTRYPOINT = "jobs/annotate.py"
 # Kept out of the working_dir uploaded with `submit` (Ray also honours .gitignore).
@@ -71,7 +73,7 @@ _dashboard_option = click.option("--address", metavar="URL", required=True,
                                  help="The cluster's dashboard, e.g. http://HEAD:8265.")
 
 
-@click.group()
+@click.group(commands=MODEL_COMMANDS)
 @click.version_option(package_name="flamingo-annotate")
 def main() -> None:
     """Annotate images and videos with a Flamingo model using few-shot task files, on Ray Data."""
@@ -203,109 +205,11 @@ def demo(output_uri: str) -> None:
 
     task_files = sorted(str(path) for path in (JOBS_DIR / "tasks").glob("*.yaml"))
     tasks = _load_tasks_or_exit(task_files, s3_endpoint=None, no_remote_check=False)
-    summary = job.run_job(job.JobConfig(task_files=[t.path for t in tasks], input_uri=str(JOBS_DIR / "sample"),
+    summary = job.run_job(job.JobConfig(tasks=tasks, input_uri=str(JOBS_DIR / "sample"),
                                         output_uri=_absolute_if_local(output_uri)))
     _print_summary(summary, None)
     con = output_query.connect(summary.output)
     click.echo(output_query.summarize(con, summary.output, samples=8).format())
-
-
-@main.command()
-@click.option("--model", default="random-vits32-llama8", show_default=True,
-              help="A preset (random weights are enough for speed) or a saved model folder.")
-@click.option("--shots", type=click.IntRange(min=0), default=4, show_default=True)
-@click.option("--caption-tokens", type=click.IntRange(min=1), default=12, show_default=True)
-@click.option("--query-tokens", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--new-tokens", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--openflamingo-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--items", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-@click.option("--shots-sweep", default="0,4,16,32", show_default=True,
-              help="Comma-separated shot counts for the cost-per-item sweep ('' to skip).")
-@click.option("--compare-openflamingo", is_flag=True,
-              help="Also run OpenFlamingo 2.0.1's generate() on the same items; report the ratio.")
-@click.option("--pipeline", "run_pipeline", is_flag=True, help="Also run the workload as a Ray job.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results here.")
-def bench(shots_sweep: str, run_pipeline: bool, json_path: str | None, **options: Any) -> None:
-    """Measure items/s per stage and end to end, FLOPs per item and the share of the matmul rate."""
-    from pipeline.bench import BenchConfig, format_result, run_benchmark, save_result
-
-    sweep = tuple(int(s) for s in shots_sweep.split(",") if s.strip())
-    result = run_benchmark(BenchConfig(shots_sweep=sweep, pipeline=run_pipeline, **options))
-    click.echo(format_result(result))
-    if json_path:
-        save_result(result, json_path)
-        click.echo(f"results written to {json_path}")
-
-
-@main.command()
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
-@click.option("--local", is_flag=True, help="Train in this process instead of on Ray Train.")
-def train(config: str, local: bool) -> None:
-    """Train the bridges (resampler, gated cross-attention, added tokens) of a model on the data a CONFIG
-    file names, backbones frozen. Running the same config again resumes from its latest checkpoint."""
-    from training.config import load_config
-    from training.train import train as train_on_ray
-    from training.train import train_local
-
-    settings = load_config(config)
-    train_local(settings) if local else train_on_ray(settings)
-    click.echo(f"model written to {settings.output_dir}")
-
-
-@main.command()
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
-@click.option("--local", is_flag=True, help="Run stage 3 in this process instead of on Ray Train.")
-def recipe(config: str, local: bool) -> None:
-    """Reproduce the miniature model from a recipe CONFIG (e.g. jobs/train_configs/miniature.yaml): stage 1
-    vision tower, stage 2 language model, stage 3 bridges, then the evaluation table. Finished stages
-    are skipped, so running it again continues an interrupted recipe."""
-    from training.config import ConfigError
-    from training.recipe import load_recipe, run_recipe
-
-    try:
-        settings = load_recipe(config)
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
-    click.echo(f"model written to {run_recipe(settings, local=local)}")
-
-
-@main.command("eval")
-@click.option("--model", metavar="NAME_OR_PATH", help="A preset, a bundled model or a saved model folder [default: miniature].")
-@click.option("--scenes", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Held-out scenes to caption and question.")
-@click.option("--clips", type=click.IntRange(min=0), default=32, show_default=True,
-              help="Held-out clips to caption and question.")
-@click.option("--episodes", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Binding episodes per point of the few-shot curve.")
-@click.option("--ways", type=click.IntRange(min=2), default=2, show_default=True,
-              help="Nonsense words per binding episode (chance = 1/ways).")
-@click.option("--shots", default="0,1,2,4,8", show_default=True, help="Shots per word on the binding curve.")
-@click.option("--categories", default="colour_shape,shape", show_default=True,
-              help="What the binding words name, one curve each: colour_shape ('red circle'), shape.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
-def evaluate(model: str | None, scenes: int, clips: int, episodes: int, ways: int, shots: str, categories: str,
-             seed: int, json_path: str | None) -> None:
-    """Caption, question-answering and few-shot binding accuracy on held-out scenes of the synthetic world,
-    with the binding curve repeated with every gate at 0 (no vision) as the control."""
-    from flamingo import DEFAULT_MODEL, load_model
-    from training.evaluate import EvalConfig
-    from training.evaluate import evaluate as run_evaluation
-
-    try:
-        settings = EvalConfig(seed=seed, scenes=scenes, clips=clips, episodes=episodes, ways=ways,
-                              shots=tuple(int(s) for s in shots.split(",") if s.strip()),
-                              categories=tuple(c.strip() for c in categories.split(",") if c.strip()))
-    except ValueError as error:
-        raise click.BadParameter(str(error)) from None
-    report = run_evaluation(load_model(model or DEFAULT_MODEL), settings)
-    click.echo(report.table())
-    if json_path:
-        report.save(json_path)
-        click.echo(f"results written to {json_path}")
 
 
 def _load_tasks_or_exit(task_files: Sequence[str], *, s3_endpoint: str | None,
@@ -336,7 +240,7 @@ def _job_config(tasks: Sequence[Task], *, input_uri: str, output_uri: str, addre
                                      num_gpus=vision_gpus, num_cpus=vision_cpus))
     generation = dataclasses.replace(default_generation_resources(), **_given(
         pool_size=generate_actors, batch_size=generate_batch_size, num_gpus=generate_gpus, num_cpus=generate_cpus))
-    return JobConfig(task_files=[task.path for task in tasks], input_uri=_absolute_if_local(input_uri),
+    return JobConfig(tasks=tuple(tasks), input_uri=_absolute_if_local(input_uri),
                      output_uri=_absolute_if_local(output_uri), vision=vision, generation=generation,
                      storage_options=_storage_options(s3_endpoint), progress=not no_progress,
                      **_given(model=model, address=address, num_frames=num_frames, fps=fps))

@@ -8,7 +8,7 @@ measured in this one run on this one machine: compare ratios, not absolute numbe
 
 from __future__ import annotations
 
-import copy
+import importlib.util
 import json
 import resource
 import time
@@ -185,6 +185,7 @@ def run_pipeline(config: BenchConfig) -> dict:
     from PIL import Image
 
     from pipeline.job import JobConfig, StageResources, run_job
+    from pipeline.task import load_task
 
     rng = np.random.default_rng(config.seed)
 
@@ -205,7 +206,7 @@ def run_pipeline(config: BenchConfig) -> dict:
             + f"query: '{'Out:'[:max(config.query_tokens - 1, 0)]}'\n"
             + f"generation: {{max_new_tokens: {config.new_tokens}}}\n")
         resources = StageResources(batch_size=config.batch_size)
-        summary = run_job(JobConfig([str(root / "task.yaml")], str(root / "in"), str(root / "out"),
+        summary = run_job(JobConfig((load_task(root / "task.yaml"),), str(root / "in"), str(root / "out"),
                                     model=config.model, vision=resources, generation=resources, progress=False))
     return {"items_per_second": summary.items_per_second, "seconds": summary.seconds, "rows_ok": summary.rows_ok}
 
@@ -214,7 +215,12 @@ def compare_openflamingo(model, work: Workload, config: BenchConfig, our_tokens:
                          our_items_per_second: float) -> dict:
     """The same items through OpenFlamingo 2.0.1's `generate()`, the way its evaluation harness calls it:
     demonstration images and text repeated for every query, one batch at a time."""
-    reference = openflamingo_copy(model)
+    if importlib.util.find_spec("open_flamingo") is None:
+        raise RuntimeError("--compare-openflamingo needs OpenFlamingo: pip install --no-deps "
+                           "open-flamingo==2.0.1 einops einops-exts")
+    from flamingo_annotate.reference import reference_copy
+
+    reference = reference_copy(model)
     dev, dtype = config.device, getattr(torch, config.dtype)
     prompt = torch.cat([work.prefix_ids(config.shots)[0], work.query])
     demos = work.demo_images[:config.shots]
@@ -241,69 +247,13 @@ def compare_openflamingo(model, work: Workload, config: BenchConfig, our_tokens:
             "greedy_outputs_identical": bool(torch.equal(theirs, our_tokens.cpu()))}
 
 
-def openflamingo_copy(model):
-    """OpenFlamingo 2.0.1's own model holding the same weights as `model` (its package is needed:
-    `pip install --no-deps open-flamingo==2.0.1 einops einops-exts`)."""
-    try:
-        from open_flamingo.src.flamingo import Flamingo as ReferenceFlamingo
-        from open_flamingo.src.flamingo_lm import FlamingoLMMixin
-        from open_flamingo.src.utils import extend_instance
-    except ImportError as error:
-        raise RuntimeError("--compare-openflamingo needs OpenFlamingo: pip install --no-deps "
-                           "open-flamingo==2.0.1 einops einops-exts") from error
-
-    class LMMixin(FlamingoLMMixin):
-        # OpenFlamingo's mixin requires attention_mask positionally; transformers 5's generate() omits it.
-        def forward(self, input_ids=None, attention_mask=None, **kwargs):
-            return FlamingoLMMixin.forward(self, input_ids, attention_mask, **kwargs)
-
-    from flamingo.factory import build_lang_encoder
-    c = model.config
-    lm = build_lang_encoder(c.lang_encoder, model.lang_encoder.config.to_dict() if c.lang_encoder_config
-                            is None else c.lang_encoder_config)
-    extend_instance(lm, LMMixin)
-    lm.set_decoder_layers_attr_name(c.decoder_layers_attr_name)
-    lm.resize_token_embeddings(model.lang_encoder.get_input_embeddings().weight.shape[0])
-    holder = torch.nn.Module()
-    holder.visual = copy.deepcopy(model.vision_encoder)
-    reference = ReferenceFlamingo(holder, lm, model.eoc_token_id, model.media_token_id, vis_dim=c.vis_dim,
-                                  cross_attn_every_n_layers=c.cross_attn_every_n_layers)
-    _copy_weights(model, reference)
-    return reference.to(model.device, model.dtype).eval().requires_grad_(False)
-
-
-def _copy_weights(model, reference) -> None:
-    """Our weights into OpenFlamingo's module tree, every key accounted for. OpenFlamingo hard-codes its
-    bridges' sizes, so models built with other sizes cannot be compared."""
-    import re
-
-    from flamingo.checkpoint import openflamingo_key_map
-
-    ours = model.state_dict()
-    renames = openflamingo_key_map(model)
-    problems = []
-    with torch.no_grad():
-        for name, p in reference.state_dict(keep_vars=True).items():
-            mapped = name
-            for pattern, target in renames.items():
-                mapped = re.sub(pattern, target, mapped)
-            if mapped not in ours or ours[mapped].shape != p.shape:
-                problems.append(name)
-            else:
-                p.copy_(ours[mapped])
-    frames = model.perceiver.frame_embs
-    if problems or (frames is not None and bool(frames.any())):
-        raise ValueError("this model's bridges differ from OpenFlamingo's fixed sizes (resampler depth 6, 8 heads "
-                         "of 64, 64 latents, no time embeddings); use a preset with OpenFlamingo's bridges. "
-                         f"Unmatched: {', '.join(problems[:5])}")
-
-
 def _device_name(device: str) -> str:
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name()
     import os
     import platform
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores"
+    return (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
+            f"{os.cpu_count()} cores")
 
 
 def _peak_memory(device: str) -> int:
