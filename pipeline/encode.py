@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.decode import pixels_array
+from media.decode import pixels_array
 
 VISUAL_DTYPE = np.float16
 

@@ -4,23 +4,44 @@ Each task's demonstrations are encoded and run through the LM once, when the act
 (`Flamingo.prepare_prefix`); every query item then pays only for its own tokens. Open-ended tasks
 generate, closed-ended ones score every label in one batched pass. Every input row gives exactly one
 output row per task, with `error` set when the item could not be annotated.
+
+The actor is built from one `AnnotatorSpec`: Ray pickles it to every actor of the pool, so it holds the
+loaded tasks themselves, never paths to load again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.decode import DecodeConfig, decode_item, image_transform
+from media.decode import DecodeConfig, decode_item, image_transform
 from pipeline.encode import pick_device, visual_array
+from pipeline.schema import CREATED_AT_COLUMN, OUTPUT_SCHEMA
 from pipeline.task import Task
-from pipeline.write import OUTPUT_SCHEMA
+
+# What the actor returns: the output rows without `created_at`, which the writer fills in.
+_ROWS_SCHEMA = OUTPUT_SCHEMA.remove(OUTPUT_SCHEMA.get_field_index(CREATED_AT_COLUMN))
+
+
+@dataclass(frozen=True)
+class AnnotatorSpec:
+    """Everything a generation actor needs, decided on the driver."""
+
+    model: str                                        # model name or path; also the `model` column
+    tasks: tuple[Task, ...]                           # loaded and validated
+    device: str | None = None                         # None: cuda when the actor got a GPU, else cpu
+    # task name -> fsspec options for reading that task's demonstration media
+    storage_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # task name -> ids already in the output for that task (resume): no row is written for them again
+    done: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -31,7 +52,7 @@ class _PreparedTask:
     candidates: list[list[int]]         # classify: token ids of each label's continuation
 
 
-def load_demonstration_pixels(task: Task, decode: DecodeConfig, storage_options: dict) -> torch.Tensor:
+def load_demonstration_pixels(task: Task, decode: DecodeConfig, storage_options: Mapping[str, Any]) -> torch.Tensor:
     """(1, n_demos, F, 3, H, W) pixels of a task's demonstrations (all images, or all clips of F frames)."""
     config = dataclasses.replace(decode, num_frames=task.video.num_frames, fps=task.video.fps)
     transform = image_transform(config)
@@ -50,19 +71,17 @@ def load_demonstration_pixels(task: Task, decode: DecodeConfig, storage_options:
 class Annotator:
     """Loaded once per actor; called on batches of rows carrying visual tokens."""
 
-    def __init__(self, model: str, tasks: list[Task], model_id: str | None = None, device: str | None = None,
-                 done: dict[str, set[str]] | None = None, storage_options: dict | None = None):
+    def __init__(self, spec: AnnotatorSpec):
         from flamingo import load_model
 
-        self.device = pick_device(device)
-        self.model = load_model(model, device=self.device)
-        self.model_id = model_id or model
-        self.done = done or {}
+        self.spec = spec
+        self.device = pick_device(spec.device)
+        self.model = load_model(spec.model, device=self.device)
         decode = DecodeConfig.for_model(self.model.config)
-        self.tasks = [self._prepare(t, decode, storage_options or {}) for t in tasks]
+        self.tasks = [self._prepare(t, decode, spec.storage_options.get(t.name, {})) for t in spec.tasks]
 
     @torch.inference_mode()
-    def _prepare(self, task: Task, decode: DecodeConfig, storage_options: dict) -> _PreparedTask:
+    def _prepare(self, task: Task, decode: DecodeConfig, storage_options: Mapping[str, Any]) -> _PreparedTask:
         model = self.model
         prefix_ids, _ = model.tokenize([task.prefix_text()])
         demos = load_demonstration_pixels(task, decode, storage_options) if task.demonstrations else None
@@ -77,7 +96,7 @@ class Annotator:
         out: list[dict] = []
         for prepared in self.tasks:
             task = prepared.task
-            todo = [r for r in rows if r["id"] not in self.done.get(task.name, ())]
+            todo = [r for r in rows if r["id"] not in self.spec.done.get(task.name, ())]
             ok = [r for r in todo if r["error"] is None and r["visual"] is not None]
             results = self._annotate(prepared, ok) if ok else []
             by_id = {r["id"]: res for r, res in zip(ok, results)}
@@ -85,10 +104,10 @@ class Annotator:
                 res = by_id.get(r["id"], {"error": r["error"] or "no visual tokens"})
                 out.append({"id": r["id"], "source": r["source"], "task": task.name, "task_hash": task.sha256,
                             "output_column": task.output_column,
-                            "model": self.model_id, "annotation": res.get("annotation"),
+                            "model": self.spec.model, "annotation": res.get("annotation"),
                             "score": res.get("score"), "label_scores": res.get("label_scores"),
                             "error": res.get("error"), "seconds": res.get("seconds", 0.0)})
-        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA.remove(OUTPUT_SCHEMA.get_field_index("created_at")))
+        return pa.Table.from_pylist(out, schema=_ROWS_SCHEMA)
 
     def _annotate(self, prepared: _PreparedTask, rows: list[dict]) -> list[dict]:
         start = time.perf_counter()
@@ -123,5 +142,5 @@ class Annotator:
             best = int(np.argmax(row))
             labels = [label.strip() for label in task.labels]   # " two" is scored; "two" is the annotation
             results.append({"annotation": labels[best], "score": row[best],
-                            "label_scores": [{"label": l, "score": s} for l, s in zip(labels, row)]})
+                            "label_scores": [{"label": lb, "score": s} for lb, s in zip(labels, row)]})
         return results

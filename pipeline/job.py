@@ -1,18 +1,21 @@
 """One annotation job: read -> decode -> encode (vision actors) -> generate (LM actors) -> write.
 
-`JobConfig` is everything a run needs; the CLI and the `jobs/` entrypoints only build one and call
-`run_job`. Task files are validated before Ray starts. Resume: items already in the output for every
-task (same task name and file hash) are not read again; items done for only some tasks are annotated
-for the others only, so a re-run never writes a duplicate row.
+`JobConfig` is everything a run needs, the tasks already loaded and validated (`pipeline.task.load_tasks`):
+the commands build one and call `run_job`, which checks what else it can before Ray starts. Resume: items
+already in the output for every task (same task name and file hash) are not read again; items done for only
+some tasks are annotated for the others only, so a re-run never writes a duplicate row.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from flamingo.factory import DEFAULT_MODEL
+from flamingo import DEFAULT_MODEL
+from media.files import DEFAULT_MAX_ITEM_BYTES
+from pipeline.task import Task
 
 
 @dataclass
@@ -48,7 +51,7 @@ class JobSummary:
 
 @dataclass
 class JobConfig:
-    task_files: list[str]
+    tasks: tuple[Task, ...]                  # loaded and validated; names unique
     input_uri: str
     output_uri: str
     model: str = DEFAULT_MODEL
@@ -57,13 +60,13 @@ class JobConfig:
     generation: StageResources = field(default_factory=default_generation_resources)
     num_frames: int | None = None            # video: frames per clip (overrides the task files)
     fps: float | None = None                 # video: sample at this rate instead of evenly
-    max_item_bytes: int = 512 * 1024 * 1024  # larger items become error rows, never OOM a worker
+    max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES  # larger items become error rows, never OOM a worker
     storage_options: dict = field(default_factory=dict)  # fsspec options (endpoint_url, key, secret, ...)
     progress: bool = True
     device: str | None = None                # None: cuda when the actor got a GPU, else cpu
 
 
-def video_sampling(tasks, config: JobConfig) -> tuple[int, float | None]:
+def video_sampling(tasks: Sequence[Task], config: JobConfig) -> tuple[int, float | None]:
     """(num_frames, fps) for video items. Items are decoded once for all tasks, so the tasks must
     agree, unless the job sets the frame count itself."""
     settings = {(t.video.num_frames, t.video.fps) for t in tasks}
@@ -77,24 +80,27 @@ def video_sampling(tasks, config: JobConfig) -> tuple[int, float | None]:
 def run_job(config: JobConfig) -> JobSummary:
     import ray
 
-    from flamingo.factory import image_preprocessing
-    from pipeline.decode import DecodeConfig, decode_items
+    from flamingo import image_preprocessing
+    from media.decode import DecodeConfig
+    from media.storage import resolve_storage_options
+    from pipeline.decode import decode_items
     from pipeline.encode import VisionEncoder
-    from pipeline.generate import Annotator
+    from pipeline.generate import Annotator, AnnotatorSpec
     from pipeline.read import read_items
-    from pipeline.storage import resolve_storage_options
-    from pipeline.task import load_tasks
     from pipeline.write import count_rows_since, existing_ids, write_rows
 
     start = time.perf_counter()
-    tasks = list(load_tasks(config.task_files, storage_options=config.storage_options))  # before any work
-    num_frames, fps = video_sampling(tasks, config)
+    tasks = config.tasks
+    num_frames, fps = video_sampling(tasks, config)  # before any work
     image_size, mean, std = image_preprocessing(config.model)
     out_options = resolve_storage_options(config.output_uri, config.storage_options)
     done = {t.name: existing_ids(config.output_uri, t.name, task_hash=t.sha256, storage_options=out_options)
             for t in tasks}
     done_everywhere = set.intersection(*done.values()) if done else set()
-    done_somewhere = {name: ids - done_everywhere for name, ids in done.items()}
+    annotator = AnnotatorSpec(
+        model=config.model, tasks=tuple(tasks), device=config.device,
+        storage_options={t.name: resolve_storage_options(t.path, config.storage_options) for t in tasks},
+        done={name: frozenset(ids - done_everywhere) for name, ids in done.items()})
 
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -112,10 +118,7 @@ def run_job(config: JobConfig) -> JobSummary:
             compute=ray.data.ActorPoolStrategy(size=config.vision.pool_size),
             num_cpus=config.vision.num_cpus, num_gpus=config.vision.num_gpus)
         ds = ds.map_batches(
-            Annotator, fn_constructor_kwargs={"model": config.model, "tasks": tasks, "device": config.device,
-                                              "done": done_somewhere,
-                                              "storage_options": resolve_storage_options(
-                                                  tasks[0].path, config.storage_options)},
+            Annotator, fn_constructor_args=(annotator,),
             batch_format="pyarrow", batch_size=config.generation.batch_size,
             compute=ray.data.ActorPoolStrategy(size=config.generation.pool_size),
             num_cpus=config.generation.num_cpus, num_gpus=config.generation.num_gpus)

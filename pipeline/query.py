@@ -1,9 +1,9 @@
 """Query an annotation output (a folder of Parquet files, local or on S3) with DuckDB.
 
-The output is opened as a `pyarrow.dataset` through pipeline.storage (so S3 endpoints and credentials resolve
+The output is opened as a `pyarrow.dataset` through media.storage (so S3 endpoints and credentials resolve
 as they do for the job; DuckDB's own S3 support would need an extension download) and registered in DuckDB:
 
-- `annotations`: the rows as pipeline/write.py writes them, one per (item, task);
+- `annotations`: the rows as pipeline/write.py writes them (`pipeline.schema.OUTPUT_SCHEMA`), one per (item, task);
 - `items`: one row per item (`id`, `source`), one column per task holding its annotation, named after the
   task's `output_column` when the output records one, else after the task:
   `SELECT id, caption, classify_shape FROM items`.
@@ -18,17 +18,12 @@ from typing import Any
 import duckdb
 import pyarrow.dataset as ds
 
-from pipeline.storage import arrow_filesystem, filesystem, is_local
+from media.storage import arrow_filesystem, filesystem, is_local
+from pipeline.schema import ANNOTATION_COLUMN, ERROR_COLUMN, ID_COLUMN, OUTPUT_COLUMN_COLUMN, SOURCE_COLUMN, TASK_COLUMN
 
 ANNOTATIONS_VIEW = "annotations"
 ITEMS_VIEW = "items"
-
-# Columns of pipeline.write.OUTPUT_SCHEMA used here (that module imports Ray, which `query` does not need).
-ITEM_COLUMNS = ("id", "source")
-TASK_COLUMN = "task"
-ANNOTATION_COLUMN = "annotation"
-ERROR_COLUMN = "error"
-OUTPUT_COLUMN_COLUMN = "output_column"  # names the task columns of `items` (outputs older than it: the task)
+ITEM_COLUMNS = (ID_COLUMN, SOURCE_COLUMN)  # one row per item in the `items` view
 
 
 @dataclass(frozen=True)
@@ -77,6 +72,7 @@ def connect(output: str, storage_options: Mapping[str, Any] | None = None) -> du
     con.register(ANNOTATIONS_VIEW, dataset)
     columns = set(dataset.schema.names)
     if {*ITEM_COLUMNS, TASK_COLUMN, ANNOTATION_COLUMN} <= columns:
+        # outputs written before `output_column` existed name the task columns after the task
         _create_items_view(con, OUTPUT_COLUMN_COLUMN if OUTPUT_COLUMN_COLUMN in columns else TASK_COLUMN)
     return con
 
@@ -90,7 +86,7 @@ def summarize(con: duckdb.DuckDBPyConnection, output: str, samples: int = 5) -> 
     task, error = _ident(TASK_COLUMN), _ident(ERROR_COLUMN)
     per_task = con.sql(f"SELECT {task}, count(*), count({error}) FROM {ANNOTATIONS_VIEW} "
                        f"GROUP BY {task} ORDER BY {task}").fetchall()
-    shown = [_ident(c) for c in (ITEM_COLUMNS[0], TASK_COLUMN, ANNOTATION_COLUMN) if c in columns]
+    shown = [_ident(c) for c in (ID_COLUMN, TASK_COLUMN, ANNOTATION_COLUMN) if c in columns]
     sample_rows = con.sql(f"SELECT {', '.join(shown)} FROM {ANNOTATIONS_VIEW} WHERE {error} IS NULL "
                           f"ORDER BY ALL LIMIT {int(samples)}").to_dicts()
     tasks = tuple(TaskCounts(str(name), rows, errors) for name, rows, errors in per_task)

@@ -45,13 +45,11 @@ from urllib.parse import urlparse
 
 import yaml
 
-from pipeline.formats import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, media_kind
+from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from media.formats import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, media_kind
 
 log = logging.getLogger(__name__)
 
-# The same values as flamingo.tokens and pipeline.read, which import torch / Ray: too heavy for `validate`.
-MEDIA_TOKEN = "<image>"
-END_OF_CHUNK = "<|endofchunk|>"
 KINDS = ("generate", "classify")
 TOP_LEVEL_KEYS = ("name", "kind", "instruction", "demonstrations", "query", "labels", "generation", "video",
                   "output_column")
@@ -129,7 +127,7 @@ class Task:
 
     def prefix_text(self) -> str:
         """The instruction and all demonstrations, one `<image>` per demonstration media, in order."""
-        shots = "".join(f"{MEDIA_TOKEN}{self.query}{demo.text}{END_OF_CHUNK}" for demo in self.demonstrations)
+        shots = "".join(f"{MEDIA_TOKEN}{self.query}{demo.text}{END_OF_CHUNK_TOKEN}" for demo in self.demonstrations)
         return self.instruction + shots
 
     def query_text(self) -> str:
@@ -141,7 +139,7 @@ class Task:
 
         Each ends with `<|endofchunk|>` as the demonstrations do, so a label that is a prefix of another
         ("cat", "caterpillar") must also be where the model stops."""
-        return tuple(f"{label}{END_OF_CHUNK}" for label in self.labels)
+        return tuple(f"{label}{END_OF_CHUNK_TOKEN}" for label in self.labels)
 
 
 def media_type(path_or_uri: str) -> str | None:
@@ -289,7 +287,7 @@ class _Checker:
 
     def no_markers(self, text: str, field_path: str) -> None:
         """Prompt text must not contain the markers the layout places: they would misalign media and text."""
-        for marker in (MEDIA_TOKEN, END_OF_CHUNK):
+        for marker in (MEDIA_TOKEN, END_OF_CHUNK_TOKEN):
             if marker in text:
                 self.problem(field_path, f"must not contain {marker!r}: the prompt layout places it")
 
@@ -387,7 +385,7 @@ def _check_media_exists(check: _Checker, task: Task, check_remote: bool, storage
 
 def _remote_exists(uri: str, storage_options: Mapping[str, Any]) -> bool | None:
     """Whether the object exists; None when that cannot be checked from here."""
-    from pipeline.storage import filesystem  # imported on first use: most task files name local media only
+    from media.storage import filesystem  # imported on first use (fsspec): most task files name local media only
 
     try:
         fs, path = filesystem(uri, storage_options)

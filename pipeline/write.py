@@ -5,23 +5,7 @@ earlier runs and never rewrites them, so resuming a job only adds the missing ro
 directory is a plain Parquet dataset: pyarrow, pandas, DuckDB (over a pyarrow dataset) and Spark read
 it as is.
 
-`OUTPUT_SCHEMA`, one row per input item and task:
-  id            string     the item id from `pipeline.read` (never null)
-  source        string     URI of the file the item came from (never null)
-  task          string     task name (never null)
-  task_hash     string     hash of the task definition, to tell edited tasks apart (never null)
-  output_column string     the task's column name in the `items` query view (the task name by default)
-  model         string     model name (never null)
-  annotation    string     the generated text / chosen label; null on error
-  score         float64    mean token log-probability of the annotation; null on error
-  label_scores  list<struct<label: string, score: float64>>
-                           one entry per candidate label, in the task's label order; null for
-                           open-ended tasks and on error. A list of structs rather than a map: pandas
-                           gives a list of {"label", "score"} dicts, DuckDB a LIST of STRUCTs
-                           (`UNNEST(label_scores)`), both without extra conversion.
-  error         string     what went wrong for this item; null when it was annotated
-  seconds       float64    time spent on this item
-  created_at    timestamp[us, UTC]   when the row was produced (filled in at write time if absent)
+Rows are in `pipeline.schema.OUTPUT_SCHEMA`, one per input item and task.
 """
 
 from __future__ import annotations
@@ -39,28 +23,19 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data import SaveMode
 
-from pipeline.storage import arrow_filesystem, filesystem
+from media.storage import arrow_filesystem, filesystem
+from pipeline.schema import (
+    CREATED_AT_COLUMN,
+    ERROR_COLUMN,
+    ID_COLUMN,
+    OUTPUT_COLUMN_COLUMN,
+    OUTPUT_SCHEMA,
+    REQUIRED_COLUMNS,
+    TASK_COLUMN,
+    TASK_HASH_COLUMN,
+)
 
 log = logging.getLogger(__name__)
-
-LABEL_SCORE_TYPE = pa.struct([("label", pa.string()), ("score", pa.float64())])
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("task", pa.string()),
-        ("task_hash", pa.string()),
-        ("output_column", pa.string()),
-        ("model", pa.string()),
-        ("annotation", pa.string()),
-        ("score", pa.float64()),
-        ("label_scores", pa.list_(LABEL_SCORE_TYPE)),
-        ("error", pa.string()),
-        ("seconds", pa.float64()),
-        ("created_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
-REQUIRED_COLUMNS = ("id", "source", "task", "task_hash", "model")
 
 
 def write_rows(
@@ -81,11 +56,11 @@ def to_output_table(batch: pa.Table) -> pa.Table:
     """`batch` reduced to OUTPUT_SCHEMA (column order and types), `created_at` filled in when absent.
     Raises ValueError for missing columns or null required values: those are bugs upstream, not bad
     input."""
-    if "output_column" not in batch.column_names and "task" in batch.column_names:
-        batch = batch.append_column("output_column", batch.column("task"))
-    if "created_at" not in batch.column_names:
-        now = pa.scalar(datetime.now(timezone.utc), OUTPUT_SCHEMA.field("created_at").type)
-        batch = batch.append_column("created_at", pa.repeat(now, batch.num_rows))
+    if OUTPUT_COLUMN_COLUMN not in batch.column_names and TASK_COLUMN in batch.column_names:
+        batch = batch.append_column(OUTPUT_COLUMN_COLUMN, batch.column(TASK_COLUMN))
+    if CREATED_AT_COLUMN not in batch.column_names:
+        now = pa.scalar(datetime.now(timezone.utc), OUTPUT_SCHEMA.field(CREATED_AT_COLUMN).type)
+        batch = batch.append_column(CREATED_AT_COLUMN, pa.repeat(now, batch.num_rows))
     missing = [name for name in OUTPUT_SCHEMA.names if name not in batch.column_names]
     if missing:
         raise ValueError(f"rows lack output columns {missing}")
@@ -107,21 +82,21 @@ def existing_ids(
     `include_errors=False` leaves out rows that failed, so a resumed run tries them again. An absent
     or empty output gives an empty set; an unreadable file (e.g. cut short by a crash) is logged and
     ignored, so its items are simply done again."""
-    condition = pc.field("task") == task
+    condition = pc.field(TASK_COLUMN) == task
     if task_hash is not None:
-        condition &= pc.field("task_hash") == task_hash
+        condition &= pc.field(TASK_HASH_COLUMN) == task_hash
     if not include_errors:
-        condition &= pc.field("error").is_null()
-    return set(read_output(output_uri, ["id"], condition, storage_options).column("id").to_pylist())
+        condition &= pc.field(ERROR_COLUMN).is_null()
+    return set(read_output(output_uri, [ID_COLUMN], condition, storage_options).column(ID_COLUMN).to_pylist())
 
 
 def count_rows_since(
     output_uri: str, since: datetime, *, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[int, int]:
     """(rows, rows with an error) written to `output_uri` at or after `since`: what one run added."""
-    since = pa.scalar(since, OUTPUT_SCHEMA.field("created_at").type)
-    table = read_output(output_uri, ["error"], pc.field("created_at") >= since, storage_options)
-    return table.num_rows, table.num_rows - table.column("error").null_count
+    since = pa.scalar(since, OUTPUT_SCHEMA.field(CREATED_AT_COLUMN).type)
+    table = read_output(output_uri, [ERROR_COLUMN], pc.field(CREATED_AT_COLUMN) >= since, storage_options)
+    return table.num_rows, table.num_rows - table.column(ERROR_COLUMN).null_count
 
 
 def read_output(
@@ -138,7 +113,8 @@ def read_output(
     return pa.concat_tables([empty, *(t for t in tables if t is not None)])
 
 
-def _read_file(fs: fsspec.AbstractFileSystem, path: str, columns: list[str], condition: pc.Expression) -> pa.Table | None:
+def _read_file(fs: fsspec.AbstractFileSystem, path: str, columns: list[str],
+               condition: pc.Expression) -> pa.Table | None:
     try:
         return pq.read_table(path, filesystem=arrow_filesystem(fs), columns=columns, filters=condition).cast(
             OUTPUT_SCHEMA.empty_table().select(columns).schema)

@@ -45,7 +45,8 @@ class S3Server:
 
     def client(self) -> Any:
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.key, aws_secret_access_key=self.secret, region_name="us-east-1"
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.key, aws_secret_access_key=self.secret,
+            region_name="us-east-1",
         )
 
     def new_bucket(self) -> str:
@@ -62,7 +63,8 @@ class S3Server:
 
     def upload_tree(self, bucket: str, prefix: str, root: Path) -> str:
         """Upload every file under `root` to `s3://bucket/prefix/...`; returns that URI."""
-        self.upload(bucket, {f"{prefix}/{p.relative_to(root).as_posix()}": p.read_bytes() for p in root.rglob("*") if p.is_file()})
+        files = [p for p in root.rglob("*") if p.is_file()]
+        self.upload(bucket, {f"{prefix}/{p.relative_to(root).as_posix()}": p.read_bytes() for p in files})
         return f"s3://{bucket}/{prefix}"
 
 

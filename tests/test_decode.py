@@ -1,18 +1,22 @@
-"""pipeline.decode on real images and mp4s: shapes, dtypes, normalisation, which video frames are
-sampled (frame i is a solid grey of level frame_level(i)), and bad items turned into error rows."""
+"""Decoding on real images and mp4s (media.decode, and pipeline.decode's batches and Ray map): shapes,
+dtypes, normalisation, which video frames are sampled (frame i is a solid grey of level frame_level(i)),
+and bad items turned into error rows."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from sample_media import frame_level, image_bytes, tar_bytes, video_bytes
 
-from media import frame_level, image_bytes, tar_bytes, video_bytes
-from pipeline.decode import DecodeConfig, decode_batch, decode_items, pixels_array, sample_frame_indices
-from pipeline.read import ITEM_SCHEMA, read_items
+from media.decode import DecodeConfig, pixels_array, sample_frame_indices
+from pipeline.decode import decode_batch, decode_items
+from pipeline.read import read_items
+from pipeline.schema import ITEM_SCHEMA
 
 # mean 0 / std 1: pixel values are plain intensities in [0, 1], easy to check
 PLAIN = DecodeConfig(image_size=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), num_frames=4)
@@ -20,7 +24,8 @@ VIDEO = video_bytes(num_frames=12, fps=10)  # frame i starts at i / 10 s
 
 
 def item(kind: str | None, data: bytes | None, error: str | None = None, item_id: str = "x") -> dict[str, Any]:
-    return {"id": item_id, "source": item_id, "media_kind": kind, "data": data, "error": error, "caption": None, "url": None}
+    return {"id": item_id, "source": item_id, "media_kind": kind, "data": data, "error": error, "caption": None,
+            "url": None}
 
 
 def decode_rows(rows: list[dict[str, Any]], config: DecodeConfig = PLAIN) -> list[dict[str, Any]]:
@@ -78,9 +83,9 @@ def test_video_frames_sampled_evenly() -> None:
 
 
 def test_video_frames_sampled_at_fixed_rate() -> None:
-    [row] = decode_rows([item("video", VIDEO)], DecodeConfig(image_size=16, mean=(0.0,) * 3, std=(1.0,) * 3, num_frames=8, fps=2.5))
+    [row] = decode_rows([item("video", VIDEO)], dataclasses.replace(PLAIN, num_frames=8, fps=2.5))
     assert sampled_frames(row) == [0, 4, 8]  # t = 0, 0.4, 0.8 s; 1.2 s is past the end
-    [row] = decode_rows([item("video", VIDEO)], DecodeConfig(image_size=16, mean=(0.0,) * 3, std=(1.0,) * 3, num_frames=3, fps=5))
+    [row] = decode_rows([item("video", VIDEO)], dataclasses.replace(PLAIN, num_frames=3, fps=5))
     assert sampled_frames(row) == [0, 2, 4]  # capped at num_frames
 
 
@@ -99,7 +104,7 @@ def test_playlist_posing_as_video_is_refused(tmp_path: Path) -> None:
 
 
 def test_short_video_gives_fewer_frames() -> None:
-    [row] = decode_rows([item("video", video_bytes(num_frames=3))], DecodeConfig(image_size=16, mean=(0.0,) * 3, std=(1.0,) * 3))
+    [row] = decode_rows([item("video", video_bytes(num_frames=3))], dataclasses.replace(PLAIN, num_frames=8))
     assert sampled_frames(row) == [0, 1, 2]
 
 
@@ -154,7 +159,9 @@ def test_decode_in_ray_with_mixed_frame_counts(ray_session: None, tmp_path: Path
     (tmp_path / "s.tar").write_bytes(tar_bytes([("k.mp4", VIDEO), ("k.txt", b"cap")]))
     dataset = decode_items(read_items(str(tmp_path)).dataset, PLAIN, batch_size=2)
     rows = {row["id"]: row for row in dataset.take_all()}
-    assert {key.removeprefix(str(tmp_path)): pixels(row).shape[0] for key, row in rows.items() if row["error"] is None} == {
+    ok = {key.removeprefix(str(tmp_path)): row for key, row in rows.items() if row["error"] is None}
+    frames = {key: pixels(row).shape[0] for key, row in ok.items()}
+    assert frames == {
         "/a.png": 1,
         "/b.mp4": 4,
         "/c.mp4": 2,

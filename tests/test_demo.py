@@ -11,8 +11,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from media.files import file_rows
 from pipeline.job import JobConfig, run_job
-from pipeline.read import file_rows
+from pipeline.task import load_tasks
 from training.evaluate import object_phrases
 from training.synthetic import COLOURS
 
@@ -25,7 +26,7 @@ def colours_named(text: str) -> set[str]:
 
 
 def test_the_demo_annotations_agree_with_the_scenes(tmp_path):
-    tasks = sorted(str(p) for p in (JOBS / "tasks").glob("*.yaml"))
+    tasks = load_tasks(sorted((JOBS / "tasks").glob("*.yaml")))
     summary = run_job(JobConfig(tasks, str(JOBS / "sample"), str(tmp_path / "out"), progress=False))
     (shard,) = (JOBS / "sample").iterdir()
     truth = {row["id"]: row["caption"] for row in file_rows(str(shard), shard.stat().st_size, None, 10_000_000)}

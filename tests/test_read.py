@@ -1,78 +1,44 @@
-"""pipeline.read on real files, locally and on a moto S3 server: every input item yields exactly one row,
-bad items become error rows with a clear message, good items are untouched, ids are stable."""
+"""Reading inputs on real files, locally and on a moto S3 server: pipeline.read (the Ray dataset) and the
+per-file readers of media.files. Every input item yields exactly one row, bad items become error rows with
+a clear message, good items are untouched, ids are stable."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from media import image_bytes, img2dataset_parquet_bytes, tar_bytes, tar_member_offsets, video_bytes
-from pipeline.read import file_rows, list_files, read_items
-from pipeline.storage import resolve_storage_options
-
-MAX_ITEM_BYTES = 60_000
-
-JPG = image_bytes(fmt="JPEG")
-PNG = image_bytes(fmt="PNG")
-MP4 = video_bytes(num_frames=6)
-GOOD_SHARD = tar_bytes(
-    [
-        ("0001.jpg", JPG),
-        ("0001.txt", b"a cat"),
-        ("0001.json", json.dumps({"url": "http://example.com/1.jpg", "caption": "not used: .txt wins"}).encode()),
-        ("0002.mp4", MP4),
-        ("0002.json", json.dumps({"url": "http://example.com/2.mp4", "caption": "a clip"}).encode()),
-        ("0003.txt", b"caption without media"),
-        ("0004.png", PNG),
-        ("0004.cls", b"7"),
-        ("0004.pyd", b"never unpickled"),
-        ("0005.jpg", b""),
-    ]
-)
-PARQUET = img2dataset_parquet_bytes(
-    [
-        {"key": "000", "url": "http://example.com/a.jpg", "caption": "first", "jpg": JPG, "status": "success"},
-        {"key": "001", "url": "http://example.com/b.jpg", "caption": "second", "jpg": PNG, "status": "success"},
-        {"key": "002", "url": "http://example.com/c.jpg", "status": "failed_to_download", "error_message": "HTTP 404"},
-        {"key": "003", "url": "http://example.com/d.jpg", "status": "success"},
-    ]
+from sample_media import (
+    GOOD_SHARD,
+    JPG,
+    MAX_ITEM_BYTES,
+    MP4,
+    PNG,
+    Expected,
+    image_bytes,
+    img2dataset_parquet_bytes,
+    input_tree,
+    tar_bytes,
+    tar_member_offsets,
 )
 
-
-def input_tree(root: Path) -> Path:
-    """One file of every kind the reader handles, good and bad."""
-    files = {
-        "images/red.png": PNG,
-        "images/photo.jpg": JPG,
-        "images/pic.webp": image_bytes(fmt="WEBP"),
-        "images/pic.bmp": image_bytes(fmt="BMP"),
-        "images/anim.gif": image_bytes(fmt="GIF"),
-        "images/big.bmp": image_bytes(size=(200, 200), fmt="BMP"),  # 120 kB > MAX_ITEM_BYTES
-        "images/empty.png": b"",
-        "images/corrupt.jpg": b"this is not a jpeg",  # read fine; decoding fails later
-        "images/.hidden.png": PNG,
-        "videos/clip.mp4": MP4,
-        "notes.xyz": b"what is this",
-        "shards/good.tar": GOOD_SHARD,
-        "shards/truncated.tar": GOOD_SHARD[: tar_member_offsets(GOOD_SHARD)["0002.mp4"] + 512 + 100],
-        "shards/garbage.tar": b"not a tar archive " * 100,
-        "parquet/part.parquet": PARQUET,
-        "parquet/broken.parquet": b"PAR1 but not really",
-    }
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    return root
+from media.files import file_rows, list_files
+from media.storage import resolve_storage_options
+from pipeline.read import read_items
 
 
 @pytest.fixture(scope="module")
-def local_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return input_tree(tmp_path_factory.mktemp("input"))
+def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Expected]]:
+    """A local `input_tree` and what each of its items becomes."""
+    root = tmp_path_factory.mktemp("input")
+    return root, input_tree(root)
+
+
+@pytest.fixture(scope="module")
+def local_tree(tree: tuple[Path, dict[str, Expected]]) -> Path:
+    return tree[0]
 
 
 def read_rows(uri: str, **kwargs: Any) -> dict[str, dict[str, Any]]:
@@ -84,47 +50,19 @@ def read_rows(uri: str, **kwargs: Any) -> dict[str, dict[str, Any]]:
     return by_id
 
 
-def check_tree(rows: dict[str, dict[str, Any]], root: str) -> None:
-    ok = {
-        f"{root}/images/red.png": ("image", PNG),
-        f"{root}/images/photo.jpg": ("image", JPG),
-        f"{root}/images/pic.webp": ("image", None),
-        f"{root}/images/pic.bmp": ("image", None),
-        f"{root}/images/anim.gif": ("image", None),
-        f"{root}/images/corrupt.jpg": ("image", b"this is not a jpeg"),
-        f"{root}/videos/clip.mp4": ("video", MP4),
-        f"{root}/shards/good.tar::0001": ("image", JPG),
-        f"{root}/shards/good.tar::0002": ("video", MP4),
-        f"{root}/shards/good.tar::0004": ("image", PNG),
-        f"{root}/shards/truncated.tar::0001": ("image", JPG),
-        f"{root}/parquet/part.parquet::000": ("image", JPG),
-        f"{root}/parquet/part.parquet::001": ("image", PNG),
-    }
-    errors = {
-        f"{root}/images/big.bmp": "larger than max_item_bytes=60000",
-        f"{root}/images/empty.png": "empty file (0 bytes)",
-        f"{root}/notes.xyz": "unsupported file type .xyz",
-        f"{root}/shards/good.tar::0003": "no image or video member",
-        f"{root}/shards/good.tar::0005": "member 0005.jpg: empty file (0 bytes)",
-        f"{root}/shards/truncated.tar::0002": "cannot read tar shard: ReadError: unexpected end of data",
-        f"{root}/shards/truncated.tar": "cannot read tar shard: ReadError: unexpected end of data (after 1 complete samples)",
-        f"{root}/shards/garbage.tar": "cannot read tar shard: ReadError",
-        f"{root}/parquet/part.parquet::002": "img2dataset status failed_to_download: HTTP 404",
-        f"{root}/parquet/part.parquet::003": "no image bytes in column jpg",
-        f"{root}/parquet/broken.parquet": "cannot read Parquet file",
-    }
-    assert set(rows) == set(ok) | set(errors)
-    for item_id, (kind, data) in ok.items():
+def check_tree(rows: dict[str, dict[str, Any]], root: str, items: dict[str, Expected]) -> None:
+    expected = {f"{root}/{key}": item for key, item in items.items()}
+    assert set(rows) == set(expected)
+    for item_id, item in expected.items():
         row = rows[item_id]
-        assert row["error"] is None, (item_id, row["error"])
-        assert row["media_kind"] == kind
-        assert row["data"] if data is None else row["data"] == data
+        assert row["media_kind"] == item.kind, item_id
         assert row["source"] == item_id.split("::")[0]
-    for item_id, message in errors.items():
-        assert message in rows[item_id]["error"], (item_id, rows[item_id]["error"])
-        assert rows[item_id]["data"] is None
-    assert rows[f"{root}/images/big.bmp"]["media_kind"] == "image"
-    assert rows[f"{root}/notes.xyz"]["media_kind"] is None
+        if item.read_error is None:
+            assert row["error"] is None, (item_id, row["error"])
+            assert row["data"] if item.data is None else row["data"] == item.data
+        else:
+            assert item.read_error in row["error"], (item_id, row["error"])
+            assert row["data"] is None
     # captions and urls from the shard's .txt / .json members and from the Parquet columns
     assert (rows[f"{root}/shards/good.tar::0001"]["caption"], rows[f"{root}/shards/good.tar::0001"]["url"]) == (
         "a cat",
@@ -136,13 +74,15 @@ def check_tree(rows: dict[str, dict[str, Any]], root: str) -> None:
     assert rows[f"{root}/parquet/part.parquet::002"]["url"] == "http://example.com/c.jpg"
 
 
-def test_every_local_item_gives_one_row(ray_session: None, local_tree: Path) -> None:
-    check_tree(read_rows(str(local_tree)), str(local_tree))
+def test_every_local_item_gives_one_row(ray_session: None, tree: tuple[Path, dict[str, Expected]]) -> None:
+    root, items = tree
+    check_tree(read_rows(str(root)), str(root), items)
 
 
-def test_every_s3_item_gives_one_row(ray_session: None, s3: Any, local_tree: Path) -> None:
-    root = s3.upload_tree(s3.new_bucket(), "input", local_tree)
-    check_tree(read_rows(root), root)
+def test_every_s3_item_gives_one_row(ray_session: None, s3: Any, tree: tuple[Path, dict[str, Expected]]) -> None:
+    local_root, items = tree
+    root = s3.upload_tree(s3.new_bucket(), "input", local_root)
+    check_tree(read_rows(root), root, items)
 
 
 def test_s3_with_explicit_storage_options_only(ray_session: None, s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,8 +102,9 @@ def test_ids_are_stable_across_reads(ray_session: None, local_tree: Path) -> Non
 
 
 def test_glob_and_single_file(ray_session: None, local_tree: Path) -> None:
-    assert set(read_rows(f"{local_tree}/images/*.png")) == {f"{local_tree}/images/red.png", f"{local_tree}/images/empty.png"}
-    assert set(read_rows(f"{local_tree}/shards/good.tar")) == {f"{local_tree}/shards/good.tar::000{i}" for i in range(1, 6)}
+    images, shard = f"{local_tree}/images", f"{local_tree}/shards/good.tar"
+    assert set(read_rows(f"{images}/*.png")) == {f"{images}/red.png", f"{images}/empty.png"}
+    assert set(read_rows(shard)) == {f"{shard}::000{i}" for i in range(1, 6)}
 
 
 def test_glob_matching_directories_lists_their_files(tmp_path: Path) -> None:
@@ -208,7 +149,7 @@ def test_resume_skips_done_ids(ray_session: None, local_tree: Path) -> None:
     result = read_items(root, max_item_bytes=MAX_ITEM_BYTES, skip_ids=done)
     ids = {row["id"] for row in result.dataset.take_all()}
     assert result.skipped == 3
-    assert result.files == 15
+    assert result.files == 16
     assert not ids & done
     assert f"{root}/shards/good.tar::0001" in ids and f"{root}/parquet/part.parquet::000" in ids
 
@@ -219,7 +160,7 @@ def test_resume_with_everything_done(ray_session: None, tmp_path: Path) -> None:
     assert (result.skipped, result.dataset.count()) == (1, 0)
 
 
-# --- WebDataset corner cases, on the task-side function directly (no Ray needed) ---------------------
+# --- WebDataset and Parquet corner cases, on media.files directly (no Ray needed) -----------------
 
 
 def shard_rows(tmp_path: Path, data: bytes, max_item_bytes: int = MAX_ITEM_BYTES) -> dict[str, dict[str, Any]]:

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from media.files import DEFAULT_MAX_ITEM_BYTES, file_rows, list_files
 from training import shards
 from training.synthetic import (
     BACKGROUND,
@@ -307,13 +308,12 @@ def test_sample_set_is_small_and_complete(tmp_path: Path) -> None:
 
 
 def test_pipeline_reads_the_shards_like_user_data(tmp_path: Path) -> None:
-    read = pytest.importorskip("pipeline.read")
     shards.make_shards(tmp_path, n_images=3, n_clips=2, seed=1, shard_size=5)
     shards.make_shards(tmp_path / "pq", n_images=3, seed=2, format="parquet")
-    files = read.list_files(str(tmp_path))
+    files = list_files(str(tmp_path))
     assert [Path(f.uri).name for f in files] == ["00000.tar", "00000.parquet"]
     for listed in files:  # the read task body, called directly: no Ray here
-        rows = list(read.file_rows(listed.uri, listed.size, None, read.DEFAULT_MAX_ITEM_BYTES))
+        rows = list(file_rows(listed.uri, listed.size, None, DEFAULT_MAX_ITEM_BYTES))
         assert all(row["error"] is None for row in rows), rows
         kinds = [row["media_kind"] for row in rows]
         assert kinds == (["image"] * 3 + ["video"] * 2 if listed.uri.endswith(".tar") else ["image"] * 3)

@@ -9,8 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.task import (END_OF_CHUNK, MEDIA_TOKEN, Demonstration, GenerationOptions, Problem, TaskError,
-                           VideoOptions, check_tasks, load_task, load_tasks)
+from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from pipeline.task import (
+    Demonstration,
+    GenerationOptions,
+    Problem,
+    TaskError,
+    VideoOptions,
+    check_tasks,
+    load_task,
+    load_tasks,
+)
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 EXAMPLES = sorted((JOBS / "tasks").glob("*.yaml"))
@@ -63,7 +72,7 @@ def test_shipped_examples_load_with_their_demonstration_media() -> None:
 
 
 def test_shipped_sample_input_is_a_small_shard_of_scenes_and_clips() -> None:
-    from pipeline.read import file_rows
+    from media.files import file_rows
 
     (shard,) = sorted((JOBS / "sample").iterdir())
     assert shard.suffix == ".tar" and shard.stat().st_size < 300_000
@@ -149,8 +158,8 @@ def test_classify_candidates_are_labels_ending_like_the_demonstrations(task_dir:
         demonstrations: [{media: demos/a.png, text: cat}]
         labels: [cat, caterpillar]
     """))
-    assert task.candidates() == (f"cat{END_OF_CHUNK}", f"caterpillar{END_OF_CHUNK}")
-    assert task.prefix_text() == f"{MEDIA_TOKEN}cat{END_OF_CHUNK}"
+    assert task.candidates() == (f"cat{END_OF_CHUNK_TOKEN}", f"caterpillar{END_OF_CHUNK_TOKEN}")
+    assert task.prefix_text() == f"{MEDIA_TOKEN}cat{END_OF_CHUNK_TOKEN}"
 
 
 # --- hash --------------------------------------------------------------------------------------------------------

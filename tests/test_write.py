@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipeline.write import OUTPUT_SCHEMA, existing_ids, to_output_table, write_rows
+from pipeline.schema import OUTPUT_SCHEMA
+from pipeline.write import existing_ids, to_output_table, write_rows
 
 
 def annotation(item_id: str, task: str = "caption", **overrides: Any) -> dict[str, Any]:
@@ -39,7 +40,8 @@ def annotation(item_id: str, task: str = "caption", **overrides: Any) -> dict[st
 
 FIRST_RUN = [
     annotation("/in/a.jpg"),
-    annotation("/in/s.tar::1", task="classify", annotation="cat", label_scores=[{"label": "cat", "score": -0.1}, {"label": "dog", "score": -2.3}]),
+    annotation("/in/s.tar::1", task="classify", annotation="cat",
+               label_scores=[{"label": "cat", "score": -0.1}, {"label": "dog", "score": -2.3}]),
     annotation("/in/bad.jpg", annotation=None, score=None, error="cannot decode image: broken"),
 ]
 SECOND_RUN = [annotation("/in/b.jpg"), annotation("/in/c.jpg", task_hash="h2")]
@@ -110,10 +112,12 @@ def test_output_with_duckdb(written: Path) -> None:
     connection = duckdb.connect()
     connection.register("output", output)
     scores = connection.sql(
-        "SELECT ls.label, ls.score FROM output, UNNEST(label_scores) AS u(ls) WHERE task = 'classify' ORDER BY ls.score DESC"
+        "SELECT ls.label, ls.score FROM output, UNNEST(label_scores) AS u(ls) WHERE task = 'classify' "
+        "ORDER BY ls.score DESC"
     ).fetchall()
     assert scores == [("cat", -0.1), ("dog", -2.3)]
-    assert connection.sql("SELECT count(*) FROM output WHERE error IS NULL AND annotation IS NOT NULL").fetchall() == [(4,)]
+    ok = connection.sql("SELECT count(*) FROM output WHERE error IS NULL AND annotation IS NOT NULL").fetchall()
+    assert ok == [(4,)]
     types = dict(connection.sql("SELECT column_name, column_type FROM (DESCRIBE output)").fetchall())
     assert types["created_at"] == "TIMESTAMP WITH TIME ZONE" and types["score"] == "DOUBLE"
     assert types["label_scores"] == 'STRUCT("label" VARCHAR, score DOUBLE)[]'

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flamingo.model import Flamingo
+from flamingo import Flamingo
 from training.sequences import image_transform, render_chunk
 from training.synthetic import BINDING_CATEGORIES, QUERY_TEXT, make_binding_episode, make_clip, make_scene
 

@@ -1,5 +1,6 @@
-"""Interleaved image-text training sequences (synthetic world, optionally the user's shards), rendered as OpenFlamingo trains:
-`<image>{text}<|endofchunk|>` once per media item, the media stacked as `vision_x` (B, T, F, 3, H, W).
+"""Interleaved image-text training sequences (synthetic world, optionally the user's shards), rendered as
+OpenFlamingo trains: `<image>{text}<|endofchunk|>` once per media item, the media stacked as `vision_x`
+(B, T, F, 3, H, W).
 
 Three episode types, so the bridges learn both to describe media and to use the context:
   caption  -- 2-4 scenes (or 1-2 clips), each followed by its caption;
@@ -9,7 +10,7 @@ Three episode types, so the bridges learn both to describe media and to use the 
               the support pairs.
 
 With `data.shards`, caption episodes use the captioned images and clips of those shards instead, read and
-preprocessed by the annotation pipeline's own reader and decoder.
+preprocessed by `media`, the reader and decoder the annotation pipeline uses.
 
 A batch is a pure function of (seed, batch index), so a resumed run sees exactly the batches an
 uninterrupted one would, with no data-loader state to checkpoint. A batch holds only images (F = 1) or
@@ -25,7 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flamingo.model import Flamingo
+from flamingo import Flamingo
+from media.decode import DecodeConfig, decode_item
+from media.decode import image_transform as media_transform
+from media.files import DEFAULT_MAX_ITEM_BYTES, file_rows, list_files
 from training.config import DataConfig
 from training.synthetic import make_binding_episode, make_clip, make_scene, pick
 
@@ -37,7 +41,7 @@ Transform = Callable[[Image.Image], torch.Tensor]
 @dataclass(frozen=True)
 class Episode:
     """Media items and the text that follows each one. A media item is raw (F, H, W, 3) uint8 frames
-    (synthetic), or (F, 3, H, W) pixels already preprocessed by the annotation pipeline's decoder (shards)."""
+    (synthetic), or (F, 3, H, W) pixels already preprocessed by `media.decode` (shards)."""
 
     media: tuple[np.ndarray | torch.Tensor, ...]
     texts: tuple[str, ...]
@@ -63,7 +67,7 @@ class Batch:
     labels: torch.Tensor          # (B, L) long, IGNORE_INDEX where no loss is taken
     vision_x: torch.Tensor        # (B, T, F, 3, H, W), zero media where a row has fewer than T
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(*(t.to(device) for t in (self.lang_x, self.attention_mask, self.labels, self.vision_x)))
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
@@ -124,10 +128,7 @@ def render_text(episode: Episode, media_token: str, end_of_chunk_token: str) -> 
 
 def image_transform(model: Flamingo) -> Transform:
     """The model's eval preprocessing (resize, centre crop, normalise), as the annotation pipeline uses."""
-    from pipeline.decode import DecodeConfig
-    from pipeline.decode import image_transform as pipeline_transform
-
-    return pipeline_transform(DecodeConfig.for_model(model.config))
+    return media_transform(DecodeConfig.for_model(model.config))
 
 
 def encode_episode(model: Flamingo, episode: Episode, transform: Transform, max_length: int) -> Example:
@@ -154,11 +155,8 @@ def _pixels(frames: np.ndarray | torch.Tensor, transform: Transform) -> torch.Te
 
 def read_captioned_media(uris: Sequence[str], model: Flamingo, num_frames: int) -> list[Episode]:
     """Every captioned item of the shards, as a one-item caption episode, read and preprocessed by the
-    annotation pipeline's own reader and decoder (so training sees exactly the pixels annotation will).
+    reader and decoder the annotation pipeline uses (so training sees exactly the pixels annotation will).
     Items with an error or no caption are left out. Held in memory: meant for fine-tuning-sized data."""
-    from pipeline.decode import DecodeConfig, decode_item
-    from pipeline.read import DEFAULT_MAX_ITEM_BYTES, file_rows, list_files
-
     decode = DecodeConfig.for_model(model.config, num_frames=num_frames)
     transform = image_transform(model)
     items = []
@@ -221,7 +219,8 @@ class TrainingBatches:
         for item in read_captioned_media(config.shards, model, config.num_frames) if config.shards else ():
             self.shard_items.get(item.media[0].shape[0], []).append(item)
         if config.shards and not any(self.shard_items.values()):
-            raise ValueError(f"data.shards: no captioned image or {config.num_frames}-frame video in {list(config.shards)}")
+            raise ValueError(f"data.shards: no captioned image or {config.num_frames}-frame video in "
+                             f"{list(config.shards)}")
 
     def episodes(self, index: int, stream: int = 0) -> list[Episode]:
         """The episodes of micro-batch `index` (`stream`: e.g. the data-parallel rank)."""

@@ -1,9 +1,9 @@
 """Filesystems and URIs: the one place that turns `(uri, storage_options)` into an fsspec filesystem.
 
 Reading, writing and resuming all go through here so they resolve S3 endpoints and credentials the same
-way. `resolve_storage_options` runs on the driver and copies the usual AWS environment variables into
-the options explicitly, so Ray tasks on other machines (whose environment may differ) use the same
-endpoint and credentials as the driver that listed the files. Options given explicitly always win.
+way. In a Ray job `resolve_storage_options` runs on the driver and copies the usual AWS environment
+variables into the options explicitly, so Ray tasks on other machines (whose environment may differ) use
+the same endpoint and credentials as the driver that listed the files. Options given explicitly always win.
 """
 
 from __future__ import annotations

@@ -1,0 +1,332 @@
+"""Input files and their items: list what an input URI names, and read each file's items as plain rows.
+
+Any per-item or per-file failure -- missing, unreadable, truncated, empty, oversized, unsupported, a failed
+img2dataset download -- becomes a row whose `error` says what went wrong: `file_rows` never raises for a
+bad file, and nothing is dropped silently. Only a whole-input problem (the URI matches no file) raises, in
+`list_files`. The annotation pipeline runs `file_rows` inside Ray read tasks (`pipeline/read.py`);
+training calls it directly.
+
+Inputs: a file, a directory / prefix (searched recursively; hidden entries, whose name starts with '.',
+are ignored) or a glob, on any fsspec filesystem (local, `s3://`, ...). Kinds of file, by extension:
+  images          .jpg .jpeg .png .webp .bmp .gif                 one item per file
+  videos          .mp4 .webm .mkv .mov .avi                       one item per file
+  WebDataset      .tar   members grouped by key as webdataset does (`0001.jpg`, `0001.txt`, `0001.json`
+                         -> key `0001`): one item per key; its first image/video member is the media,
+                         `.txt` gives the caption, `.json` the `caption`/`url` fields. Other members are
+                         never read (no `.pyd`/`.pth` unpickling).
+  img2dataset     .parquet  one item per row; bytes from the `jpg` (or `png`, `webp`) column; `key`,
+                         `url`, `caption`, `status`, `error_message` are used when present.
+  anything else   one error row "unsupported file type .xyz".
+
+An item row is a dict with the fields of `pipeline.schema.ITEM_SCHEMA`:
+  id          stable item id: the file URI for plain files; `<tar uri>::<key>` for WebDataset samples;
+              `<parquet uri>::<key>` (`::<row index>` when a row has no key) for Parquet rows. A tar/Parquet
+              file that fails as a whole (or part way through) adds one row whose id is the file URI.
+  source      URI of the file the item came from (local files: absolute path).
+  media_kind  "image" | "video" | None (unsupported / unknown).
+  data        the encoded media bytes; None whenever `error` is set.
+  error       None when the item was read fine.
+  caption     caption when the source has one, else None.
+  url         original URL when the source has one, else None.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from media.formats import media_kind
+from media.storage import filesystem, to_uri
+
+TAR_EXTENSION = "tar"
+PARQUET_EXTENSION = "parquet"
+# img2dataset names the bytes column after its `encode_format`.
+IMG2DATASET_IMAGE_COLUMNS = ("jpg", "png", "webp")
+IMG2DATASET_COLUMNS = ("key", "url", "caption", "status", "error_message")
+
+DEFAULT_MAX_ITEM_BYTES = 512 * 1024 * 1024
+ID_SEPARATOR = "::"  # between a tar / Parquet file's URI and the key of an item inside it
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    uri: str
+    size: int | None  # None when the filesystem doesn't say
+
+
+def list_files(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[ListedFile]:
+    """Files under `uri` (a file, a directory / prefix, or a glob, whose matching directories are
+    searched too), sorted, hidden entries below the input left out. Raises FileNotFoundError when
+    nothing matches."""
+    fs, path = filesystem(uri, storage_options)
+    if fsspec.core.has_magic(path):
+        root, infos = _static_prefix(path), {}
+        for name, info in fs.glob(path, detail=True).items():
+            infos.update(fs.find(name, detail=True) if info.get("type") == "directory" else {name: info})
+    elif fs.isdir(path):
+        root, infos = path, fs.find(path, detail=True)
+    else:
+        root, infos = path, {path: fs.info(path)}  # FileNotFoundError for a missing input
+    files = [
+        ListedFile(to_uri(fs, name), info.get("size"))
+        for name, info in sorted(infos.items())
+        if info.get("type") != "directory" and not _is_hidden(name, root)
+    ]
+    if not files:
+        raise FileNotFoundError(f"no input files match {uri}")
+    return files
+
+
+def is_container(uri: str) -> bool:
+    """Whether the file holds several items (a WebDataset tar or a Parquet file), each with an id of its own."""
+    return _extension(uri) in (TAR_EXTENSION, PARQUET_EXTENSION)
+
+
+def file_rows(
+    uri: str, size: int | None, storage_options: Mapping[str, Any] | None, max_item_bytes: int
+) -> Iterator[dict[str, Any]]:
+    """The item rows of one listed file (never raises for a bad file)."""
+    extension = _extension(uri)
+    if extension == TAR_EXTENSION:
+        yield from _tar_rows(uri, storage_options, max_item_bytes)
+    elif extension == PARQUET_EXTENSION:
+        yield from _parquet_rows(uri, storage_options, max_item_bytes)
+    else:
+        yield _plain_file_row(uri, size, extension, storage_options, max_item_bytes)
+
+
+def _plain_file_row(
+    uri: str, size: int | None, extension: str, storage_options: Mapping[str, Any] | None, max_item_bytes: int
+) -> dict[str, Any]:
+    kind = media_kind(extension)
+    if kind is None:
+        what = f"unsupported file type .{extension}" if extension else "unsupported file type (no extension)"
+        return _row(uri, uri, error=what)
+    error = _size_error(size, max_item_bytes) if size is not None else None
+    if error is not None:
+        return _row(uri, uri, kind, error=error)  # decided from the listing: the bytes are never read
+    try:
+        fs, path = filesystem(uri, storage_options)
+        data = fs.cat_file(path)
+    except Exception as exc:  # whatever the filesystem raises, the item gets an error row
+        return _row(uri, uri, kind, error=f"cannot read file: {_describe(exc)}")
+    return _row(uri, uri, kind, data=data, error=_size_error(len(data), max_item_bytes))
+
+
+def _tar_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_bytes: int) -> Iterator[dict[str, Any]]:
+    """One row per sample (key) of a WebDataset shard, in archive order. Members are grouped while the
+    key stays the same, as webdataset does; a key that comes back later gets an error row of its own.
+    A shard that fails (unreadable, truncated, corrupt header) adds a row with the shard's URI as id,
+    and the sample being read when it failed gets an error too."""
+    sample: _Sample | None = None
+    seen: dict[str, int] = {}  # key -> number of groups with that key so far
+    samples = 0
+    try:
+        fs, path = filesystem(uri, storage_options)
+        with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:", errors="replace") as tar:
+            while (member := tar.next()) is not None:
+                tar.members.clear()  # the archive's member list would otherwise grow with the shard
+                if member.isdir():
+                    continue
+                key, extension = _split_key(member.name)
+                if sample is None or key != sample.key:
+                    if sample is not None:
+                        yield sample.row(uri)
+                        samples += 1
+                    seen[key] = seen.get(key, 0) + 1
+                    sample = _Sample(key, seen[key])
+                sample.add(member, extension, tar, max_item_bytes)
+            _check_end_of_archive(raw, tar.offset)
+    except Exception as exc:  # whatever the shard does, its failure is reported as rows
+        error = f"cannot read tar shard: {_describe(exc)}"
+        if sample is not None:
+            sample.problems.append(error)
+            yield sample.row(uri)
+        yield _row(uri, uri, error=f"{error} (after {samples} complete samples)")
+        return
+    if sample is not None:
+        yield sample.row(uri)
+
+
+def _check_end_of_archive(raw: Any, offset: int) -> None:
+    """tarfile stops quietly at a truncated or corrupt header after the first member; a well-formed
+    archive ends with a zero block exactly there."""
+    raw.seek(offset)
+    if raw.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"truncated or corrupt archive at byte {offset} (no end-of-archive block)")
+
+
+class _Sample:
+    """The members of one WebDataset key read so far."""
+
+    def __init__(self, key: str, occurrence: int) -> None:
+        self.key = key
+        self.occurrence = occurrence            # 1, or n > 1 when the key already had n - 1 groups
+        self.media: tuple[str, str] | None = None  # (extension, kind) of the first image/video member
+        self.members: dict[str, bytes] = {}      # extension -> bytes, for the members that are read
+        self.problems: list[str] = []
+
+    def add(self, member: tarfile.TarInfo, extension: str, tar: tarfile.TarFile, max_item_bytes: int) -> None:
+        kind = media_kind(extension.rsplit(".", 1)[-1])
+        if kind is not None:
+            if self.media is not None:
+                return  # the first image/video member is the sample's media
+            self.media = (extension, kind)
+        elif extension not in ("txt", "json"):
+            return  # other members (labels, pickles, arrays, ...) are never read
+        if not member.isfile():
+            self.problems.append(f"member {member.name} is not a regular file")
+            return
+        error = _size_error(member.size, max_item_bytes)
+        if error is not None and not (kind is None and member.size == 0):  # an empty caption is fine
+            self.problems.append(f"member {member.name}: {error}")
+            return
+        self.members[extension] = tar.extractfile(member).read()
+
+    def row(self, shard_uri: str) -> dict[str, Any]:
+        item_id = f"{shard_uri}{ID_SEPARATOR}{self.key}"
+        problems = list(self.problems)
+        if self.occurrence > 1:
+            item_id = f"{item_id}@{self.occurrence}"  # keeps the first occurrence's id unambiguous
+            problems.append(f"key {self.key} appears again further on in the shard (members not adjacent)")
+        if self.media is None:
+            problems.append("no image or video member in this sample")
+        caption, url = self._metadata()
+        kind = self.media[1] if self.media else None
+        if problems:
+            return _row(item_id, shard_uri, kind, error="; ".join(problems), caption=caption, url=url)
+        return _row(item_id, shard_uri, kind, data=self.members[self.media[0]], caption=caption, url=url)
+
+    def _metadata(self) -> tuple[str | None, str | None]:
+        fields: dict[str, Any] = {}
+        if "json" in self.members:
+            try:
+                parsed = json.loads(self.members["json"])
+                fields = parsed if isinstance(parsed, dict) else {}
+            except ValueError:
+                pass  # broken metadata leaves caption/url empty; the media is still usable
+        caption = self.members["txt"].decode("utf-8", "replace") if "txt" in self.members else fields.get("caption")
+        return _text(caption), _text(fields.get("url"))
+
+
+def _parquet_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_bytes: int) -> Iterator[dict[str, Any]]:
+    """One row per row of an img2dataset Parquet file; a file that fails adds a row with its URI as id."""
+    done = 0
+    try:
+        fs, path = filesystem(uri, storage_options)
+        with fs.open(path, "rb") as raw:
+            parquet = pq.ParquetFile(raw)
+            names = parquet.schema_arrow.names
+            image_column = next((c for c in IMG2DATASET_IMAGE_COLUMNS if c in names), None)
+            if image_column is None:
+                wanted = "/".join(IMG2DATASET_IMAGE_COLUMNS)
+                yield _row(uri, uri, error=f"no image bytes column ({wanted}) in Parquet file; columns: {names}")
+                return
+            schema = parquet.schema_arrow
+            image_type = schema.field(image_column).type
+            if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
+                # refusing other types also keeps pickle-backed extension types (Ray's
+                # `arrow_pickled_object`) from ever being turned into Python objects
+                yield _row(uri, uri, error=f"column {image_column} has type {image_type}, not binary")
+                return
+            columns = [c for c in IMG2DATASET_COLUMNS if c in names and _is_plain(schema.field(c).type)]
+            columns.append(image_column)
+            for batch in parquet.iter_batches(batch_size=64, columns=columns):
+                for record in batch.to_pylist():
+                    yield _parquet_row(uri, done, record, image_column, max_item_bytes)
+                    done += 1
+    except Exception as exc:  # whatever the file does, its failure is reported as a row
+        yield _row(uri, uri, error=f"cannot read Parquet file: {_describe(exc)} (after {done} rows)")
+
+
+def _is_plain(arrow_type: pa.DataType) -> bool:
+    """Text or integer: the only metadata column types worth reading (anything else is ignored)."""
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_integer(arrow_type)
+
+
+def _parquet_row(uri: str, index: int, record: dict[str, Any], image_column: str,
+                 max_item_bytes: int) -> dict[str, Any]:
+    key = record.get("key")
+    item_id = f"{uri}{ID_SEPARATOR}{key if key is not None else index}"
+    meta = {"caption": _text(record.get("caption")), "url": _text(record.get("url"))}
+    status = record.get("status")
+    data = record[image_column]
+    if status is not None and status != "success":
+        reason = record.get("error_message") or "no error message"
+        return _row(item_id, uri, "image", error=f"img2dataset status {status}: {reason}", **meta)
+    if data is None:
+        return _row(item_id, uri, "image", error=f"no image bytes in column {image_column}", **meta)
+    return _row(item_id, uri, "image", data=data, error=_size_error(len(data), max_item_bytes), **meta)
+
+
+# --- small shared helpers --------------------------------------------------------------------------
+
+
+def _row(
+    item_id: str,
+    source: str,
+    kind: str | None = None,
+    *,
+    data: bytes | None = None,
+    error: str | None = None,
+    caption: str | None = None,
+    url: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "source": source,
+        "media_kind": kind,
+        "data": data if error is None else None,
+        "error": error,
+        "caption": caption,
+        "url": url,
+    }
+
+
+def _size_error(size: int, max_item_bytes: int) -> str | None:
+    if size == 0:
+        return "empty file (0 bytes)"
+    if size > max_item_bytes:
+        return f"item is {size} bytes, larger than max_item_bytes={max_item_bytes}"
+    return None
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """'dir/0001.seg.png' -> ('dir/0001', 'seg.png'): everything up to the first dot of the basename is
+    the key, the rest the (lower-cased) extension -- webdataset's `base_plus_ext` rule."""
+    directory, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), extension.lower()
+
+
+def _extension(uri: str) -> str:
+    base = uri.rstrip("/").rsplit("/", 1)[-1]
+    return base.rsplit(".", 1)[-1].lower() if "." in base else ""
+
+
+def _is_hidden(path: str, root: str) -> bool:
+    """Whether a file or one of its directories below the input root has a name starting with '.'."""
+    relative = path[len(root):] if path.startswith(root) else path
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
+def _static_prefix(pattern: str) -> str:
+    """'bucket/data/*/x.jpg' -> 'bucket/data': the directory part before the first wildcard."""
+    first_magic = min(i for i in (pattern.find(c) for c in "*?[") if i != -1)
+    return pattern[:first_magic].rpartition("/")[0]
+
+
+def _text(value: Any) -> str | None:
+    """A string safe to store in Arrow (lone surrogates replaced), or None for non-strings."""
+    return value.encode("utf-8", "replace").decode("utf-8") if isinstance(value, str) else None
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
