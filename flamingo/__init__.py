@@ -29,7 +29,10 @@ _EXPORTS = {
     "build": "build",
     "create_model_and_transforms": "factory", "from_preset": "factory", "load_model": "factory",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DEFAULT_MODEL", "Flamingo", "FlamingoConfig", "FewShotPrefix", "GenerationOutput", "PRESETS", "build",
+    "create_model_and_transforms", "from_preset", "image_preprocessing", "load_model",
+]
 
 if TYPE_CHECKING:
     from .build import build

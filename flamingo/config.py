@@ -65,7 +65,7 @@ class FlamingoConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FlamingoConfig":
+    def from_dict(cls, data: dict) -> FlamingoConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -80,5 +80,5 @@ class FlamingoConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "FlamingoConfig":
+    def load(cls, path: str | Path) -> FlamingoConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))

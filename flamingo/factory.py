@@ -12,8 +12,16 @@ from .backbones import build_lang_encoder  # noqa: F401 (its former home; flamin
 from .build import build, load_pretrained
 from .config import FlamingoConfig
 from .model import Flamingo
-from .presets import (BUNDLED_DIR, DEFAULT_MODEL, PRESETS, bundled_models, from_name,  # noqa: F401 (also here)
-                      image_preprocessing, is_preset, saved_folder)
+from .presets import (  # noqa: F401 (also here)
+    BUNDLED_DIR,
+    DEFAULT_MODEL,
+    PRESETS,
+    bundled_models,
+    from_name,
+    image_preprocessing,
+    is_preset,
+    saved_folder,
+)
 from .vision import tower_normalisation
 
 

@@ -28,7 +28,7 @@ class MediaConditioning:
     # Keys/values of the visual tokens, computed once per gated block and reused for every decode step.
     kv_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    def continued(self, media_index: torch.Tensor) -> "MediaConditioning":
+    def continued(self, media_index: torch.Tensor) -> MediaConditioning:
         """The same media (and cached keys/values) for the next tokens of the same sequences."""
         return MediaConditioning(self.visual_tokens, media_index, self.kv_cache)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache, StaticCache
 from transformers.generation.logits_process import (
@@ -66,7 +67,7 @@ class _Prompt:
     prefix_kv: list | None = None       # a shared prefix's keys/values (batch 1), not copied into `cache`
     position_offset: int = 0            # its length: positions of the tokens in `cache` start after it
 
-    def expand(self, n: int) -> "_Prompt":
+    def expand(self, n: int) -> _Prompt:
         """Repeat each row n times (beams, candidates) without recomputing anything. The cache is
         expanded in place: use only the returned state afterwards."""
         if n == 1:
@@ -76,7 +77,7 @@ class _Prompt:
                        _repeat_conditioning(self.cond, n), prefix_kv=self.prefix_kv,
                        position_offset=self.position_offset)
 
-    def for_decoding(self, lm: ConditionedLM, new_tokens: int, n: int = 1) -> "_Prompt":
+    def for_decoding(self, lm: ConditionedLM, new_tokens: int, n: int = 1) -> _Prompt:
         """The same state (rows repeated n times) with its keys/values moved into a cache preallocated for
         `new_tokens` more tokens: decode steps then write in place instead of re-concatenating every
         layer's keys/values at every step."""

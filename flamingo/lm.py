@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import inspect
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -211,7 +211,7 @@ class ConditionedLM:
         self.shares_prefix_attention = prefix_attention.installed(lang_encoder)
 
     @classmethod
-    def wrap(cls, lang_encoder: nn.Module, config: FlamingoConfig, media_token_id: int) -> "ConditionedLM":
+    def wrap(cls, lang_encoder: nn.Module, config: FlamingoConfig, media_token_id: int) -> ConditionedLM:
         """Turn a plain HF causal LM into Flamingo's (in place): gated blocks before its decoder layers,
         trainable rows for the added tokens, shared-prefix attention where the architecture takes it."""
         slot = ConditioningSlot()

@@ -5,15 +5,15 @@ sit beside it.
 
 The route of the media, for one call:
 
-    vision_x (B, T, F, 3, H, W) pixels
-      -> vision_encoder (frozen)        patch tokens (B*T*F, v, vis_dim)                          vision.py
-      -> perceiver                      visual tokens (B, T, num_latents, vis_dim)                resampler.py
-      -> lm.conditioning(lang_x, .)     MediaConditioning: the visual tokens + media_index (B, L), lm.py
-                                        the last <image> at or before each text token (-1: none)
-      -> lm(...) puts it in the slot    per thread, for exactly this call                         lm.py
-      -> every FlamingoLayer            gated block (reads the slot; image-causal mask: a token   gated_cross_attention.py
-                                        attends only to the visual tokens of its media_index),
-                                        then the frozen decoder layer
+    vision_x (B, T, F, 3, H, W)       pixels: T media per row, F frames each
+      -> vision_encoder (frozen)      patch tokens (B*T*F, v, vis_dim)                        [vision.py]
+      -> perceiver                    visual tokens (B, T, num_latents, vis_dim)              [resampler.py]
+      -> lm.conditioning(lang_x, .)   MediaConditioning: those tokens + media_index (B, L),   [lm.py]
+                                      the last <image> at or before each text token (-1: none)
+      -> lm(...)                      puts it in the per-thread slot for exactly this call    [lm.py]
+      -> each FlamingoLayer           gated block, reading the slot (image-causal mask: a     [gated_cross_attention.py]
+                                      token attends only to the media of its media_index),
+                                      then the frozen decoder layer
       -> logits (B, L, V)
 
 Media are arguments of every call; nothing about a call is left on the model afterwards, so calls with
@@ -87,7 +87,7 @@ class Flamingo(nn.Module):
     @classmethod
     def from_backbones(cls, vision_encoder: nn.Module, lang_encoder: nn.Module,
                        tokenizer: PreTrainedTokenizerBase, cross_attn_every_n_layers: int = 1,
-                       decoder_layers_attr_name: str | None = None, **config_fields) -> "Flamingo":
+                       decoder_layers_attr_name: str | None = None, **config_fields) -> Flamingo:
         """OpenFlamingo-style, from already constructed backbones: the config is `config_fields` (bridge
         sizes etc.) with the pixel statistics the tower states; the rest is read from the backbones."""
         visual = getattr(vision_encoder, "visual", vision_encoder)
@@ -117,7 +117,7 @@ class Flamingo(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return {"trainable": trainable, "frozen": total - trainable, "total": total}
 
-    def train(self, mode: bool = True) -> "Flamingo":
+    def train(self, mode: bool = True) -> Flamingo:
         """Frozen backbones stay in eval mode (no dropout), whatever mode the bridges are in."""
         super().train(mode)
         self.vision_encoder.eval()

@@ -97,7 +97,9 @@ def from_name(name: str) -> FlamingoConfig:
 
 
 def bundled_models() -> list[str]:
-    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").is_file()) if BUNDLED_DIR.is_dir() else []
+    if not BUNDLED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").is_file())
 
 
 def saved_folder(name_or_path: str) -> Path | None:

@@ -16,7 +16,8 @@ def encode_vision(vision_encoder: nn.Module, perceiver: PerceiverResampler, visi
     """(B, T, F, C, H, W) pixels -> (B, T, num_latents, vis_dim) visual tokens. The encoder runs once per
     frame, under no_grad: it is frozen."""
     if vision_x.ndim != 6:
-        raise ValueError(f"vision_x must be (batch, media, frames, channels, height, width), got {tuple(vision_x.shape)}")
+        raise ValueError("vision_x must be (batch, media, frames, channels, height, width), "
+                         f"got {tuple(vision_x.shape)}")
     b, t, f = vision_x.shape[:3]
     dtype = perceiver.latents.dtype
     with torch.no_grad():

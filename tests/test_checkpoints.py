@@ -4,10 +4,10 @@ import pickle
 
 import pytest
 import torch
+from tiny_models import images, make_backbones
 
 import flamingo
 from flamingo.checkpoint import read_checkpoint
-from tiny_models import images, make_backbones
 
 
 @pytest.fixture(scope="module")

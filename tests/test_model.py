@@ -5,10 +5,10 @@ import threading
 
 import pytest
 import torch
+from tiny_models import images, make_backbones, make_lm, open_gates
 
 import flamingo
 from flamingo import Flamingo
-from tiny_models import images, make_backbones, make_lm, open_gates
 
 PROMPT = "<image>a red circle<|endofchunk|><image>a blue square<|endofchunk|><image>a"
 
