@@ -46,6 +46,7 @@ def reference_copy(model: Flamingo) -> OpenFlamingo:
     """OpenFlamingo's model holding the same weights as `model`, on its device and in its dtype, for
     inference. Raises ValueError for a model whose bridges OpenFlamingo cannot represent."""
     c = model.config
+    assert c.vis_dim is not None and c.decoder_layers_attr_name is not None  # a built model's config is complete
     lm = build_lang_encoder(c.lang_encoder, model.lang_encoder.config.to_dict() if c.lang_encoder_config
                             is None else c.lang_encoder_config)
     lm.resize_token_embeddings(model.lang_encoder.get_input_embeddings().weight.shape[0])

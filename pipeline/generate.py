@@ -15,7 +15,7 @@ import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
@@ -26,6 +26,9 @@ from media.decode import DecodeConfig, decode_item, image_transform
 from pipeline.encode import pick_device, visual_array
 from pipeline.schema import CREATED_AT_COLUMN, OUTPUT_SCHEMA
 from pipeline.task import Task
+
+if TYPE_CHECKING:  # the model library is loaded in the actor, not where this module is imported
+    from flamingo import FewShotPrefix
 
 # What the actor returns: the output rows without `created_at`, which the writer fills in.
 _ROWS_SCHEMA = OUTPUT_SCHEMA.remove(OUTPUT_SCHEMA.get_field_index(CREATED_AT_COLUMN))
@@ -47,7 +50,7 @@ class AnnotatorSpec:
 @dataclass
 class _PreparedTask:
     task: Task
-    prefix: object                      # flamingo.FewShotPrefix
+    prefix: FewShotPrefix
     query_ids: torch.Tensor             # (1, Lq): every item's prompt after the prefix is the same
     candidates: list[list[int]]         # classify: token ids of each label's continuation
 
