@@ -90,7 +90,7 @@ class BridgeTrainer:
             total += loss.item()
         _average_gradients_across_workers(self.params.values())
         grad_norm = clip_gradients(self.params.values(), self.settings.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1

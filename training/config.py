@@ -153,7 +153,7 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     values = {}
     for name, value in data.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             values[name] = build_dataclass(hint, value, f"{prefix}{name}.")
         else:
             values[name] = _check_type(value, hint, f"{prefix}{name}")

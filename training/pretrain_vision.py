@@ -109,7 +109,8 @@ def sample_pairs(config: VisionPretrainConfig, index: int, stream: int = TRAIN_S
                  count: int | None = None) -> tuple[list[np.ndarray], list[str]]:
     """`count` (default batch_size) (image, caption) pairs: a pure function of (seed, stream, index)."""
     rng = np.random.default_rng((config.seed, stream, index))
-    images, captions = [], []
+    images: list[np.ndarray] = []
+    captions: list[str] = []
     count = count or config.batch_size
     while len(images) < count:
         if rng.random() < config.clip_fraction:

@@ -145,7 +145,7 @@ def make_shards(
     out.mkdir(parents=True, exist_ok=True)
     write = write_webdataset if format == "webdataset" else write_img2dataset_parquet
     items = _generate(n_images, n_clips, seed, image_size, num_frames, fps)
-    paths = []
+    paths: list[Path] = []
     while chunk := list(islice(items, shard_size)):
         paths.append(write(out / f"{len(paths):0{SHARD_NAME_WIDTH}d}.{_SHARD_EXTENSIONS[format]}", chunk))
     return paths

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from itertools import combinations, permutations
 from types import MappingProxyType
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import av
 import numpy as np
@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 RGB = tuple[int, int, int]
 Seed = int | Sequence[int] | np.random.SeedSequence | np.random.Generator
 BindingCategory = Literal["shape", "colour_shape"]
+T = TypeVar("T")
 BINDING_CATEGORIES: tuple[BindingCategory, ...] = ("shape", "colour_shape")
 
 SHAPES = ("circle", "square", "triangle", "star")
@@ -448,10 +449,10 @@ def _check_image_size(image_size: int) -> None:
         raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
 
 
-def pick(rng: np.random.Generator, options: Iterable[str]) -> str:
+def pick(rng: np.random.Generator, options: Iterable[T]) -> T:
     """One of `options`, uniformly."""
-    options = tuple(options)
-    return options[int(rng.integers(len(options)))]
+    choices = tuple(options)
+    return choices[int(rng.integers(len(choices)))]
 
 
 def _distinct_things(rng: np.random.Generator, count: int) -> list[Thing]:

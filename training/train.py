@@ -61,7 +61,7 @@ def train_local(config: TrainConfig, on_step: Callable[[dict[str, float]], None]
         _print_progress(metrics, config)
         if on_step is not None:
             on_step(metrics)
-        if _is_checkpoint_step(metrics["step"], config):
+        if _is_checkpoint_step(int(metrics["step"]), config):
             last = trainer.save_checkpoint(root / checkpoint_name(int(metrics["step"])))
     model.save_pretrained(config.output_dir)
     return LocalResult(history, last, Path(config.output_dir))
