@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import flamingo
-from pipeline.cli import main
+from flamingo_annotate.cli import main
 from training.evaluate import caption_scores, gates_closed, object_phrases, qa_scores
 from training.synthetic import QA, make_scene
 

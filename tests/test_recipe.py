@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 import flamingo
-from pipeline.cli import main
+from flamingo_annotate.cli import main
 from training.config import ConfigError
 from training.recipe import RECIPE_FILE, load_recipe, run_recipe
 
@@ -38,6 +38,7 @@ def write_recipe(tmp_path: Path, **changes) -> Path:
     return path
 
 
+@pytest.mark.slow   # all three stages and the evaluation, about a minute
 def test_recipe_runs_every_stage_then_skips_them(tmp_path: Path, capsys):
     config = load_recipe(write_recipe(tmp_path))
     model_dir = run_recipe(config, local=True, log_every=0)

@@ -196,7 +196,7 @@ def test_ray_train_smoke_run_checkpoints_and_saves_a_loadable_model(ray_session,
 def test_train_command_trains_from_a_yaml_file(tmp_path):
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from flamingo_annotate.cli import main
 
     path = tmp_path / "run.yaml"
     path.write_text(f"model: tiny-random\ncheckpoint_dir: {tmp_path / 'c'}\noutput_dir: {tmp_path / 'm'}\n"
