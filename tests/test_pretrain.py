@@ -13,11 +13,37 @@ from open_clip.tokenizer import SimpleTokenizer
 import flamingo
 from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from training.miniature import build_miniature
-from training.pretrain_lm import (DOCUMENT_KINDS, END_OF_TEXT, IGNORE_INDEX, DocumentMix, LMPretrainConfig,
-                                  binding_accuracy, build_lm, documents, encode_batch, held_out_texts, load_lm,
-                                  named_binding, perplexity, pretrain_lm, repeated_words, save_lm, train_tokenizer)
-from training.pretrain_vision import (EVAL_STREAM, VisionPretrainConfig, build_clip, contrastive_step, load_vision,
-                                      pixels, pretrain_vision, retrieval_accuracy, sample_pairs, save_vision)
+from training.pretrain_lm import (
+    DOCUMENT_KINDS,
+    END_OF_TEXT,
+    IGNORE_INDEX,
+    DocumentMix,
+    LMPretrainConfig,
+    binding_accuracy,
+    build_lm,
+    documents,
+    encode_batch,
+    held_out_texts,
+    load_lm,
+    named_binding,
+    perplexity,
+    pretrain_lm,
+    repeated_words,
+    save_lm,
+    train_tokenizer,
+)
+from training.pretrain_vision import (
+    EVAL_STREAM,
+    VisionPretrainConfig,
+    build_clip,
+    contrastive_step,
+    load_vision,
+    pixels,
+    pretrain_vision,
+    retrieval_accuracy,
+    sample_pairs,
+    save_vision,
+)
 
 VISION = VisionPretrainConfig(steps=2, batch_size=8, warmup_steps=1, image_size=32, patch_size=8, width=32, layers=1,
                               head_width=16, embed_dim=16, text_width=32, text_layers=1, text_heads=2)
@@ -91,7 +117,8 @@ def test_batches_end_documents_and_ignore_only_padding(tokenizer):
     lengths = batch["attention_mask"].sum(1)
     for row, length in enumerate(lengths.tolist()):
         assert batch["input_ids"][row, length - 1] == tokenizer.eos_token_id
-        assert (batch["labels"][row, :length] != IGNORE_INDEX).all() and (batch["labels"][row, length:] == IGNORE_INDEX).all()
+        assert (batch["labels"][row, :length] != IGNORE_INDEX).all()
+        assert (batch["labels"][row, length:] == IGNORE_INDEX).all()
 
 
 def test_lm_steps_lower_the_loss_and_perplexity(tokenizer):

@@ -73,7 +73,8 @@ def test_same_seed_gives_identical_bytes_and_other_seeds_differ() -> None:
 
 def test_media_bytes_do_not_depend_on_the_process() -> None:
     """Nothing like a wall-clock time or a thread count slips into the PNG / mp4 bytes."""
-    code = "from training.synthetic import *; import sys; sys.stdout.buffer.write(make_scene(3).png() + make_clip(3).mp4())"
+    code = ("from training.synthetic import *; import sys; "
+            "sys.stdout.buffer.write(make_scene(3).png() + make_clip(3).mp4())")
     repo = Path(__file__).parents[1]
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, cwd=repo).stdout
     assert other == make_scene(3).png() + make_clip(3).mp4()
@@ -257,10 +258,12 @@ def test_webdataset_shard_groups_members_by_key(tmp_path: Path) -> None:
     assert contents["000000.png"] == samples[0].png() and contents["000002.mp4"] == samples[2].mp4()
     meta = json.loads(contents["000002.json"])
     assert meta["caption"] == contents["000002.txt"].decode() == samples[2].caption()
-    assert meta["kind"] == "video" and [o["direction"] for o in meta["objects"]] == [o.direction for o in samples[2].objects]
+    assert meta["kind"] == "video"
+    assert [o["direction"] for o in meta["objects"]] == [o.direction for o in samples[2].objects]
     assert {"question", "answer", "attribute"} == set(meta["qa"][0])
     with pytest.raises(ValueError, match="sort after"):
-        shards.write_webdataset(tmp_path / "c.tar", [shards.ShardItem("2", samples[0]), shards.ShardItem("1", samples[1])])
+        out_of_order = [shards.ShardItem("2", samples[0]), shards.ShardItem("1", samples[1])]
+        shards.write_webdataset(tmp_path / "c.tar", out_of_order)
     assert not (tmp_path / "c.tar").exists() and not list(tmp_path.glob(".*"))
 
 

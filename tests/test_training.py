@@ -104,7 +104,7 @@ def test_training_lowers_the_loss_and_changes_only_the_bridges(tmp_path):
 
 def test_gates_can_learn_faster_than_the_rest(model):
     trainer = BridgeTrainer(model, OptimSettings.from_config(replace(small_config(Path("unused")), gate_lr_scale=30)))
-    gates = {id(b.attn_gate) for b in model.gated_cross_attn_layers()} | {id(b.ff_gate) for b in model.gated_cross_attn_layers()}
+    gates = {id(gate) for b in model.gated_cross_attn_layers() for gate in (b.attn_gate, b.ff_gate)}
     by_lr = {}
     for group in trainer.optimizer.param_groups:
         by_lr.setdefault(group["initial_lr"], set()).update(id(p) for p in group["params"])

@@ -45,7 +45,7 @@ class OptimSettings:
     gate_lr_scale: float
 
     @classmethod
-    def from_config(cls, config: Any) -> "OptimSettings":
+    def from_config(cls, config: Any) -> OptimSettings:
         return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
 
 

@@ -110,7 +110,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "<dict>") -> "TrainConfig":
+    def from_dict(cls, data: Any, source: str = "<dict>") -> TrainConfig:
         """Build and validate; errors read '<source>: field: problem'."""
         try:
             return build_dataclass(cls, data, "")

@@ -192,7 +192,8 @@ def binding_choice(model: Flamingo, transform, support: Sequence[tuple[np.ndarra
     """The word of highest log-likelihood after the supports and `<image>This is a`."""
     media, eoc = model.config.media_token, model.config.end_of_chunk_token
     prompt = "".join(render_chunk(text, media, eoc) for _, text in support) + f"{media}{QUERY_TEXT}"
-    images = torch.stack([transform(Image.fromarray(image)) for image, _ in support] + [transform(Image.fromarray(query))])
+    pictures = [image for image, _ in support] + [query]
+    images = torch.stack([transform(Image.fromarray(picture)) for picture in pictures])
     lang_x, mask = model.tokenize([prompt])
     candidates = [model.tokenizer(f" {word}.", add_special_tokens=False)["input_ids"] for word in words]
     scores = model.score(lang_x, candidates, mask, vision_x=images[None, :, None].to(model.device, model.dtype))

@@ -21,12 +21,29 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase, PreTrainedTokenizerFast)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from training.optim import adamw_warmup_cosine, check_optimisation, clip_gradients
-from training.synthetic import (BINDING_CATEGORIES, COLOURS, NUMBER_WORDS, SHAPES, SUPPORT_TEXT, BindingEpisode,
-                                make_binding_episode, make_clip, make_scene, nonsense_words, pick)
+from training.synthetic import (
+    BINDING_CATEGORIES,
+    COLOURS,
+    NUMBER_WORDS,
+    SHAPES,
+    SUPPORT_TEXT,
+    BindingEpisode,
+    make_binding_episode,
+    make_clip,
+    make_scene,
+    nonsense_words,
+    pick,
+)
 
 END_OF_TEXT = "<|endoftext|>"
 TRAIN_STREAM, EVAL_STREAM, TOKENIZER_STREAM = 0, 1, 2

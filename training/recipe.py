@@ -57,7 +57,8 @@ class RecipeConfig:
         for i, phase in enumerate(self.stage3):
             where = self.paths["stage3"] / f"phase{i + 1}"
             last = i == len(self.stage3) - 1
-            paths = {"model": start, "checkpoint_dir": str(where), "run_name": f"recipe-{Path(self.out_dir).name}-{i + 1}",
+            paths = {"model": start, "checkpoint_dir": str(where),
+                     "run_name": f"recipe-{Path(self.out_dir).name}-{i + 1}",
                      "output_dir": str(self.paths["model"] if last else where / "model")}
             if not isinstance(phase, dict):
                 raise TypeError(f"stage3[{i}]: expected a mapping, got {type(phase).__name__}")

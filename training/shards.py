@@ -1,5 +1,5 @@
 """Write the synthetic world (`training.synthetic`) as ordinary shards, which the pipeline reads exactly
-like user data (see `pipeline/read.py`):
+like user data (see `media/files.py`):
 
   WebDataset  `NNNNN.tar`: per sample `{key}.png` (scenes) or `{key}.mp4` (clips), `{key}.txt` (the
               caption) and `{key}.json` (key, url, caption, ground-truth attributes, QA pairs).
@@ -160,7 +160,8 @@ def write_sample(out_dir: str | os.PathLike[str], seed: int = 0) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.shards", description="Write synthetic shards.")
     commands = parser.add_subparsers(dest="command", required=True)
-    sample = commands.add_parser("sample", help=f"the bundled sample set ({SAMPLE_IMAGES} images, {SAMPLE_CLIPS} clips)")
+    sample = commands.add_parser(
+        "sample", help=f"the bundled sample set ({SAMPLE_IMAGES} images, {SAMPLE_CLIPS} clips)")
     sample.add_argument("out_dir")
     sample.add_argument("--seed", type=int, default=0)
     shards = commands.add_parser("shards", help="a data set of scenes and clips")
@@ -188,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _generate(n_images: int, n_clips: int, seed: int, image_size: int, num_frames: int, fps: int) -> Iterator[ShardItem]:
+def _generate(n_images: int, n_clips: int, seed: int, image_size: int, num_frames: int,
+              fps: int) -> Iterator[ShardItem]:
     """The data set's items, lazily (one shard's worth is in memory at a time)."""
     for index in range(n_images):
         scene = make_scene((seed, 0, index), image_size=image_size)

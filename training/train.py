@@ -67,7 +67,7 @@ def train_local(config: TrainConfig, on_step: Callable[[dict[str, float]], None]
     return LocalResult(history, last, Path(config.output_dir))
 
 
-def train(config: TrainConfig) -> "ray.train.Result":
+def train(config: TrainConfig) -> ray.train.Result:
     """Train on Ray Train (one `TorchTrainer` worker by default); returns its `ray.train.Result`."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
