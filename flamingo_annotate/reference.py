@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import copy
 import re
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from open_flamingo.src.flamingo import Flamingo as OpenFlamingo
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin
 from open_flamingo.src.utils import extend_instance
-from torch import nn
+from transformers import PreTrainedModel
 
 from flamingo import Flamingo
 from flamingo.backbones import build_lang_encoder
@@ -30,7 +32,7 @@ class LMMixin(FlamingoLMMixin):
         return FlamingoLMMixin.forward(self, input_ids, attention_mask, **kwargs)
 
 
-def build_reference(clip: nn.Module, lang_encoder: nn.Module, *, eoc_token_id: int, media_token_id: int,
+def build_reference(clip: Any, lang_encoder: PreTrainedModel, *, eoc_token_id: int, media_token_id: int,
                     vis_dim: int, cross_attn_every_n_layers: int, decoder_layers_attr_name: str) -> OpenFlamingo:
     """OpenFlamingo's model around an open_clip model `clip` (the tower is `clip.visual`) and a Hugging Face
     causal LM, as OpenFlamingo's own factory assembles them. The LM's embeddings must already have rows for
@@ -47,11 +49,11 @@ def reference_copy(model: Flamingo) -> OpenFlamingo:
     inference. Raises ValueError for a model whose bridges OpenFlamingo cannot represent."""
     c = model.config
     assert c.vis_dim is not None and c.decoder_layers_attr_name is not None  # a built model's config is complete
-    lm = build_lang_encoder(c.lang_encoder, model.lang_encoder.config.to_dict() if c.lang_encoder_config
-                            is None else c.lang_encoder_config)
-    lm.resize_token_embeddings(model.lang_encoder.get_input_embeddings().weight.shape[0])
-    clip = nn.Module()
-    clip.visual = copy.deepcopy(model.vision_encoder)
+    own_lm: PreTrainedModel = model.lang_encoder
+    lm = build_lang_encoder(c.lang_encoder, own_lm.config.to_dict() if c.lang_encoder_config is None
+                            else c.lang_encoder_config)
+    lm.resize_token_embeddings(own_lm.get_input_embeddings().weight.shape[0])
+    clip = SimpleNamespace(visual=copy.deepcopy(model.vision_encoder))   # all OpenFlamingo reads of it
     reference = build_reference(clip, lm, eoc_token_id=model.eoc_token_id, media_token_id=model.media_token_id,
                                 vis_dim=c.vis_dim, cross_attn_every_n_layers=c.cross_attn_every_n_layers,
                                 decoder_layers_attr_name=c.decoder_layers_attr_name)

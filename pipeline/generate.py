@@ -59,11 +59,11 @@ def load_demonstration_pixels(task: Task, decode: DecodeConfig, storage_options:
     """(1, n_demos, F, 3, H, W) pixels of a task's demonstrations (all images, or all clips of F frames)."""
     config = dataclasses.replace(decode, num_frames=task.video.num_frames, fps=task.video.fps)
     transform = image_transform(config)
-    arrays = []
+    arrays: list[np.ndarray] = []
     for demo in task.demonstrations:
         with fsspec.open(demo.media, "rb", **storage_options) as f:
             array, error = decode_item(demo.media_type, f.read(), transform, config)
-        if error:
+        if array is None:
             raise ValueError(f"{task.path}: demonstration {demo.media}: {error}")
         arrays.append(array)
     if len({a.shape for a in arrays}) > 1:

@@ -74,7 +74,10 @@ def video_sampling(tasks: Sequence[Task], config: JobConfig) -> tuple[int, float
         detail = ", ".join(f"{t.name}: num_frames={t.video.num_frames} fps={t.video.fps}" for t in tasks)
         raise ValueError(f"tasks sample videos differently ({detail}); make them agree or pass --num-frames")
     task_frames, task_fps = next(iter(settings)) if len(settings) == 1 else (None, None)
-    return config.num_frames or task_frames, config.fps if config.fps is not None else task_fps
+    num_frames = config.num_frames or task_frames
+    if num_frames is None:
+        raise ValueError("a job needs at least one task")
+    return num_frames, config.fps if config.fps is not None else task_fps
 
 
 def run_job(config: JobConfig) -> JobSummary:

@@ -31,7 +31,7 @@ from media.decode import DecodeConfig, decode_item
 from media.decode import image_transform as media_transform
 from media.files import DEFAULT_MAX_ITEM_BYTES, file_rows, list_files
 from training.config import DataConfig
-from training.synthetic import make_binding_episode, make_clip, make_scene, pick
+from training.synthetic import Sample, make_binding_episode, make_clip, make_scene, pick
 
 IGNORE_INDEX = -100   # what HF's cross-entropy skips
 TASKS = ("caption", "qa", "binding")
@@ -88,14 +88,15 @@ def make_episode(rng: np.random.Generator, task: str, video: bool, config: DataC
         texts = [*episode.support_texts, f"{episode.query_text} {episode.answer}."]
         return Episode(tuple(image[None] for image in media), tuple(texts), task)
     count = media_count(rng, video, config)
+    samples: list[Sample]
     if video:
-        samples = [make_clip(rng, image_size=config.image_size, num_frames=config.num_frames, fps=config.fps)
-                   for _ in range(count)]
-        media = [clip.frames() for clip in samples]
+        clips = [make_clip(rng, image_size=config.image_size, num_frames=config.num_frames, fps=config.fps)
+                 for _ in range(count)]
+        samples, media = list(clips), [clip.frames() for clip in clips]
     else:
-        samples = [make_scene(rng, image_size=config.image_size, max_objects=config.max_objects)
-                   for _ in range(count)]
-        media = [scene.image()[None] for scene in samples]
+        scenes = [make_scene(rng, image_size=config.image_size, max_objects=config.max_objects)
+                  for _ in range(count)]
+        samples, media = list(scenes), [scene.image()[None] for scene in scenes]
     if task == "caption":
         texts = [sample.caption() for sample in samples]
     elif task == "qa":
@@ -138,7 +139,8 @@ def encode_episode(model: Flamingo, episode: Episode, transform: Transform, max_
     tokens = model.config.media_token, model.config.end_of_chunk_token
     chunks = [model.tokenizer(render_chunk(text, *tokens), add_special_tokens=False)["input_ids"]
               for text in episode.texts]
-    kept, input_ids = 0, []
+    kept = 0
+    input_ids: list[int] = []
     for chunk in chunks:
         if kept and len(input_ids) + len(chunk) > max_length:
             break

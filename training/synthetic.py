@@ -353,11 +353,12 @@ def scene_variant(seed: Seed, scene: Scene) -> Scene:
 
 
 def make_binding_episode(
-    seed: Seed, *, ways: int = 2, shots: int = 1, category: BindingCategory = "shape", image_size: int = 64
+    seed: Seed, *, ways: int = 2, shots: int = 1, category: str = "shape", image_size: int = 64
 ) -> BindingEpisode:
     """An episode binding `ways` categories -- shapes (colour varies, so only the shape identifies the
     word) or colour + shape pairs -- to fresh nonsense words, with `shots` single-object support images
-    per category in shuffled order, and a query image that differs from every support image."""
+    per category in shuffled order, and a query image that differs from every support image. `category`
+    is one of BINDING_CATEGORIES (a plain string, as configs give it; checked here)."""
     _check_image_size(image_size)
     if category == "shape":
         pool: list[tuple[str | None, str]] = [(None, shape) for shape in SHAPES]
