@@ -11,6 +11,7 @@ from flamingo_annotate.cli import main
 pytest.importorskip("open_flamingo")
 
 
+@pytest.mark.slow   # a benchmark: the parity tests hold generation to OpenFlamingo in the default run
 def test_bench_runs_and_matches_openflamingo(tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, [
