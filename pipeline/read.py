@@ -7,16 +7,22 @@ error row (see `media/files.py` for the kinds of input and the item ids). Rows a
 
 Resume: items already done are left out here. Plain files among them are not read at all; a tar or
 Parquet file is still read, and its done members are dropped inside the read task.
+
+Read tasks are retried a bounded number of times (`READ_TASK_RETRIES`): Ray retries a crashed task
+(a native decoder's segfault, say) without end by default, and the job would never finish.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
 import ray.data
+from ray.util.annotations import RayDeprecationWarning
 
 from media.files import DEFAULT_MAX_ITEM_BYTES, ID_SEPARATOR, file_rows, is_container, list_files
 from media.storage import resolve_storage_options
@@ -25,6 +31,7 @@ from pipeline.schema import ITEM_SCHEMA
 # A read task hands rows to Ray in tables of at most this many rows / bytes of media.
 _TABLE_ROWS = 256
 _TABLE_BYTES = 64 * 1024 * 1024
+READ_TASK_RETRIES = 3  # times a read task that crashed (worker died) is run again before the job fails
 
 
 @dataclass(frozen=True)
@@ -59,12 +66,16 @@ def read_items(
     skipped = sum(len(ids) for ids in skip_by_file.values())
     if not entries:
         return ReadResult(ray.data.from_arrow(ITEM_SCHEMA.empty_table()), len(files), skipped)
-    dataset = ray.data.from_items(entries, override_num_blocks=min(len(entries), max_read_tasks)).map_batches(
-        _read_files,
-        batch_format="pyarrow",
-        batch_size=None,  # one task per block of listed files
-        fn_kwargs={"storage_options": options, "max_item_bytes": max_item_bytes},
-    )
+    listed = ray.data.from_items(entries, override_num_blocks=min(len(entries), max_read_tasks))
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for task retries and warns that `ray_remote_args` will go.
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        dataset = listed.map_batches(
+            partial(_read_files, storage_options=options, max_item_bytes=max_item_bytes),
+            batch_format="pyarrow",
+            batch_size=None,  # one task per block of listed files
+            max_retries=READ_TASK_RETRIES,
+        )
     return ReadResult(dataset, len(files), skipped)
 
 
