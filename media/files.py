@@ -33,6 +33,7 @@ An item row is a dict with the fields of `pipeline.schema.ITEM_SCHEMA`:
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ def _plain_file_row(
         fs, path = filesystem(uri, storage_options)
         data = fs.cat_file(path)
     except Exception as exc:  # whatever the filesystem raises, the item gets an error row
-        return _row(uri, uri, kind, error=f"cannot read file: {_describe(exc)}")
+        return _row(uri, uri, kind, error=f"cannot read file: {describe_error(exc)}")
     return _row(uri, uri, kind, data=data, error=_size_error(len(data), max_item_bytes))
 
 
@@ -145,7 +146,7 @@ def _tar_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_byte
                 sample.add(member, extension, tar, max_item_bytes)
             _check_end_of_archive(raw, tar.offset)
     except Exception as exc:  # whatever the shard does, its failure is reported as rows
-        error = f"cannot read tar shard: {_describe(exc)}"
+        error = f"cannot read tar shard: {describe_error(exc)}"
         if sample is not None:
             sample.problems.append(error)
             yield sample.row(uri)
@@ -243,7 +244,7 @@ def _parquet_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_
                     yield _parquet_row(uri, done, record, image_column, max_item_bytes)
                     done += 1
     except Exception as exc:  # whatever the file does, its failure is reported as a row
-        yield _row(uri, uri, error=f"cannot read Parquet file: {_describe(exc)} (after {done} rows)")
+        yield _row(uri, uri, error=f"cannot read Parquet file: {describe_error(exc)} (after {done} rows)")
 
 
 def _is_plain(arrow_type: pa.DataType) -> bool:
@@ -328,5 +329,17 @@ def _text(value: Any) -> str | None:
     return value.encode("utf-8", "replace").decode("utf-8") if isinstance(value, str) else None
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+_OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")  # <_io.BytesIO object at 0x7f...>
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")                       # any other "... at 0x7f..."
+
+
+def describe_error(exc: BaseException) -> str:
+    """`Type: message` with what differs between two runs of the same failure left out -- object
+    addresses, and the file name of an OSError (the item's id names the file) -- so that grouping rows
+    by their error text groups them by cause."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        text = f"[Errno {exc.errno}] {exc.strerror}"
+    else:
+        text = str(exc)
+    text = _ADDRESS.sub("", _OBJECT_REPR.sub(r"<\1>", text))
+    return f"{type(exc).__name__}: {text}"
