@@ -22,7 +22,12 @@ An item row is a dict with the fields of `pipeline.schema.ITEM_SCHEMA`:
   id          stable item id: the file URI for plain files; `<tar uri>::<key>` for WebDataset samples;
               `<parquet uri>::<key>` (`::<row index>` when a row has no key) for Parquet rows. A tar/Parquet
               file that fails as a whole (or part way through) adds one row whose id is the file URI.
-  source      URI of the file the item came from (local files: absolute path).
+              Within a shard every item gets an id of its own: a key met again gets `@2`, `@3`, ... (the
+              first that no other item of the shard has), and each such item carries its own bytes.
+              Names that are not UTF-8 (Linux file names, tar member names are bytes) are written as
+              `media.storage.encode_name` says: unchanged when valid UTF-8, else `bytes:` + the name with
+              the undecodable bytes and '%' written %XX. `media.storage.decode_name(id)` gives the name back.
+  source      URI of the file the item came from (local files: absolute path), as `encode_name` text.
   media_kind  "image" | "video" | None (unsupported / unknown).
   data        the encoded media bytes; None whenever `error` is set.
   error       None when the item was read fine.
@@ -44,7 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from media.formats import media_kind
-from media.storage import filesystem, to_uri
+from media.storage import decode_name, encode_name, filesystem, to_uri
 
 TAR_EXTENSION = "tar"
 PARQUET_EXTENSION = "parquet"
@@ -58,7 +63,7 @@ ID_SEPARATOR = "::"  # between a tar / Parquet file's URI and the key of an item
 
 @dataclass(frozen=True)
 class ListedFile:
-    uri: str
+    uri: str          # as `encode_name` text: safe to store in Arrow; `filesystem` and `file_rows` take it
     size: int | None  # None when the filesystem doesn't say
 
 
@@ -67,8 +72,9 @@ def list_files(uri: str, storage_options: Mapping[str, Any] | None = None) -> li
     searched too), sorted, hidden entries below the input left out. Raises FileNotFoundError when
     nothing matches."""
     fs, path = filesystem(uri, storage_options)
+    infos: dict[str, dict[str, Any]] = {}
     if fsspec.core.has_magic(path):
-        root, infos = _static_prefix(path), {}
+        root = _static_prefix(path)
         for name, info in fs.glob(path, detail=True).items():
             infos.update(fs.find(name, detail=True) if info.get("type") == "directory" else {name: info})
     elif fs.isdir(path):
@@ -93,7 +99,9 @@ def is_container(uri: str) -> bool:
 def file_rows(
     uri: str, size: int | None, storage_options: Mapping[str, Any] | None, max_item_bytes: int
 ) -> Iterator[dict[str, Any]]:
-    """The item rows of one listed file (never raises for a bad file)."""
+    """The item rows of one listed file (never raises for a bad file); `uri` as `list_files` gives it (a
+    name with undecodable bytes may also come as it is)."""
+    uri = encode_name(decode_name(uri))
     extension = _extension(uri)
     if extension == TAR_EXTENSION:
         yield from _tar_rows(uri, storage_options, max_item_bytes)
@@ -125,35 +133,41 @@ def _tar_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_byte
     """One row per sample (key) of a WebDataset shard, in archive order. Members are grouped while the
     key stays the same, as webdataset does; a key that comes back later gets an error row of its own.
     A shard that fails (unreadable, truncated, corrupt header) adds a row with the shard's URI as id,
-    and the sample being read when it failed gets an error too."""
+    and the sample being read when it failed gets an error too.
+
+    Member names are decoded losslessly ('surrogateescape'): two names that differ only in bytes that are
+    not UTF-8 stay two keys, and their ids spell those bytes out (`encode_name`)."""
     sample: _Sample | None = None
-    seen: dict[str, int] = {}  # key -> number of groups with that key so far
+    keys = _ShardKeys()
     samples = 0
     try:
         fs, path = filesystem(uri, storage_options)
-        with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:", errors="replace") as tar:
+        with (
+            fs.open(path, "rb") as raw,
+            tarfile.open(fileobj=raw, mode="r:", encoding="utf-8", errors="surrogateescape") as tar,
+        ):
             while (member := tar.next()) is not None:
-                tar.members.clear()  # the archive's member list would otherwise grow with the shard
+                # the archive's member list would otherwise grow with the shard (not in typeshed's TarFile)
+                tar.members.clear()  # type: ignore[attr-defined]
                 if member.isdir():
                     continue
                 key, extension = _split_key(member.name)
                 if sample is None or key != sample.key:
                     if sample is not None:
-                        yield sample.row(uri)
+                        yield sample.row(uri, keys)
                         samples += 1
-                    seen[key] = seen.get(key, 0) + 1
-                    sample = _Sample(key, seen[key])
+                    sample = _Sample(key)
                 sample.add(member, extension, tar, max_item_bytes)
             _check_end_of_archive(raw, tar.offset)
     except Exception as exc:  # whatever the shard does, its failure is reported as rows
         error = f"cannot read tar shard: {describe_error(exc)}"
         if sample is not None:
             sample.problems.append(error)
-            yield sample.row(uri)
+            yield sample.row(uri, keys)
         yield _row(uri, uri, error=f"{error} (after {samples} complete samples)")
         return
     if sample is not None:
-        yield sample.row(uri)
+        yield sample.row(uri, keys)
 
 
 def _check_end_of_archive(raw: Any, offset: int) -> None:
@@ -167,9 +181,8 @@ def _check_end_of_archive(raw: Any, offset: int) -> None:
 class _Sample:
     """The members of one WebDataset key read so far."""
 
-    def __init__(self, key: str, occurrence: int) -> None:
-        self.key = key
-        self.occurrence = occurrence            # 1, or n > 1 when the key already had n - 1 groups
+    def __init__(self, key: str) -> None:
+        self.key = key                           # may hold undecodable bytes as lone surrogates
         self.media: tuple[str, str] | None = None  # (extension, kind) of the first image/video member
         self.members: dict[str, bytes] = {}      # extension -> bytes, for the members that are read
         self.problems: list[str] = []
@@ -183,25 +196,30 @@ class _Sample:
         elif extension not in ("txt", "json"):
             return  # other members (labels, pickles, arrays, ...) are never read
         if not member.isfile():
-            self.problems.append(f"member {member.name} is not a regular file")
+            self.problems.append(f"member {encode_name(member.name)} is not a regular file")
             return
         error = _size_error(member.size, max_item_bytes)
         if error is not None and not (kind is None and member.size == 0):  # an empty caption is fine
-            self.problems.append(f"member {member.name}: {error}")
+            self.problems.append(f"member {encode_name(member.name)}: {error}")
             return
-        self.members[extension] = tar.extractfile(member).read()
+        stream = tar.extractfile(member)
+        if stream is None:  # not for a regular file, checked above; kept for the type checker
+            self.problems.append(f"member {encode_name(member.name)} cannot be read")
+            return
+        self.members[extension] = stream.read()
 
-    def row(self, shard_uri: str) -> dict[str, Any]:
-        item_id = f"{shard_uri}{ID_SEPARATOR}{self.key}"
+    def row(self, shard_uri: str, keys: _ShardKeys) -> dict[str, Any]:
+        """The sample's row; call once per sample, in archive order (`keys` gives its id's key)."""
+        key, met_before = keys.take(self.key)
+        item_id = item_id_in(shard_uri, key)
         problems = list(self.problems)
-        if self.occurrence > 1:
-            item_id = f"{item_id}@{self.occurrence}"  # keeps the first occurrence's id unambiguous
-            problems.append(f"key {self.key} appears again further on in the shard (members not adjacent)")
+        if met_before:
+            problems.append(f"key {encode_name(self.key)} appears again further on in the shard (members not adjacent)")
         if self.media is None:
             problems.append("no image or video member in this sample")
         caption, url = self._metadata()
         kind = self.media[1] if self.media else None
-        if problems:
+        if problems or self.media is None:
             return _row(item_id, shard_uri, kind, error="; ".join(problems), caption=caption, url=url)
         return _row(item_id, shard_uri, kind, data=self.members[self.media[0]], caption=caption, url=url)
 
@@ -218,8 +236,10 @@ class _Sample:
 
 
 def _parquet_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_bytes: int) -> Iterator[dict[str, Any]]:
-    """One row per row of an img2dataset Parquet file; a file that fails adds a row with its URI as id."""
+    """One row per row of an img2dataset Parquet file; a file that fails adds a row with its URI as id.
+    Rows that share a key (img2dataset can write one twice) get ids of their own and keep their own bytes."""
     done = 0
+    keys = _ShardKeys()
     try:
         fs, path = filesystem(uri, storage_options)
         with fs.open(path, "rb") as raw:
@@ -241,7 +261,9 @@ def _parquet_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_
             columns.append(image_column)
             for batch in parquet.iter_batches(batch_size=64, columns=columns):
                 for record in batch.to_pylist():
-                    yield _parquet_row(uri, done, record, image_column, max_item_bytes)
+                    key = record.get("key")
+                    item_id = item_id_in(uri, keys.take(str(key if key is not None else done))[0])
+                    yield _parquet_row(item_id, uri, record, image_column, max_item_bytes)
                     done += 1
     except Exception as exc:  # whatever the file does, its failure is reported as a row
         yield _row(uri, uri, error=f"cannot read Parquet file: {describe_error(exc)} (after {done} rows)")
@@ -252,19 +274,51 @@ def _is_plain(arrow_type: pa.DataType) -> bool:
     return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_integer(arrow_type)
 
 
-def _parquet_row(uri: str, index: int, record: dict[str, Any], image_column: str,
+def _parquet_row(item_id: str, uri: str, record: dict[str, Any], image_column: str,
                  max_item_bytes: int) -> dict[str, Any]:
-    key = record.get("key")
-    item_id = f"{uri}{ID_SEPARATOR}{key if key is not None else index}"
-    meta = {"caption": _text(record.get("caption")), "url": _text(record.get("url"))}
+    caption, url = _text(record.get("caption")), _text(record.get("url"))
     status = record.get("status")
     data = record[image_column]
+    error: str | None
     if status is not None and status != "success":
         reason = record.get("error_message") or "no error message"
-        return _row(item_id, uri, "image", error=f"img2dataset status {status}: {reason}", **meta)
-    if data is None:
-        return _row(item_id, uri, "image", error=f"no image bytes in column {image_column}", **meta)
-    return _row(item_id, uri, "image", data=data, error=_size_error(len(data), max_item_bytes), **meta)
+        error = f"img2dataset status {status}: {reason}"
+    elif data is None:
+        error = f"no image bytes in column {image_column}"
+    else:
+        error = _size_error(len(data), max_item_bytes)
+    return _row(item_id, uri, "image", data=data, error=error, caption=caption, url=url)
+
+
+# --- ids ------------------------------------------------------------------------------------------
+
+
+def item_id_in(file_uri: str, key: str) -> str:
+    """The id of the item `key` of the tar / Parquet file `file_uri` (`list_files` text): the two names
+    joined by ID_SEPARATOR, escaped as one name when either holds undecodable bytes."""
+    return encode_name(f"{decode_name(file_uri)}{ID_SEPARATOR}{key}")
+
+
+class _ShardKeys:
+    """The keys of one shard's items, made distinct. A key met again gets `@2`, `@3`, ... -- the first
+    suffix that no item of the shard has taken yet, so even a real key `a@2` next to a repeated `a`
+    keeps every id of the shard unique. Keys are given out in archive / row order, so the same file
+    always gives the same ids."""
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()      # keys given out, suffixed or not
+        self._suffix: dict[str, int] = {}  # key met -> the last suffix number tried for it (1: none yet)
+
+    def take(self, key: str) -> tuple[str, bool]:
+        """(the key for the next item named `key`, whether `key` was met before in this shard)."""
+        met_before = key in self._suffix
+        number, distinct = self._suffix.get(key, 1), key
+        while distinct in self._taken:
+            number += 1
+            distinct = f"{key}@{number}"
+        self._suffix[key] = number
+        self._taken.add(distinct)
+        return distinct, met_before
 
 
 # --- small shared helpers --------------------------------------------------------------------------
@@ -285,7 +339,7 @@ def _row(
         "source": source,
         "media_kind": kind,
         "data": data if error is None else None,
-        "error": error,
+        "error": None if error is None else _message(error),
         "caption": caption,
         "url": url,
     }
@@ -329,6 +383,11 @@ def _text(value: Any) -> str | None:
     return value.encode("utf-8", "replace").decode("utf-8") if isinstance(value, str) else None
 
 
+def _message(text: str) -> str:
+    """An error message safe to store in Arrow: undecodable bytes of names in it are shown as \\xNN."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 _OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")  # <_io.BytesIO object at 0x7f...>
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")                       # any other "... at 0x7f..."
 
@@ -342,4 +401,4 @@ def describe_error(exc: BaseException) -> str:
     else:
         text = str(exc)
     text = _ADDRESS.sub("", _OBJECT_REPR.sub(r"<\1>", text))
-    return f"{type(exc).__name__}: {text}"
+    return _message(f"{type(exc).__name__}: {text}")

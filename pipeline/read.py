@@ -25,7 +25,7 @@ import ray.data
 from ray.util.annotations import RayDeprecationWarning
 
 from media.files import DEFAULT_MAX_ITEM_BYTES, ID_SEPARATOR, file_rows, is_container, list_files
-from media.storage import resolve_storage_options
+from media.storage import decode_name, resolve_storage_options
 from pipeline.schema import ITEM_SCHEMA
 
 # A read task hands rows to Ray in tables of at most this many rows / bytes of media.
@@ -107,18 +107,22 @@ def _tables(rows: Iterable[dict[str, Any]]) -> Iterator[pa.Table]:
 
 
 def _skip_ids_by_file(skip_ids: set[str], file_uris: set[str]) -> dict[str, list[str]]:
-    """Group the ids to skip by the listed file they belong to (ids of unlisted files are ignored)."""
+    """Group the ids to skip by the listed file they belong to (ids of unlisted files are ignored). Ids and
+    URIs are compared as names (`decode_name`): when the key of an item is not UTF-8 its whole id is
+    escaped, so the id's text need not start with its file's text."""
+    file_by_name = {decode_name(uri): uri for uri in file_uris}
     by_file: dict[str, list[str]] = {}
     for item_id in skip_ids:
-        candidates = [item_id] + [item_id[:i] for i in _separator_positions(item_id)]
-        owner = next((c for c in candidates if c in file_uris), None)
+        name = decode_name(item_id)
+        candidates = [name] + [name[:i] for i in _separator_positions(name)]
+        owner = next((file_by_name[c] for c in candidates if c in file_by_name), None)
         if owner is not None:
             by_file.setdefault(owner, []).append(item_id)
     return by_file
 
 
-def _separator_positions(item_id: str) -> Iterator[int]:
-    position = item_id.find(ID_SEPARATOR)
+def _separator_positions(name: str) -> Iterator[int]:
+    position = name.find(ID_SEPARATOR)
     while position != -1:
         yield position
-        position = item_id.find(ID_SEPARATOR, position + 1)
+        position = name.find(ID_SEPARATOR, position + 1)
