@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -64,6 +64,13 @@ def _job_options(command: Callable) -> Callable:
         click.option("--fps", type=click.FloatRange(min=0, min_open=True),
                      help="Sample video frames at this rate instead of evenly (overrides the task files)."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
+        click.option("--force", is_flag=True,
+                     help="Take over the output even while another run holds its lease (_lease.json)."),
+        click.option("--retry-errors", is_flag=True,
+                     help="Re-attempt every error row of the output, not only transient ones."),
+        click.option("--flush-rows", type=count, help="Commit an output file every N rows (default 10000)."),
+        click.option("--flush-seconds", type=click.FloatRange(min=0, min_open=True),
+                     help="... or every S seconds, whichever comes first (default 30)."),
     ]):
         command = option(command)
     return command
@@ -103,8 +110,12 @@ def run(task_files: tuple[str, ...], address: str | None, no_remote_check: bool,
 
     tasks = _load_tasks_or_exit(task_files, s3_endpoint=options["s3_endpoint"], no_remote_check=no_remote_check)
     config = _job_config(tasks, address=address, **options)
-    summary = job.run_job(config)
+    summary = _run_job_or_exit(config)
     _print_summary(summary, options["s3_endpoint"])
+    if summary.transient_items:
+        click.echo(f"Error: {summary.transient_items} items failed with transient storage errors; "
+                   "run the same command again to retry them", err=True)
+        click.get_current_context().exit(job.EXIT_TRANSIENT)
 
 
 @main.command()
@@ -205,8 +216,8 @@ def demo(output_uri: str) -> None:
 
     task_files = sorted(str(path) for path in (JOBS_DIR / "tasks").glob("*.yaml"))
     tasks = _load_tasks_or_exit(task_files, s3_endpoint=None, no_remote_check=False)
-    summary = job.run_job(job.JobConfig(tasks=tasks, input_uri=str(JOBS_DIR / "sample"),
-                                        output_uri=_absolute_if_local(output_uri)))
+    summary = _run_job_or_exit(job.JobConfig(tasks=tasks, input_uri=str(JOBS_DIR / "sample"),
+                                             output_uri=_absolute_if_local(output_uri)))
     _print_summary(summary, None)
     con = output_query.connect(summary.output)
     click.echo(output_query.summarize(con, summary.output, samples=8).format())
@@ -222,6 +233,17 @@ def _load_tasks_or_exit(task_files: Sequence[str], *, s3_endpoint: str | None,
     return tasks
 
 
+def _run_job_or_exit(config: JobConfig) -> JobSummary:
+    """pipeline.job.run_job, its JobError shown as one line and turned into the exit status."""
+    from pipeline import job
+
+    try:
+        return job.run_job(config)
+    except job.JobError as error:
+        click.echo(f"Error: {error}", err=True)
+        click.get_current_context().exit(error.exit_code)
+
+
 def _exit_with_problems(error: TaskError) -> NoReturn:
     count = len(error.problems)
     click.echo(f"{count} problem{'s' if count > 1 else ''} in task files:\n{error}", err=True)
@@ -232,7 +254,8 @@ def _job_config(tasks: Sequence[Task], *, input_uri: str, output_uri: str, addre
                 vision_actors: int | None, vision_batch_size: int | None, vision_gpus: float | None,
                 vision_cpus: float | None, generate_actors: int | None, generate_batch_size: int | None,
                 generate_gpus: float | None, generate_cpus: float | None, num_frames: int | None,
-                fps: float | None, s3_endpoint: str | None, no_progress: bool) -> JobConfig:
+                fps: float | None, s3_endpoint: str | None, no_progress: bool, force: bool, retry_errors: bool,
+                flush_rows: int | None, flush_seconds: float | None) -> JobConfig:
     """A pipeline.job.JobConfig from the command line; options not given keep JobConfig's defaults."""
     from pipeline.job import JobConfig, StageResources, default_generation_resources
 
@@ -242,7 +265,8 @@ def _job_config(tasks: Sequence[Task], *, input_uri: str, output_uri: str, addre
         pool_size=generate_actors, batch_size=generate_batch_size, num_gpus=generate_gpus, num_cpus=generate_cpus))
     return JobConfig(tasks=tuple(tasks), input_uri=_absolute_if_local(input_uri),
                      output_uri=_absolute_if_local(output_uri), vision=vision, generation=generation,
-                     storage_options=_storage_options(s3_endpoint), progress=not no_progress,
+                     storage_options=_storage_options(s3_endpoint), progress=not no_progress, force=force,
+                     retry_errors=retry_errors, flush_rows=flush_rows, flush_seconds=flush_seconds,
                      **_given(model=model, address=address, num_frames=num_frames, fps=fps))
 
 
@@ -262,11 +286,18 @@ def _print_summary(summary: JobSummary, s3_endpoint: str | None) -> None:
     click.echo(f"Annotated {summary.items} items in {summary.seconds:.1f} s "
                f"({summary.items_per_second:.2f} items/s)\n"
                f"  rows ok:           {summary.rows_ok}\n"
-               f"  rows with errors:  {summary.rows_error}\n"
+               f"  rows with errors:  {summary.rows_error}{_by_kind(summary.rows_error_by_kind)}\n"
                f"  skipped (resumed): {summary.skipped}\n"
-               f"Output: {summary.output}\n"
+               + (f"  earlier error rows replaced: {summary.superseded}\n" if summary.superseded else "")
+               + (f"Run: {summary.run_id}\n" if summary.run_id else "")
+               + f"Output: {summary.output}\n"
                f"Query it: flamingo-annotate query {shlex.quote(summary.output)}{endpoint} "
                "[\"SELECT ... FROM annotations\"]")
+
+
+def _by_kind(rows_by_kind: Mapping[str, int]) -> str:
+    kinds = ", ".join(f"{kind} {rows}" for kind, rows in sorted(rows_by_kind.items()) if rows)
+    return f" ({kinds})" if kinds else ""
 
 
 def _storage_options(s3_endpoint: str | None) -> dict[str, Any]:

@@ -24,14 +24,14 @@ import torch
 
 from media.decode import DecodeConfig, decode_item, image_transform
 from pipeline.encode import pick_device, visual_array
-from pipeline.schema import CREATED_AT_COLUMN, OUTPUT_SCHEMA
+from pipeline.schema import CREATED_AT_COLUMN, OUTPUT_SCHEMA, RUN_ID_COLUMN, infer_error_kind
 from pipeline.task import Task
 
 if TYPE_CHECKING:  # the model library is loaded in the actor, not where this module is imported
     from flamingo import FewShotPrefix
 
-# What the actor returns: the output rows without `created_at`, which the writer fills in.
-_ROWS_SCHEMA = OUTPUT_SCHEMA.remove(OUTPUT_SCHEMA.get_field_index(CREATED_AT_COLUMN))
+# What the actor returns: the output rows without `created_at` and `run_id`, which the writer fills in.
+_ROWS_SCHEMA = pa.schema([f for f in OUTPUT_SCHEMA if f.name not in (CREATED_AT_COLUMN, RUN_ID_COLUMN)])
 
 
 @dataclass(frozen=True)
@@ -105,11 +105,14 @@ class Annotator:
             by_id = {r["id"]: res for r, res in zip(ok, results)}
             for r in todo:
                 res = by_id.get(r["id"], {"error": r["error"] or "no visual tokens"})
+                error, kind = res.get("error"), None
+                if error is not None:  # the reader's kind when it gave one, else inferred from the text
+                    kind = (r.get("error_kind") if r["error"] else None) or infer_error_kind(error)
                 out.append({"id": r["id"], "source": r["source"], "task": task.name, "task_hash": task.sha256,
                             "output_column": task.output_column,
                             "model": self.spec.model, "annotation": res.get("annotation"),
                             "score": res.get("score"), "label_scores": res.get("label_scores"),
-                            "error": res.get("error"), "seconds": res.get("seconds", 0.0)})
+                            "error": error, "error_kind": kind, "seconds": res.get("seconds", 0.0)})
         return pa.Table.from_pylist(out, schema=_ROWS_SCHEMA)
 
     def _annotate(self, prepared: _PreparedTask, rows: list[dict]) -> list[dict]:
@@ -133,6 +136,7 @@ class Annotator:
         out = self.model.generate(lang_x=query, visual_tokens=visual, prefix=prepared.prefix,
                                   max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, do_sample=g.do_sample,
                                   temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, return_dict=True)
+        assert not isinstance(out, torch.Tensor)  # return_dict=True gives a GenerationOutput
         texts = self.model.decode(out.new_tokens)
         return [{"annotation": t, "score": float(s)} for t, s in zip(texts, out.mean_logprob.tolist())]
 

@@ -1,21 +1,49 @@
 """One annotation job: read -> decode -> encode (vision actors) -> generate (LM actors) -> write.
 
 `JobConfig` is everything a run needs, the tasks already loaded and validated (`pipeline.task.load_tasks`):
-the commands build one and call `run_job`, which checks what else it can before Ray starts. Resume: items
-already in the output for every task (same task name and file hash) are not read again; items done for only
-some tasks are annotated for the others only, so a re-run never writes a duplicate row.
+the commands build one and call `run_job`. Before Ray starts, `run_job` lists the input and takes the output's
+lease (pipeline/lease.py), so a typo, unreachable storage or a second run on the same output is one line of
+error (`JobError`) within seconds. Storage calls to S3 get bounded timeouts and retries (`S3_CLIENT_CONFIG`)
+unless the options set their own.
+
+Resume (rules in pipeline/write.py): items done in the output for every task (same task name and file hash)
+are not read again; items done for only some tasks are annotated for the others only, so a re-run never writes
+a duplicate row. Error rows of kind `transient` (and with `retry_errors`, all error rows) are re-attempted,
+and the rows they supersede are removed at the end.
+
+The summary counts the rows this run wrote itself (`WriteStats`), never the output as a whole.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 
 from flamingo import DEFAULT_MODEL
 from media.files import DEFAULT_MAX_ITEM_BYTES
 from pipeline.task import Task
+
+if TYPE_CHECKING:
+    from media.decode import DecodeConfig
+    from pipeline.lease import Lease
+
+# botocore settings for S3 (s3fs `config_kwargs`): an unreachable endpoint fails in seconds, not minutes.
+S3_CLIENT_CONFIG = {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 3, "mode": "standard"}}
+EXIT_FAILED = 1           # the job could not start or stopped (one-line reason)
+EXIT_TRANSIENT = 3        # the job finished, but items failed with transient storage errors: run it again
+EXIT_OUTPUT_BUSY = 4      # another live run holds the output's lease
+
+
+class JobError(Exception):
+    """A problem reported as one line (no traceback), with the exit status the command ends with."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -37,12 +65,18 @@ def default_generation_resources() -> StageResources:
 
 @dataclass
 class JobSummary:
-    items: int            # input items seen this run (resumed ones excluded)
+    """Counted from the rows this run wrote (no re-listing of the output)."""
+
+    items: int            # items this run wrote rows for (resumed ones excluded)
     rows_ok: int
     rows_error: int
     skipped: int          # items already present in the output (resume)
     seconds: float
     output: str
+    run_id: str = ""
+    rows_error_by_kind: Mapping[str, int] = field(default_factory=dict)  # error_kind -> rows
+    transient_items: int = 0   # items with a transient error row: a re-run tries them again
+    superseded: int = 0        # earlier error rows this run replaced (and removed from the output)
 
     @property
     def items_per_second(self) -> float:
@@ -64,6 +98,25 @@ class JobConfig:
     storage_options: dict = field(default_factory=dict)  # fsspec options (endpoint_url, key, secret, ...)
     progress: bool = True
     device: str | None = None                # None: cuda when the actor got a GPU, else cpu
+    force: bool = False                      # take the output's lease even from a live run
+    retry_errors: bool = False               # re-attempt every error row, not only transient ones
+    flush_rows: int | None = None            # commit an output file every N rows (None: pipeline.write's default)
+    flush_seconds: float | None = None       # ... or every T seconds, whichever comes first
+
+
+def new_run_id() -> str:
+    """`YYYYMMDDTHHMMSSZ-xxxxxx`: sorts by start time; the random suffix tells apart runs of the same second."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def storage_options_for(uri: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fsspec options for `uri` (media.storage), with S3_CLIENT_CONFIG for S3 unless set."""
+    from media.storage import protocol, resolve_storage_options
+
+    options = resolve_storage_options(uri, storage_options)
+    if protocol(uri) in ("s3", "s3a") and "config_kwargs" not in options:
+        options["config_kwargs"] = S3_CLIENT_CONFIG
+    return options
 
 
 def video_sampling(tasks: Sequence[Task], config: JobConfig) -> tuple[int, float | None]:
@@ -81,29 +134,57 @@ def video_sampling(tasks: Sequence[Task], config: JobConfig) -> tuple[int, float
 
 
 def run_job(config: JobConfig) -> JobSummary:
-    import ray
-
+    """Run the job; raises JobError for what is reported as one line (see the module docstring)."""
     from flamingo import image_preprocessing
     from media.decode import DecodeConfig
-    from media.storage import resolve_storage_options
-    from pipeline.decode import decode_items
-    from pipeline.encode import VisionEncoder
-    from pipeline.generate import Annotator, AnnotatorSpec
-    from pipeline.read import read_items
-    from pipeline.write import count_rows_since, existing_ids, write_rows
+    from pipeline.lease import Lease, LeaseHeld
 
     start = time.perf_counter()
     tasks = config.tasks
     num_frames, fps = video_sampling(tasks, config)  # before any work
     image_size, mean, std = image_preprocessing(config.model)
-    out_options = resolve_storage_options(config.output_uri, config.storage_options)
-    done = {t.name: existing_ids(config.output_uri, t.name, task_hash=t.sha256, storage_options=out_options)
-            for t in tasks}
-    done_everywhere = set.intersection(*done.values()) if done else set()
+    in_options = storage_options_for(config.input_uri, config.storage_options)
+    out_options = storage_options_for(config.output_uri, config.storage_options)
+    _check_input(config.input_uri, in_options)
+    run_id = new_run_id()
+    lease = Lease(config.output_uri, run_id, storage_options=out_options, force=config.force)
+    try:
+        lease.acquire()
+    except LeaseHeld as held:
+        raise JobError(str(held), EXIT_OUTPUT_BUSY) from None
+    except Exception as exc:
+        raise JobError(f"cannot write to output {config.output_uri}: {_describe(exc)}") from None
+    try:
+        decode = DecodeConfig(image_size, mean, std, num_frames=num_frames, fps=fps)
+        summary = _run_with_lease(config, run_id, lease, decode, in_options, out_options)
+    finally:
+        lease.release()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: DecodeConfig, in_options: dict[str, Any],
+                    out_options: dict[str, Any]) -> JobSummary:
+    import ray
+
+    from pipeline.decode import decode_items
+    from pipeline.encode import VisionEncoder
+    from pipeline.generate import Annotator, AnnotatorSpec
+    from pipeline.lease import LeaseLost
+    from pipeline.read import read_items
+    from pipeline.write import OutputWriteError, drop_superseded, scan_output, write_rows
+
+    tasks = config.tasks
+    task_hashes = {t.name: t.sha256 for t in tasks}
+    scan = scan_output(config.output_uri, task_hashes, retry_errors=config.retry_errors,
+                       storage_options=out_options)
+    done_everywhere = set.intersection(*scan.done.values()) if scan.done else set()
     annotator = AnnotatorSpec(
         model=config.model, tasks=tuple(tasks), device=config.device,
-        storage_options={t.name: resolve_storage_options(t.path, config.storage_options) for t in tasks},
-        done={name: frozenset(ids - done_everywhere) for name, ids in done.items()})
+        storage_options={t.name: storage_options_for(t.path, config.storage_options) for t in tasks},
+        done={name: frozenset(ids - done_everywhere) for name, ids in scan.done.items()})
+    writer_options: dict[str, Any] = {"flush_rows": config.flush_rows, "flush_seconds": config.flush_seconds}
+    writer_options = {key: value for key, value in writer_options.items() if value is not None}
 
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -111,9 +192,8 @@ def run_job(config: JobConfig) -> JobSummary:
                  ignore_reinit_error=True)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = config.progress
-        read = read_items(config.input_uri, storage_options=config.storage_options,
+        read = read_items(config.input_uri, storage_options=in_options,
                           max_item_bytes=config.max_item_bytes, skip_ids=done_everywhere)
-        decode = DecodeConfig(image_size, mean, std, num_frames=num_frames, fps=fps)
         ds = decode_items(read.dataset, decode)
         ds = ds.map_batches(
             VisionEncoder, fn_constructor_kwargs={"model": config.model, "device": config.device},
@@ -125,13 +205,36 @@ def run_job(config: JobConfig) -> JobSummary:
             batch_format="pyarrow", batch_size=config.generation.batch_size,
             compute=ray.data.ActorPoolStrategy(size=config.generation.pool_size),
             num_cpus=config.generation.num_cpus, num_gpus=config.generation.num_gpus)
-        # Streamed: files land as blocks finish, so a job killed midway keeps what it wrote (resume).
-        written_from = datetime.now(timezone.utc)
-        write_rows(ds, config.output_uri, storage_options=config.storage_options)
-        total, rows_error = count_rows_since(config.output_uri, written_from, storage_options=out_options)
+        # The driver commits files as rows stream in: a job killed midway keeps what it committed (resume).
+        stats = write_rows(ds.iter_batches(batch_format="pyarrow", batch_size=None), config.output_uri, run_id,
+                           storage_options=out_options, watch=scan.watch(), before_commit=lease.confirm,
+                           **writer_options)
+        superseded = drop_superseded(config.output_uri, scan, stats.written_keys, run_id, task_hashes,
+                                     storage_options=out_options)
+    except (LeaseLost, OutputWriteError) as exc:
+        raise JobError(str(exc)) from None
     finally:
         if started_ray:
             ray.shutdown()
-    return JobSummary(items=total // max(len(tasks), 1), rows_ok=total - rows_error, rows_error=rows_error,
-                      skipped=read.skipped, seconds=time.perf_counter() - start,
-                      output=config.output_uri)
+    return JobSummary(items=len(stats.items), rows_ok=stats.rows_ok, rows_error=stats.rows_error,
+                      skipped=read.skipped, seconds=0.0, output=config.output_uri, run_id=run_id,
+                      rows_error_by_kind=dict(stats.rows_by_kind), transient_items=len(stats.transient_items),
+                      superseded=superseded)
+
+
+def _check_input(uri: str, options: Mapping[str, Any]) -> None:
+    """List the input once before anything starts: a typo or unreachable storage becomes one line."""
+    from media.files import list_files
+
+    try:
+        list_files(uri, options)
+    except FileNotFoundError:
+        raise JobError(f"no input files match {uri}") from None
+    except Exception as exc:
+        raise JobError(f"cannot list input {uri}: {_describe(exc)}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    from media.files import describe_error
+
+    return describe_error(exc)

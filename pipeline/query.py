@@ -3,27 +3,51 @@
 The output is opened as a `pyarrow.dataset` through media.storage (so S3 endpoints and credentials resolve
 as they do for the job; DuckDB's own S3 support would need an extension download) and registered in DuckDB:
 
-- `annotations`: the rows as pipeline/write.py writes them (`pipeline.schema.OUTPUT_SCHEMA`), one per (item, task);
+- `annotations`: the rows as pipeline/write.py writes them (`pipeline.schema.OUTPUT_SCHEMA`), one per (item, task):
+  when a (id, task) has several rows (a row an interrupted run could not remove yet), only the latest counts
+  (by `run_id`, then `created_at`). Columns that older files lack (`run_id`, `error_kind`) read as null;
 - `items`: one row per item (`id`, `source`), one column per task holding its annotation, named after the
   task's `output_column` when the output records one, else after the task:
   `SELECT id, caption, classify_shape FROM items`.
+
+A file that cannot be read (damaged, not Parquet) is left out with a warning, so one bad file never hides the
+rest. Only footers are checked when opening: a file whose footer is fine but whose data is damaged still fails
+the query that reaches it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from media.storage import arrow_filesystem, filesystem, is_local
-from pipeline.schema import ANNOTATION_COLUMN, ERROR_COLUMN, ID_COLUMN, OUTPUT_COLUMN_COLUMN, SOURCE_COLUMN, TASK_COLUMN
+from pipeline.schema import (
+    ANNOTATION_COLUMN,
+    CREATED_AT_COLUMN,
+    ERROR_COLUMN,
+    ERROR_KIND_COLUMN,
+    ID_COLUMN,
+    OUTPUT_COLUMN_COLUMN,
+    OUTPUT_SCHEMA,
+    RUN_ID_COLUMN,
+    SOURCE_COLUMN,
+    TASK_COLUMN,
+)
+
+log = logging.getLogger(__name__)
 
 ANNOTATIONS_VIEW = "annotations"
 ITEMS_VIEW = "items"
 ITEM_COLUMNS = (ID_COLUMN, SOURCE_COLUMN)  # one row per item in the `items` view
+_ROWS_VIEW = "_rows"                        # every row of every readable file, before keeping the latest
 
 
 @dataclass(frozen=True)
@@ -58,19 +82,47 @@ def _printable(text: str) -> str:
 
 
 def open_output(output: str, storage_options: Mapping[str, Any] | None = None) -> ds.Dataset:
-    """The output's Parquet files as one dataset (hive-style `key=value` folders become columns)."""
+    """The output's readable Parquet files as one dataset (hive-style `key=value` folders become columns);
+    unreadable files are left out with a warning. Raises FileNotFoundError when there is no output."""
     fs, path = filesystem(output, storage_options)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{output}: no such output")
+    files = [path] if fs.isfile(path) else sorted(
+        p for p in fs.find(path) if p.endswith(".parquet") and not any(
+            part.startswith((".", "_")) for part in p[len(path):].split("/")))
+    arrow_fs = None if is_local(fs) else arrow_filesystem(fs)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        schemas = list(pool.map(lambda file: _footer_schema(file, arrow_fs), files))
+    readable = [(file, schema) for file, schema in zip(files, schemas) if schema is not None]
+    schema = pa.unify_schemas([s for _, s in readable], promote_options="permissive") if readable else pa.schema([])
+    if {ID_COLUMN, TASK_COLUMN} <= set(schema.names):  # our output: the columns older files lack read as null
+        added = [OUTPUT_SCHEMA.field(name) for name in (ERROR_KIND_COLUMN, RUN_ID_COLUMN) if name not in schema.names]
+        schema = pa.schema([*schema, *added])
     # Local paths go to pyarrow's own, faster filesystem; anything else through fsspec.
-    return ds.dataset(path, filesystem=None if is_local(fs) else arrow_filesystem(fs), format="parquet",
-                      partitioning="hive")
+    return ds.dataset([file for file, _ in readable], schema=schema, filesystem=arrow_fs, format="parquet",
+                      partitioning="hive", partition_base_dir=path)
+
+
+def _footer_schema(file: str, arrow_fs: Any) -> pa.Schema | None:
+    try:
+        return pq.read_schema(file, filesystem=arrow_fs)
+    except Exception as exc:  # one damaged file must not hide the others
+        log.warning("skipping unreadable output file %s: %s: %s", file, type(exc).__name__, exc)
+        return None
 
 
 def connect(output: str, storage_options: Mapping[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the `annotations` (and, when possible, `items`) views."""
     dataset = open_output(output, storage_options)
     con = duckdb.connect()
-    con.register(ANNOTATIONS_VIEW, dataset)
+    con.register(_ROWS_VIEW, dataset)
     columns = set(dataset.schema.names)
+    if {ID_COLUMN, TASK_COLUMN} <= columns:
+        order = ", ".join(f"{_ident(c)} DESC NULLS LAST" for c in (RUN_ID_COLUMN, CREATED_AT_COLUMN) if c in columns)
+        con.sql(f"CREATE VIEW {ANNOTATIONS_VIEW} AS SELECT * FROM {_ROWS_VIEW} QUALIFY row_number() OVER "
+                f"(PARTITION BY {_ident(ID_COLUMN)}, {_ident(TASK_COLUMN)} ORDER BY {order or 'NULL'}) = 1")
+    else:
+        con.sql(f"CREATE VIEW {ANNOTATIONS_VIEW} AS SELECT * FROM {_ROWS_VIEW}")
     if {*ITEM_COLUMNS, TASK_COLUMN, ANNOTATION_COLUMN} <= columns:
         # outputs written before `output_column` existed name the task columns after the task
         _create_items_view(con, OUTPUT_COLUMN_COLUMN if OUTPUT_COLUMN_COLUMN in columns else TASK_COLUMN)

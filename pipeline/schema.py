@@ -1,6 +1,7 @@
 """The two tables of a job, as Arrow schemas: the items it reads and the annotations it writes.
 
-Only pyarrow is imported here, so the query command can name output columns without loading Ray.
+Only pyarrow (and media.errors, plain Python) is imported here, so the query command can name output columns
+without loading Ray.
 
 `ITEM_SCHEMA`, one row per input item (`pipeline/read.py`; the fields of `media.files` item rows):
   id          string        stable item id (see media/files.py): the file URI, or `<file uri>::<key>`
@@ -8,6 +9,8 @@ Only pyarrow is imported here, so the query command can name output columns with
   media_kind  string        "image" | "video" | null (unsupported / unknown)
   data        large_binary  the encoded media bytes; null whenever `error` is set
   error       string        null when the item was read fine
+  error_kind  string        `transient` | `input` when the reader says which (media/errors.py); null
+                            otherwise (the pipeline then infers it from `error`, see OUTPUT_SCHEMA)
   caption     string        caption when the source has one, else null
   url         string        original URL when the source has one, else null
 
@@ -26,8 +29,19 @@ Only pyarrow is imported here, so the query command can name output columns with
                            gives a list of {"label", "score"} dicts, DuckDB a LIST of STRUCTs
                            (`UNNEST(label_scores)`), both without extra conversion.
   error         string     what went wrong for this item; null when it was annotated
+  error_kind    string     null when annotated; else `transient` (storage unreachable, timed out or
+                           throttled: re-attempted by the next run), `input` (the item itself is bad) or
+                           `model` (the vision encoder or the LM failed). When the reader gives no kind,
+                           read errors ("cannot read file: ...", "cannot read tar shard: ...",
+                           "cannot read Parquet ...") that name a transient cause count as transient,
+                           other errors as input, and encoder / generation failures as model.
   seconds       float64    time spent on this item
   created_at    timestamp[us, UTC]   when the row was produced (filled in at write time if absent)
+  run_id        string     the run that wrote the row: `YYYYMMDDTHHMMSSZ-xxxxxx` (UTC start time and a
+                           random suffix), so run ids sort by start time
+
+Outputs written before `error_kind` and `run_id` existed lack those columns; readers here treat them as
+null (the kind of such an error row is inferred from its text, as above).
 """
 
 from __future__ import annotations
@@ -43,7 +57,9 @@ OUTPUT_COLUMN_COLUMN = "output_column"  # names the task columns of the `items` 
 MODEL_COLUMN = "model"
 ANNOTATION_COLUMN = "annotation"
 ERROR_COLUMN = "error"
+ERROR_KIND_COLUMN = "error_kind"
 CREATED_AT_COLUMN = "created_at"
+RUN_ID_COLUMN = "run_id"
 
 ITEM_SCHEMA = pa.schema(
     [
@@ -52,6 +68,7 @@ ITEM_SCHEMA = pa.schema(
         ("media_kind", pa.string()),
         ("data", pa.large_binary()),
         (ERROR_COLUMN, pa.string()),
+        (ERROR_KIND_COLUMN, pa.string()),
         ("caption", pa.string()),
         ("url", pa.string()),
     ]
@@ -70,8 +87,26 @@ OUTPUT_SCHEMA = pa.schema(
         ("score", pa.float64()),
         ("label_scores", pa.list_(LABEL_SCORE_TYPE)),
         (ERROR_COLUMN, pa.string()),
+        (ERROR_KIND_COLUMN, pa.string()),
         ("seconds", pa.float64()),
         (CREATED_AT_COLUMN, pa.timestamp("us", tz="UTC")),
+        (RUN_ID_COLUMN, pa.string()),
     ]
 )
 REQUIRED_COLUMNS = (ID_COLUMN, SOURCE_COLUMN, TASK_COLUMN, TASK_HASH_COLUMN, MODEL_COLUMN)
+
+# Error texts the readers and model stages begin with (media/files.py, pipeline/encode.py, pipeline/generate.py).
+READ_ERROR_PREFIXES = ("cannot read file:", "cannot read tar shard:", "cannot read Parquet")
+MODEL_ERROR_PREFIXES = ("vision encoder failed:", "generation failed:", "no visual tokens")
+
+
+def infer_error_kind(error: str) -> str:
+    """The `error_kind` of an error row that came without one (see OUTPUT_SCHEMA): the fallback for readers
+    that do not classify their failures themselves, and for outputs written before the column existed."""
+    from media.errors import INPUT, MODEL, TRANSIENT, is_transient_text
+
+    if error.startswith(MODEL_ERROR_PREFIXES):
+        return MODEL
+    if error.startswith(READ_ERROR_PREFIXES) and is_transient_text(error):
+        return TRANSIENT
+    return INPUT

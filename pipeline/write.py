@@ -1,18 +1,40 @@
-"""Output side: the annotation table, writing it as Parquet, and reading back what is already done.
+"""Output side: committing the annotation rows as Parquet files while the job runs, and reading back what is
+already done (resume).
 
-Every run appends new Parquet files (Ray Data names them with a per-write UUID) next to the files of
-earlier runs and never rewrites them, so resuming a job only adds the missing rows. The output
-directory is a plain Parquet dataset: pyarrow, pandas, DuckDB (over a pyarrow dataset) and Spark read
-it as is.
+Writing. The driver consumes the job's rows as they stream out of Ray (`write_rows`) and commits a Parquet
+file every `flush_rows` rows or `flush_seconds` seconds, whichever comes first (checked as rows arrive), and
+at the end: `part-<run_id>-<seq:05d>.parquet`. A commit is atomic: a local file is written under a hidden
+name ('.' prefix, which every reader here skips) and renamed; an S3 object appears whole with its one PUT.
+So a driver killed midway keeps every file it committed, no reader ever sees half a file, and the next run
+resumes from them. A failed commit is retried with backoff (`media.errors.call_with_retries`) before the job
+stops with `OutputWriteError`. Files of earlier runs are never appended to.
 
-Rows are in `pipeline.schema.OUTPUT_SCHEMA`, one per input item and task.
+Reading. `scan_output` reads the id, task and error columns of every file once, for resume. An unreadable
+file (not ours, or damaged by hand) is skipped with a warning; its items are simply done again.
+
+Resume rules, per task (same name and task-file hash): an item is done when it has an annotated row or an
+error row of kind `input` or `model`. Rows of kind `transient` are re-attempted by the next run, and with
+`retry_errors` every error row is. A re-attempted row is superseded once the new run has written a row for the
+same item and task -- or, for a row whose id is a file's URI (a shard that failed as a whole), any row from
+that file -- and `drop_superseded` then rewrites the files that hold it without it (new file first, with the
+old one's name in its metadata, then the old file deleted; a scan finishes that deletion if a crash cut it
+short). So pyarrow, pandas and Spark see one row per item and task.
+
+The output is a plain Parquet dataset (plus `_lease.json`, see pipeline/lease.py): pyarrow, pandas, DuckDB
+(over a pyarrow dataset) and Spark read it as is. Rows are in `pipeline.schema.OUTPUT_SCHEMA`.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
-from collections.abc import Mapping
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -20,47 +42,177 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray.data
-from ray.data import SaveMode
 
-from media.storage import arrow_filesystem, filesystem
+from media.errors import INPUT, MODEL, TRANSIENT, call_with_retries
+from media.storage import arrow_filesystem, filesystem, is_local
 from pipeline.schema import (
     CREATED_AT_COLUMN,
     ERROR_COLUMN,
+    ERROR_KIND_COLUMN,
     ID_COLUMN,
     OUTPUT_COLUMN_COLUMN,
     OUTPUT_SCHEMA,
     REQUIRED_COLUMNS,
+    RUN_ID_COLUMN,
+    SOURCE_COLUMN,
     TASK_COLUMN,
     TASK_HASH_COLUMN,
+    infer_error_kind,
 )
 
 log = logging.getLogger(__name__)
 
-
-def write_rows(
-    dataset: ray.data.Dataset, output_uri: str, *, storage_options: Mapping[str, Any] | None = None
-) -> None:
-    """Append `dataset` (rows with the OUTPUT_SCHEMA columns; extra columns are dropped) to
-    `output_uri` as new Parquet files. Executes the dataset."""
-    fs, path = filesystem(output_uri, storage_options)
-    dataset.map_batches(to_output_table, batch_format="pyarrow", batch_size=None).write_parquet(
-        path,
-        filesystem=arrow_filesystem(fs),
-        mode=SaveMode.APPEND,  # new, uniquely named files; earlier runs' files are left alone
-        schema=OUTPUT_SCHEMA,
-    )
+FLUSH_ROWS = 10_000
+FLUSH_SECONDS = 30.0
+REPLACES_KEY = b"flamingo_annotate.replaces"  # Parquet metadata: the file a rewritten file replaces
+_SCAN_COLUMNS = [ID_COLUMN, SOURCE_COLUMN, TASK_COLUMN, TASK_HASH_COLUMN, ERROR_COLUMN, ERROR_KIND_COLUMN]
 
 
-def to_output_table(batch: pa.Table) -> pa.Table:
-    """`batch` reduced to OUTPUT_SCHEMA (column order and types), `created_at` filled in when absent.
-    Raises ValueError for missing columns or null required values: those are bugs upstream, not bad
-    input."""
+class OutputWriteError(Exception):
+    """A commit failed even after retries; the message is the one line to show."""
+
+
+@dataclass
+class WriteStats:
+    """What one run wrote, counted from its own rows as it committed them."""
+
+    rows_ok: int = 0
+    rows_by_kind: Counter[str] = field(default_factory=Counter)  # error rows per error_kind
+    items: set[str] = field(default_factory=set)                 # ids of the items it wrote rows for
+    transient_items: set[str] = field(default_factory=set)       # ids with a transient error row
+    files: list[str] = field(default_factory=list)
+    written_keys: set[tuple[str, str]] = field(default_factory=set)  # (task, id or source) among `watch`
+
+    @property
+    def rows_error(self) -> int:
+        return sum(self.rows_by_kind.values())
+
+
+class OutputWriter:
+    """Buffers output rows and commits them as Parquet files (see the module docstring). `before_commit` is
+    called before every commit (the lease check: a run that lost the output stops there)."""
+
+    def __init__(self, output_uri: str, run_id: str, *, storage_options: Mapping[str, Any] | None = None,
+                 flush_rows: int = FLUSH_ROWS, flush_seconds: float = FLUSH_SECONDS,
+                 watch: Iterable[tuple[str, str]] = (), before_commit: Callable[[], None] | None = None):
+        self.output_uri = output_uri
+        self.run_id = run_id
+        self.fs, self.root = filesystem(output_uri, storage_options)
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self.watch = set(watch)
+        self.before_commit = before_commit
+        self.stats = WriteStats()
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+        self._last_commit = time.monotonic()
+        self._seq = 0
+
+    def write(self, rows: pa.Table) -> None:
+        """Add rows (OUTPUT_SCHEMA columns; extra ones are dropped); commits when a limit is reached."""
+        table = to_output_table(rows, self.run_id)
+        if table.num_rows:
+            self._buffer.append(table)
+            self._buffered += table.num_rows
+        if self._buffered >= self.flush_rows or time.monotonic() - self._last_commit >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the buffered rows as one file (nothing when the buffer is empty)."""
+        self._last_commit = time.monotonic()
+        if not self._buffer:
+            return
+        table = pa.concat_tables(self._buffer)
+        if self.before_commit is not None:
+            self.before_commit()
+        path = self._next_path()
+        commit_file(self.fs, path, table)
+        self._buffer, self._buffered = [], 0
+        self.stats.files.append(path)
+        self._count(table)
+
+    def _next_path(self) -> str:
+        self._seq += 1
+        return f"{self.root.rstrip('/')}/part-{self.run_id}-{self._seq:05d}.parquet"
+
+    def _count(self, table: pa.Table) -> None:
+        stats = self.stats
+        ids, sources = table.column(ID_COLUMN).to_pylist(), table.column(SOURCE_COLUMN).to_pylist()
+        tasks, kinds = table.column(TASK_COLUMN).to_pylist(), table.column(ERROR_KIND_COLUMN).to_pylist()
+        errors = table.column(ERROR_COLUMN).to_pylist()
+        for item_id, source, task, error, kind in zip(ids, sources, tasks, errors, kinds):
+            stats.items.add(item_id)
+            if error is None:
+                stats.rows_ok += 1
+            else:
+                stats.rows_by_kind[kind] += 1
+                if kind == TRANSIENT:
+                    stats.transient_items.add(item_id)
+            for key in ((task, item_id), (task, source)):
+                if key in self.watch:
+                    stats.written_keys.add(key)
+
+
+def write_rows(batches: Iterable[pa.Table], output_uri: str, run_id: str, **writer_options: Any) -> WriteStats:
+    """Write every table of `batches` (e.g. `dataset.iter_batches(batch_format="pyarrow", batch_size=None)`)
+    through an OutputWriter; what was buffered is committed even when the stream fails midway."""
+    writer = OutputWriter(output_uri, run_id, **writer_options)
+    try:
+        for batch in batches:
+            writer.write(batch)
+    except BaseException:
+        try:
+            writer.flush()  # keep what was done before the failure
+        except Exception as exc:
+            log.warning("could not commit the last rows before stopping: %s: %s", type(exc).__name__, exc)
+        raise
+    writer.flush()
+    return writer.stats
+
+
+def commit_file(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table,
+                metadata: Mapping[bytes, bytes] | None = None) -> None:
+    """Write `table` to `path` atomically (see the module docstring), retrying transient failures."""
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    data = sink.getvalue()
+
+    def put() -> None:
+        if is_local(fs):
+            folder, name = os.path.split(path)
+            os.makedirs(folder, exist_ok=True)
+            temporary = os.path.join(folder, f".{name}.tmp")
+            with open(temporary, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+        else:
+            fs.pipe_file(path, data)
+
+    try:
+        call_with_retries(put)
+    except Exception as exc:
+        raise OutputWriteError(f"cannot write {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def to_output_table(batch: pa.Table, run_id: str | None = None) -> pa.Table:
+    """`batch` reduced to OUTPUT_SCHEMA (column order and types): `created_at` filled in when absent, `run_id`
+    when given, `error_kind` inferred for error rows without one. Raises ValueError for missing columns or null
+    required values: those are bugs upstream, not bad input."""
     if OUTPUT_COLUMN_COLUMN not in batch.column_names and TASK_COLUMN in batch.column_names:
         batch = batch.append_column(OUTPUT_COLUMN_COLUMN, batch.column(TASK_COLUMN))
     if CREATED_AT_COLUMN not in batch.column_names:
         now = pa.scalar(datetime.now(timezone.utc), OUTPUT_SCHEMA.field(CREATED_AT_COLUMN).type)
         batch = batch.append_column(CREATED_AT_COLUMN, pa.repeat(now, batch.num_rows))
+    if run_id is not None:
+        batch = _set(batch, RUN_ID_COLUMN, pa.repeat(pa.scalar(run_id, pa.string()), batch.num_rows))
+    elif RUN_ID_COLUMN not in batch.column_names:
+        batch = batch.append_column(RUN_ID_COLUMN, pa.nulls(batch.num_rows, pa.string()))
+    if ERROR_COLUMN in batch.column_names:
+        batch = _set(batch, ERROR_KIND_COLUMN, _error_kinds(batch))
     missing = [name for name in OUTPUT_SCHEMA.names if name not in batch.column_names]
     if missing:
         raise ValueError(f"rows lack output columns {missing}")
@@ -70,54 +222,157 @@ def to_output_table(batch: pa.Table) -> pa.Table:
     return batch.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
 
 
-def existing_ids(
-    output_uri: str,
-    task: str,
-    *,
-    task_hash: str | None = None,
-    include_errors: bool = True,
-    storage_options: Mapping[str, Any] | None = None,
-) -> set[str]:
-    """Ids already written to `output_uri` for `task` (and `task_hash`, when given), for resume.
-    `include_errors=False` leaves out rows that failed, so a resumed run tries them again. An absent
-    or empty output gives an empty set; an unreadable file (e.g. cut short by a crash) is logged and
-    ignored, so its items are simply done again."""
+def _error_kinds(batch: pa.Table) -> pa.Array:
+    """The `error_kind` column: as given where set, inferred from the error text where not, null when ok."""
+    errors = batch.column(ERROR_COLUMN).to_pylist()
+    given = batch.column(ERROR_KIND_COLUMN).to_pylist() if ERROR_KIND_COLUMN in batch.column_names else \
+        [None] * len(errors)
+    return pa.array([None if error is None else kind or infer_error_kind(error)
+                     for error, kind in zip(errors, given)], pa.string())
+
+
+def _set(table: pa.Table, name: str, values: Any) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.schema.get_field_index(name), name, values)
+    return table.append_column(name, values)
+
+
+# --- reading back: resume --------------------------------------------------------------------------------------
+
+@dataclass
+class OutputScan:
+    """What the output holds for the tasks of a run (see `scan_output`)."""
+
+    done: dict[str, set[str]]                 # task name -> ids done for it
+    # (task, id) of an error row that is re-attempted (or already superseded by a done row) -> files holding one
+    retry: dict[tuple[str, str], set[str]]
+    unreadable: list[str]                     # files skipped
+
+    def watch(self) -> set[tuple[str, str]]:
+        """The (task, id) keys whose rows a run's writes can supersede."""
+        return set(self.retry)
+
+
+def scan_output(output_uri: str, task_hashes: Mapping[str, str], *, retry_errors: bool = False,
+                storage_options: Mapping[str, Any] | None = None) -> OutputScan:
+    """For each task (name -> task-file hash): the ids done, and the error rows to re-attempt, with their
+    files (the resume rules are in the module docstring)."""
+    names = list(task_hashes)
+    condition = pc.field(TASK_COLUMN).isin(names) if names else None
+    files, tables, unreadable = read_files(output_uri, _SCAN_COLUMNS, condition, storage_options,
+                                           finish_rewrites=True)
+    done: dict[str, set[str]] = {name: set() for name in names}
+    retryable: dict[tuple[str, str], set[str]] = {}
+    for file, table in zip(files, tables):
+        if table is None:
+            continue
+        rows = zip(*(table.column(c).to_pylist() for c in (ID_COLUMN, TASK_COLUMN, TASK_HASH_COLUMN, ERROR_COLUMN,
+                                                           ERROR_KIND_COLUMN)))
+        for item_id, task, task_hash, error, kind in rows:
+            if task_hashes.get(task) != task_hash:
+                continue
+            if error is None or (not retry_errors and (kind or infer_error_kind(error)) in (INPUT, MODEL)):
+                done[task].add(item_id)
+            else:
+                retryable.setdefault((task, item_id), set()).add(file)
+    return OutputScan(done=done, retry=retryable, unreadable=unreadable)
+
+
+def existing_ids(output_uri: str, task: str, *, task_hash: str | None = None, include_errors: bool = True,
+                 storage_options: Mapping[str, Any] | None = None) -> set[str]:
+    """Ids with a row for `task` (and `task_hash`, when given) in `output_uri`; `include_errors=False` leaves
+    out error rows."""
     condition = pc.field(TASK_COLUMN) == task
     if task_hash is not None:
         condition &= pc.field(TASK_HASH_COLUMN) == task_hash
     if not include_errors:
         condition &= pc.field(ERROR_COLUMN).is_null()
-    return set(read_output(output_uri, [ID_COLUMN], condition, storage_options).column(ID_COLUMN).to_pylist())
+    _, tables, _ = read_files(output_uri, [ID_COLUMN], condition, storage_options)
+    return {item_id for table in tables if table is not None for item_id in table.column(ID_COLUMN).to_pylist()}
 
 
-def count_rows_since(
-    output_uri: str, since: datetime, *, storage_options: Mapping[str, Any] | None = None
-) -> tuple[int, int]:
-    """(rows, rows with an error) written to `output_uri` at or after `since`: what one run added."""
-    since = pa.scalar(since, OUTPUT_SCHEMA.field(CREATED_AT_COLUMN).type)
-    table = read_output(output_uri, [ERROR_COLUMN], pc.field(CREATED_AT_COLUMN) >= since, storage_options)
-    return table.num_rows, table.num_rows - table.column(ERROR_COLUMN).null_count
+def output_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The output's Parquet files, hidden ones (uncommitted, '.' prefix) left out."""
+    if not fs.exists(root):
+        return []
+    return sorted(p for p in fs.find(root) if p.endswith(".parquet") and "/." not in p[len(root):]
+                  and "/_" not in p[len(root):])
 
 
-def read_output(
-    output_uri: str, columns: list[str], condition: pc.Expression, storage_options: Mapping[str, Any] | None = None
-) -> pa.Table:
-    """`columns` of the output rows matching `condition`, file by file in parallel; skips unreadable files."""
-    fs, path = filesystem(output_uri, storage_options)
-    empty = OUTPUT_SCHEMA.empty_table().select(columns)
-    if not fs.exists(path):
-        return empty
-    files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/." not in p[len(path):])
+def read_files(output_uri: str, columns: list[str], condition: pc.Expression | None,
+               storage_options: Mapping[str, Any] | None = None, *, finish_rewrites: bool = False
+               ) -> tuple[list[str], list[pa.Table | None], list[str]]:
+    """(files, their `columns` for the rows matching `condition` -- None for a file that could not be read --,
+    the unreadable files), file by file in parallel. Columns a file lacks (written before they existed) come
+    back as nulls. A file that a rewritten file replaces (a rewrite cut short by a crash) is left out, and
+    deleted with `finish_rewrites` (only the lease holder may)."""
+    fs, root = filesystem(output_uri, storage_options)
+    files = output_files(fs, root)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        tables = list(pool.map(lambda file: _read_file(fs, file, columns, condition), files))
-    return pa.concat_tables([empty, *(t for t in tables if t is not None)])
+        results = list(pool.map(lambda file: _read_file(fs, file, columns, condition), files))
+    replaced = {os.path.basename(name) for _, replaces in results for name in replaces}
+    kept_files, tables, unreadable = [], [], []
+    for file, (table, _) in zip(files, results):
+        if os.path.basename(file) in replaced:
+            if finish_rewrites:
+                _remove_replaced(fs, file)
+            continue
+        kept_files.append(file)
+        tables.append(table)
+        if table is None:
+            unreadable.append(file)
+    return kept_files, tables, unreadable
 
 
 def _read_file(fs: fsspec.AbstractFileSystem, path: str, columns: list[str],
-               condition: pc.Expression) -> pa.Table | None:
+               condition: pc.Expression | None) -> tuple[pa.Table | None, list[str]]:
+    """(the rows, or None when unreadable; the names of the files this one replaces)."""
+    wanted = OUTPUT_SCHEMA.empty_table().select(columns).schema
     try:
-        return pq.read_table(path, filesystem=arrow_filesystem(fs), columns=columns, filters=condition).cast(
-            OUTPUT_SCHEMA.empty_table().select(columns).schema)
+        schema = pq.read_schema(path, filesystem=arrow_filesystem(fs))
+        present = [c for c in columns if c in schema.names]
+        table = pq.read_table(path, filesystem=arrow_filesystem(fs), columns=present, filters=condition)
+        for name in columns:
+            if name not in present:
+                table = table.append_column(wanted.field(name), pa.nulls(table.num_rows, wanted.field(name).type))
+        replaces = json.loads((schema.metadata or {}).get(REPLACES_KEY, b"[]"))
+        return table.select(columns).cast(wanted), list(replaces)
     except Exception as exc:  # a broken file must not block resuming; its items get redone
-        log.warning("ignoring unreadable output file %s: %s: %s", path, type(exc).__name__, exc)
-        return None
+        log.warning("skipping unreadable output file %s: %s: %s", path, type(exc).__name__, exc)
+        return None, []
+
+
+def _remove_replaced(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    log.warning("removing %s: a rewritten file replaces it (a rewrite was cut short)", path)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+# --- superseded rows -------------------------------------------------------------------------------------------
+
+def drop_superseded(output_uri: str, scan: OutputScan, written_keys: set[tuple[str, str]], run_id: str,
+                    task_hashes: Mapping[str, str], *, storage_options: Mapping[str, Any] | None = None) -> int:
+    """Rewrite the files holding re-attempted error rows that are now superseded (see the module docstring),
+    without those rows. Returns how many rows were dropped."""
+    gone = {key for key in scan.retry if key in written_keys or key[1] in scan.done.get(key[0], ())}
+    by_file: dict[str, set[tuple[str, str]]] = {}
+    for key in gone:
+        for file in scan.retry[key]:
+            by_file.setdefault(file, set()).add(key)
+    fs, root = filesystem(output_uri, storage_options)
+    dropped = 0
+    for seq, (file, keys) in enumerate(sorted(by_file.items()), start=1):
+        table = pq.read_table(file, filesystem=arrow_filesystem(fs))
+        rows = zip(*(table.column(c).to_pylist() for c in (TASK_COLUMN, ID_COLUMN, TASK_HASH_COLUMN, ERROR_COLUMN)))
+        keep = [not (error is not None and (task, item_id) in keys and task_hashes.get(task) == task_hash)
+                for task, item_id, task_hash, error in rows]
+        kept = table.filter(pa.array(keep, pa.bool_()))
+        dropped += table.num_rows - kept.num_rows
+        if kept.num_rows:
+            new_path = f"{root.rstrip('/')}/part-{run_id}-r{seq:04d}.parquet"
+            metadata = {REPLACES_KEY: json.dumps([os.path.basename(file)]).encode()}
+            commit_file(fs, new_path, to_output_table(kept), metadata)
+        fs.rm_file(file)
+    return dropped

@@ -1,5 +1,5 @@
-"""pipeline.write: Parquet output through Ray Data, locally and on moto S3; resume ids; the output read
-back with pyarrow, pandas and DuckDB in the documented schema."""
+"""pipeline.write: Parquet files committed as rows arrive, locally and on moto S3; resume ids and the resume
+rules; superseded rows; the output read back with pyarrow, pandas and DuckDB in the documented schema."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from pipeline.schema import OUTPUT_SCHEMA
 from pipeline.write import existing_ids, to_output_table, write_rows
@@ -51,11 +50,17 @@ def parquet_files(fs: fsspec.AbstractFileSystem, path: str) -> set[str]:
     return {p for p in fs.find(path) if p.endswith(".parquet")}
 
 
-def test_write_and_resume_locally(ray_session: None, tmp_path: Path) -> None:
+def write(rows: list[dict[str, Any]], output: str, run_id: str = "20261130T000000Z-aaaaaa", **options: Any) -> Any:
+    """Rows written as one run, in batches of two (as they would stream out of the pipeline)."""
+    batches = [pa.Table.from_pylist(rows[i:i + 2]) for i in range(0, len(rows), 2)]
+    return write_rows(batches, output, run_id, **options)
+
+
+def test_write_and_resume_locally(tmp_path: Path) -> None:
     output = str(tmp_path / "out")
     assert existing_ids(output, "caption") == set()  # nothing written yet
 
-    write_rows(ray.data.from_items(FIRST_RUN), output)
+    write(FIRST_RUN, output)
     fs = fsspec.filesystem("file")
     first_files = parquet_files(fs, output)
     assert first_files
@@ -63,18 +68,18 @@ def test_write_and_resume_locally(ray_session: None, tmp_path: Path) -> None:
     assert existing_ids(output, "caption", include_errors=False) == {"/in/a.jpg"}
     assert existing_ids(output, "classify") == {"/in/s.tar::1"}
 
-    write_rows(ray.data.from_items(SECOND_RUN), output)
+    write(SECOND_RUN, output, "20261130T000001Z-bbbbbb")
     assert parquet_files(fs, output) > first_files  # appended; the first run's files are untouched
     assert existing_ids(output, "caption") == {"/in/a.jpg", "/in/bad.jpg", "/in/b.jpg", "/in/c.jpg"}
     assert existing_ids(output, "caption", task_hash="h2") == {"/in/c.jpg"}
     assert existing_ids(output, "other-task") == set()
 
 
-def test_write_and_resume_on_s3(ray_session: None, s3: Any) -> None:
+def test_write_and_resume_on_s3(s3: Any) -> None:
     output = f"s3://{s3.new_bucket()}/annotations"
     assert existing_ids(output, "caption") == set()
-    write_rows(ray.data.from_items(FIRST_RUN), output)
-    write_rows(ray.data.from_items(SECOND_RUN), output)
+    write(FIRST_RUN, output)
+    write(SECOND_RUN, output, "20261130T000001Z-bbbbbb")
     assert existing_ids(output, "caption") == {"/in/a.jpg", "/in/bad.jpg", "/in/b.jpg", "/in/c.jpg"}
     fs, path = fsspec.core.url_to_fs(output)
     table = pads.dataset(sorted(parquet_files(fs, path)), filesystem=fs, format="parquet").to_table()
@@ -82,9 +87,9 @@ def test_write_and_resume_on_s3(ray_session: None, s3: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def written(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("out")
-    write_rows(ray.data.from_items(FIRST_RUN + SECOND_RUN), str(output))
+    write(FIRST_RUN + SECOND_RUN, str(output))
     return output
 
 
