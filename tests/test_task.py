@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+from sample_media import video_bytes
 
 from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from flamingo_annotate.cli import main
 from pipeline.task import (
     Demonstration,
     GenerationOptions,
@@ -24,6 +29,7 @@ from pipeline.task import (
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 EXAMPLES = sorted((JOBS / "tasks").glob("*.yaml"))
 DEMO_IMAGE = JOBS / "tasks" / "demos" / "one.png"
+CORRUPT_PNG = random.Random(0).randbytes(2000)  # what a failed download or a renamed file looks like
 
 
 def write(directory: Path, text: str, name: str = "task.yaml") -> Path:
@@ -201,6 +207,32 @@ BAD_FILES = [
     ("name: t\ngeneration: {top_p: 0}\n", "generation.top_p", ["(0, 1]"]),
     ("name: t\ngeneration: {top_k: -1}\n", "generation.top_k", [">= 0"]),
     ("name: t\nvideo: {num_frames: 0}\n", "video.num_frames", [">= 1"]),
+    # upper bounds: typos that would only fail (or exhaust memory) once the job runs
+    ("name: t\ngeneration: {max_new_tokens: 1000000000}\n", "generation.max_new_tokens",
+     ["<= 1024", "got 1000000000"]),
+    ("name: t\ngeneration: {max_new_tokens: 1025}\n", "generation.max_new_tokens", ["<= 1024", "got 1025"]),
+    ("name: t\ngeneration: {max_new_tokens: 1e9}\n", "generation.max_new_tokens",
+     ["must be an integer", "str '1e9'", "YAML reads 1e9 as text", "1000000000"]),
+    ("name: t\ngeneration: {max_new_tokens: 1.0e+9}\n", "generation.max_new_tokens",
+     ["must be an integer", "float 1000000000.0"]),
+    ("name: t\ngeneration: {temperature: 1e-3}\n", "generation.temperature",
+     ["must be a number", "YAML reads 1e-3 as text", "1.0e-3"]),
+    ("name: t\ngeneration: {num_beams: 100000}\n", "generation.num_beams", ["<= 16", "got 100000"]),
+    ("name: t\ngeneration: {top_k: 1001}\n", "generation.top_k", ["<= 1000", "got 1001"]),
+    ("name: t\nvideo: {num_frames: 65}\n", "video.num_frames", ["<= 64", "got 65"]),
+    ("name: %s\n" % ("a" * 65), "name", ["too long: 65 characters (at most 64)"]),
+    ("name: t\noutput_column: %s\n" % ("a" * 65), "output_column", ["too long: 65 characters (at most 64)"]),
+    ("name: t\nquery: %s\n" % ("q" * 10_001), "query", ["too long: 10001 characters (at most 10000)"]),
+    ("name: t\ninstruction: %s\n" % ("q" * 10_001), "instruction", ["too long: 10001 characters"]),
+    ("name: t\ndemonstrations: [{media: demos/a.png, text: %s}]\n" % ("x" * 10_001), "demonstrations[0].text",
+     ["too long: 10001 characters"]),
+    ("name: t\ndemonstrations: [{media: demos/%s.png, text: x}]\n" % ("m" * 4096), "demonstrations[0].media",
+     ["too long: 4106 characters (at most 4096)"]),
+    ("name: t\ndemonstrations: [" + ", ".join(["{media: demos/a.png, text: x}"] * 65) + "]\n", "demonstrations",
+     ["too many: 65 (at most 64)"]),
+    ("name: t\nkind: classify\nlabels: [" + ", ".join(f"l{i}" for i in range(1001)) + "]\n", "labels",
+     ["too many: 1001 (at most 1000)"]),
+    ("name: t\nkind: classify\nlabels: [a, %s]\n" % ("b" * 257), "labels[1]", ["too long: 257 characters"]),
     ("name: t\nvideo: {fps: 0}\n", "video.fps", ["> 0"]),
     ("name: t\nvideo: {frames: 8}\n", "video.frames", ["unknown key", "did you mean 'num_frames'"]),
     ("name: t\nkind: classify\n", "labels", ["missing required field"]),
@@ -221,6 +253,18 @@ BAD_FILES = [
      ["unknown key"]),
     ("name: t\ndemonstrations: [{media: demos/missing.png, text: x}]\n", "demonstrations[0].media",
      ["file not found", "demos/missing.png"]),
+    ("name: t\ndemonstrations: [{media: \"demos/a\\0.png\", text: x}]\n", "demonstrations[0].media",
+     ["must not contain a NUL character"]),
+    ("name: t\ndemonstrations: [{media: ../outside.png, text: x}]\n", "demonstrations[0].media",
+     ["resolves outside the task's folder", "../outside.png ->"]),
+    ("name: t\ndemonstrations: [{media: demos/../../outside.png, text: x}]\n", "demonstrations[0].media",
+     ["resolves outside the task's folder"]),
+    ("name: t\ndemonstrations: [{media: 'http://example.com/a.png', text: x}]\n", "demonstrations[0].media",
+     ["http(s):// media are not supported; copy it to the task's folder or s3://"]),
+    ("name: t\ndemonstrations: [{media: 'HTTPS://example.com/a.png', text: x}]\n", "demonstrations[0].media",
+     ["http(s):// media are not supported"]),
+    ("name: t\ndemonstrations: [{media: 'gs://bucket/a.png', text: x}]\n", "demonstrations[0].media",
+     ["unsupported scheme 'gs://'", "s3://"]),
     ("name: t\ndemonstrations: [{media: demos/a.png, text: x}, {media: demos/a.png, text: 'y<image>'}]\n",
      "demonstrations[1].text", ["must not contain '<image>'"]),
 ]
@@ -252,6 +296,8 @@ def test_missing_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("content, words", [
     ("name: t\nkind: [generate\n", ["invalid YAML", "line 3"]),
+    ("name: t\ngeneration: {num_beams: %s}\n" % ("9" * 5000), ["invalid YAML", "4300 digits"]),
+    ("name: t\nquery: 2024-13-01\n", ["invalid YAML", "month must be in 1..12"]),
     ("name: t\n  bad indent: 1\n", ["invalid YAML", "line 2"]),
     ("", ["empty"]),
     ("- name: t\n", ["must be a mapping", "a list"]),
@@ -291,6 +337,155 @@ def test_all_problems_of_a_file_are_reported_together(task_dir: Path) -> None:
                                      "generation.temprature"])
 
 
+def test_bounds_are_inclusive(tmp_path: Path) -> None:
+    task = load_task(write(tmp_path, f"""
+        name: {"n" * 64}
+        generation: {{max_new_tokens: 1024, num_beams: 16, top_k: 1000}}
+        video: {{num_frames: 64}}
+        query: {"q" * 10_000}
+    """))
+    assert task.generation.max_new_tokens == 1024 and task.generation.num_beams == 16 and task.video.num_frames == 64
+
+
+def test_a_huge_file_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    path = tmp_path / "task.yaml"
+    path.write_text("name: " + "a" * 50 * 1024 * 1024 + "\n")
+    started = time.monotonic()
+    problem = only_problem(path)
+    assert time.monotonic() - started < 2
+    assert problem.field == "" and "larger than 1048576 bytes" in problem.message and len(str(problem)) < 300
+
+
+def test_long_values_are_not_echoed_back(tmp_path: Path) -> None:
+    long = "x" * 200_000
+    # `? key` is YAML's explicit key: a plain one may be at most 1024 characters long
+    path = write(tmp_path, f"name: {long}\nkind: {long}\n? {long}\n: 1\ngeneration: {{num_beams: {long}}}\n")
+    problems = {p.field: p.message for p in problems_of(path)}
+    assert all(len(f"{field}: {message}") < 300 for field, message in problems.items())
+    assert problems["name"] == problems["kind"] == "too long: 200000 characters (at most 64)"
+    assert problems["generation.num_beams"] == f"must be an integer, got str '{'x' * 59}... (200002 characters)"
+    assert f"{'x' * 60}... (200000 characters)" in problems   # the unknown key, shortened as the field
+
+
+# --- where demonstration media may be ----------------------------------------------------------------------------
+
+@pytest.fixture
+def outside_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid image outside the task's folder: only the path decides whether the task may use it."""
+    path = tmp_path_factory.mktemp("elsewhere") / "outside.png"
+    shutil.copy(DEMO_IMAGE, path)
+    return path
+
+
+@pytest.mark.parametrize("target", ["/etc/passwd", "outside_png"])
+def test_a_symlink_out_of_the_task_folder_is_refused(
+        task_dir: Path, outside_png: Path, target: str) -> None:
+    (task_dir / "demos" / "link.png").symlink_to(outside_png if target == "outside_png" else target)
+    problem = only_problem(write(task_dir, "name: t\ndemonstrations: [{media: demos/link.png, text: x}]\n"))
+    assert problem.field == "demonstrations[0].media"
+    assert problem.message.startswith("resolves outside the task's folder (demos/link.png -> ")
+    assert str(task_dir) in problem.message
+
+
+def test_a_relative_path_out_of_the_task_folder_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "task"
+    folder.mkdir()
+    shutil.copy(DEMO_IMAGE, tmp_path / "outside.png")
+    problem = only_problem(write(folder, "name: t\ndemonstrations: [{media: ../outside.png, text: x}]\n"))
+    assert str(problem) == (f"{folder / 'task.yaml'}: demonstrations[0].media: resolves outside the task's folder "
+                            f"(../outside.png -> {tmp_path / 'outside.png'}; relative paths must stay inside "
+                            f"{folder}; give an absolute path or s3:// to mean it)")
+
+
+def test_absolute_paths_and_symlinks_within_the_folder_are_allowed(task_dir: Path, outside_png: Path) -> None:
+    (task_dir / "demos" / "link.png").symlink_to(task_dir / "demos" / "a.png")
+    task = load_task(write(task_dir, f"""
+        name: t
+        demonstrations: [{{media: "{outside_png}", text: x}}, {{media: demos/link.png, text: y}}]
+    """))
+    assert [d.media for d in task.demonstrations] == [str(outside_png), str(task_dir / "demos" / "a.png")]
+
+
+# --- demonstration media are decoded as the job decodes them -----------------------------------------------------
+
+@pytest.mark.parametrize("content", [CORRUPT_PNG, DEMO_IMAGE.read_bytes()[:100], b""],
+                         ids=["random-bytes", "truncated", "empty"])
+def test_a_demonstration_that_does_not_decode_is_refused(task_dir: Path, content: bytes) -> None:
+    (task_dir / "demos" / "corrupt.png").write_bytes(content)
+    path = write(task_dir, """
+        name: t
+        demonstrations: [{media: demos/a.png, text: x}, {media: demos/corrupt.png, text: y}]
+    """)
+    problem = only_problem(path, check_remote_media=False)   # local media are always decoded
+    assert problem.field == "demonstrations[1].media"
+    assert problem.message.startswith("cannot decode image: ")
+
+
+def test_a_demonstration_larger_than_an_item_may_be_is_refused_unread(task_dir: Path) -> None:
+    from media.files import DEFAULT_MAX_ITEM_BYTES
+
+    with open(task_dir / "demos" / "huge.png", "wb") as sparse:
+        sparse.truncate(DEFAULT_MAX_ITEM_BYTES + 1)
+    problem = only_problem(write(task_dir, "name: t\ndemonstrations: [{media: demos/huge.png, text: x}]\n"))
+    assert problem.field == "demonstrations[0].media"
+    limit = DEFAULT_MAX_ITEM_BYTES
+    assert problem.message == f"{limit + 1} bytes, more than the {limit} an item may have"
+
+
+def test_a_video_that_does_not_decode_is_refused(task_dir: Path) -> None:
+    (task_dir / "demos" / "clip.mp4").write_bytes(video_bytes()[:300])
+    problem = only_problem(write(task_dir, "name: t\ndemonstrations: [{media: demos/clip.mp4, text: x}]\n"))
+    assert problem.field == "demonstrations[0].media" and problem.message.startswith("cannot decode video: ")
+
+
+def test_video_demonstrations_decode_with_the_task_settings_and_must_match_in_frames(task_dir: Path) -> None:
+    (task_dir / "demos" / "clip.mp4").write_bytes(video_bytes(num_frames=12))
+    clips = load_task(write(task_dir, """
+        name: t
+        demonstrations: [{media: demos/clip.mp4, text: x}, {media: demos/clip.mp4, text: y}]
+        video: {num_frames: 4}
+    """))
+    assert [d.media_type for d in clips.demonstrations] == ["video", "video"]
+    problem = only_problem(write(task_dir, """
+        name: t
+        demonstrations: [{media: demos/a.png, text: x}, {media: demos/clip.mp4, text: y}]
+        video: {num_frames: 4}
+    """))
+    assert problem.field == "demonstrations"
+    assert problem.message.endswith("got demonstrations[0]: 1, demonstrations[1]: 4")
+
+
+# --- through the command line ------------------------------------------------------------------------------------
+
+def test_validate_command_accepts_the_examples() -> None:
+    result = CliRunner().invoke(main, ["validate", *map(str, EXAMPLES)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("ok  ") == len(EXAMPLES)
+
+
+def test_validate_command_lists_every_problem_and_exits_2(task_dir: Path) -> None:
+    (task_dir / "demos" / "corrupt.png").write_bytes(CORRUPT_PNG)
+    (task_dir / "demos" / "passwd.png").symlink_to("/etc/passwd")
+    path = write(task_dir, """
+        name: t
+        demonstrations:
+          - {media: demos/corrupt.png, text: x}
+          - {media: demos/passwd.png, text: x}
+          - {media: "http://example.com/a.png", text: x}
+        generation: {max_new_tokens: 1000000000, num_beams: 100000}
+    """)
+    result = CliRunner().invoke(main, ["validate", str(path), str(EXAMPLES[0])])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "5 problems in task files:" in result.output
+    for line in ["generation.max_new_tokens: must be <= 1024", "generation.num_beams: must be <= 16",
+                 "demonstrations[0].media: cannot decode image: ",
+                 "demonstrations[1].media: resolves outside the task's folder (demos/passwd.png -> /etc/passwd;",
+                 "demonstrations[2].media: http(s):// media are not supported; copy it to the task's folder or s3://"]:
+        assert f"{path}: {line}" in result.output
+    assert f"ok  {EXAMPLES[0].stem}" in result.output
+
+
 # --- remote demonstration media ----------------------------------------------------------------------------------
 
 def test_remote_media_is_checked_on_s3(tmp_path: Path, s3) -> None:
@@ -304,12 +499,24 @@ def test_remote_media_is_checked_on_s3(tmp_path: Path, s3) -> None:
     assert load_task(missing, check_remote_media=False).demonstrations[0].media == f"s3://{bucket}/demos/gone.png"
 
 
-def test_remote_media_that_cannot_be_checked_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = write(tmp_path, "name: t\ndemonstrations: [{media: 'nosuchprotocol://b/x.png', text: x}]\n")
+def test_remote_media_that_cannot_be_read_from_here_is_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write(tmp_path, "name: t\ndemonstrations: [{media: 's3://b/x.png', text: x}]\n")
+    unreachable = {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s",
+                   "config_kwargs": {"retries": {"max_attempts": 1}}}
     with caplog.at_level(logging.WARNING, logger="pipeline.task"):
-        task = load_task(path)
-    assert task.demonstrations[0].media == "nosuchprotocol://b/x.png"
-    assert "could not check that nosuchprotocol://b/x.png exists" in caplog.text
+        task = load_task(path, storage_options=unreachable)
+    assert task.demonstrations[0].media == "s3://b/x.png"
+    assert "could not read s3://b/x.png to check it" in caplog.text
+
+
+def test_remote_media_are_decoded_too(tmp_path: Path, s3) -> None:
+    bucket = s3.new_bucket()
+    s3.upload(bucket, {"demos/corrupt.png": CORRUPT_PNG})
+    path = write(tmp_path, f"name: t\ndemonstrations: [{{media: 's3://{bucket}/demos/corrupt.png', text: x}}]\n")
+    problem = only_problem(path, storage_options=s3.storage_options)
+    assert problem.field == "demonstrations[0].media" and problem.message.startswith("cannot decode image: ")
+    assert load_task(path, check_remote_media=False).demonstrations[0].media == f"s3://{bucket}/demos/corrupt.png"
 
 
 # --- several files -----------------------------------------------------------------------------------------------
