@@ -163,15 +163,25 @@ class AddedTokenHead(AddedRows):
         return logits.index_copy(-1, self.added_token_ids, added.to(logits.dtype))
 
 
+def lm_width(lm: nn.Module) -> int:
+    """Width of the LM's hidden states, which its gated blocks take."""
+    return getattr(lm.config, "d_model", None) or lm.config.hidden_size          # MPT: d_model
+
+
+def new_gated_block(config: FlamingoConfig, lang_dim: int, vis_dim: int) -> GatedCrossAttentionBlock:
+    """One gated block as the config sizes it (also made on the meta device to size a model before building)."""
+    return GatedCrossAttentionBlock(lang_dim, vis_dim, config.xattn_dim_head, config.xattn_heads, config.ff_mult,
+                                    config.only_attend_immediate_media, config.gate_init)
+
+
 def inject_flamingo_layers(lm: nn.Module, config: FlamingoConfig, slot: ConditioningSlot) -> None:
     """Wrap every decoder layer; layers i with (i + 1) % every_n == 0 get a gated block (OpenFlamingo's rule)."""
-    lang_dim = getattr(lm.config, "d_model", None) or lm.config.hidden_size          # MPT: d_model
+    lang_dim = lm_width(lm)
     layers = lm.get_submodule(config.decoder_layers_attr_name)
     wrapped = nn.ModuleList(
         FlamingoLayer(
-            GatedCrossAttentionBlock(lang_dim, config.vis_dim, config.xattn_dim_head, config.xattn_heads,
-                                     config.ff_mult, config.only_attend_immediate_media, config.gate_init)
-            if (i + 1) % config.cross_attn_every_n_layers == 0 else None,
+            new_gated_block(config, lang_dim, config.vis_dim) if (i + 1) % config.cross_attn_every_n_layers == 0
+            else None,
             layer,
             slot,
         )

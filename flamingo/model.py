@@ -66,10 +66,7 @@ class Flamingo(nn.Module):
 
         visual.output_tokens = True  # open_clip: visual(x) -> (pooled, patch tokens)
         self.vision_encoder = visual
-        self.perceiver = PerceiverResampler(
-            config.vis_dim, config.resampler_depth, config.resampler_dim_head, config.resampler_heads,
-            config.num_latents, config.max_num_frames, config.ff_mult,
-        )
+        self.perceiver = new_perceiver(config, config.vis_dim)
         self.lm = ConditionedLM.wrap(lang_encoder, config, self.media_token_id)   # the LM's call path
         self.lang_encoder = lang_encoder                                            # its weights
 
@@ -247,6 +244,12 @@ class Flamingo(nn.Module):
                                                    if self.tokenizer.eos_token_id is not None else [])
         ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         return torch.tensor(ids, device=self.device)
+
+
+def new_perceiver(config: FlamingoConfig, vis_dim: int) -> PerceiverResampler:
+    """The resampler as the config sizes it (also made on the meta device to size a model before building)."""
+    return PerceiverResampler(vis_dim, config.resampler_depth, config.resampler_dim_head, config.resampler_heads,
+                              config.num_latents, config.max_num_frames, config.ff_mult)
 
 
 def complete_config(config: FlamingoConfig, visual: nn.Module, lm: nn.Module, tokenizer: PreTrainedTokenizerBase,
