@@ -3,13 +3,19 @@ encoder, a Hugging Face causal LM and its tokenizer (or a byte-level one built i
 
 from __future__ import annotations
 
+import contextlib
+
 import open_clip
+import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from transformers import (
+    CONFIG_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PreTrainedConfig,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
@@ -17,18 +23,37 @@ from transformers import (
 from .tokens import BYTE_LEVEL_TOKENIZER
 
 
-def build_vision_encoder(name: str, pretrained: str | None, config: dict | None) -> nn.Module:
-    """An open_clip model: by name (with a pretrained tag: downloads) or from a CLIP(...) config dict."""
-    if config is not None:
-        return open_clip.CLIP(**config)
-    return open_clip.create_model(name, pretrained=pretrained)
+def build_vision_encoder(name: str, pretrained: str | None, config: dict | None,
+                         device: str | torch.device | None = None) -> nn.Module:
+    """An open_clip model: by name (with a pretrained tag: downloads) or from a CLIP(...) config dict.
+    `device="meta"` makes it without memory, to count its parameters."""
+    # open_clip moves what it creates to `device`: make it there to begin with.
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        if config is not None:
+            return open_clip.CLIP(**config)
+        return open_clip.create_model(name, pretrained=pretrained, device=device or "cpu")
+
+
+def lang_encoder_config(name: str, config: dict | None, trust_remote_code: bool = False) -> PreTrainedConfig:
+    """The HF config of the LM a Flamingo config names (a config dict, or a hub id / local path), without the
+    LM. Remote code is run only when the caller allows it; transformers itself refuses a model that needs it."""
+    if config is None:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    config = dict(config)
+    model_type = config.pop("model_type", None)
+    if model_type not in CONFIG_MAPPING:
+        # AutoConfig.for_model would list every known type; say what is wrong instead.
+        raise ValueError(f"lang_encoder_config has model_type {model_type!r}, which transformers "
+                         f"{transformers.__version__} does not know; an LM built from a config must be one of its "
+                         "own architectures (e.g. 'llama', 'gpt2', 'gpt_neox', 'mpt')")
+    return AutoConfig.for_model(model_type, **config)
 
 
 def build_lang_encoder(name: str, config: dict | None, trust_remote_code: bool = False) -> nn.Module:
     """An HF causal LM: from the hub/a local path, or with random weights from a config dict."""
     if config is not None:
-        config = dict(config)
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+        return AutoModelForCausalLM.from_config(lang_encoder_config(name, config, trust_remote_code),
+                                                trust_remote_code=trust_remote_code)
     return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code)
 
 
