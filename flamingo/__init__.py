@@ -10,6 +10,7 @@ Modules, lightest first (each imports only those before it):
     lm                               the wrapped LM and its call path (ConditionedLM)
     generation, checkpoint           decoding over a ConditionedLM; weights in and out
     model                            Flamingo
+    guards                           before building: no code from a model folder, sizes checked
     build                            config -> model (build, load_pretrained)
     factory                          from_preset, load_model, create_model_and_transforms
 
@@ -26,12 +27,14 @@ _EXPORTS = {
     "DEFAULT_MODEL": "presets", "PRESETS": "presets", "image_preprocessing": "presets",
     "FewShotPrefix": "generation", "GenerationOutput": "generation",
     "Flamingo": "model",
+    "ModelTooLargeError": "guards", "UntrustedCodeError": "guards",
     "build": "build",
     "create_model_and_transforms": "factory", "from_preset": "factory", "load_model": "factory",
 }
 __all__ = [
-    "DEFAULT_MODEL", "Flamingo", "FlamingoConfig", "FewShotPrefix", "GenerationOutput", "PRESETS", "build",
-    "create_model_and_transforms", "from_preset", "image_preprocessing", "load_model",
+    "DEFAULT_MODEL", "Flamingo", "FlamingoConfig", "FewShotPrefix", "GenerationOutput", "ModelTooLargeError",
+    "PRESETS", "UntrustedCodeError", "build", "create_model_and_transforms", "from_preset", "image_preprocessing",
+    "load_model",
 ]
 
 if TYPE_CHECKING:
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     from .config import FlamingoConfig
     from .factory import create_model_and_transforms, from_preset, load_model
     from .generation import FewShotPrefix, GenerationOutput
+    from .guards import ModelTooLargeError, UntrustedCodeError
     from .model import Flamingo
     from .presets import DEFAULT_MODEL, PRESETS, image_preprocessing
 
