@@ -1,24 +1,36 @@
 """An item's encoded bytes -> model-ready pixels: the one preprocessing for annotation and training.
 
-Images go through PIL (converted to RGB); videos through decord, frames sampled evenly or at a fixed
-rate. Every picture is then resized / center-cropped / normalised by open_clip's own eval transform, so
-the pixels match what the vision tower was trained with. An item that cannot be decoded gives an error
-message ("cannot decode image: ...", "cannot decode video: ...") instead of pixels; nothing here raises
-for bad bytes. Pixels are float16 arrays of shape (F, 3, H, W): F = 1 for images, the number of sampled
-frames for videos.
+Images go through PIL: turned upright by their EXIF orientation (as viewers show them), then to 8-bit
+RGB, with 16-bit, 32-bit and float images scaled into 0..255 rather than clipped. Videos go through decord,
+frames sampled evenly or at a fixed rate. Every picture is then resized / center-cropped / normalised by
+open_clip's own eval transform, so the pixels match what the vision tower was trained with.
+
+An item that cannot be decoded gives an error message ("cannot decode image: ...", "cannot decode video:
+...", "image too large: ...") instead of pixels; nothing here raises for bad bytes. The texts leave out
+what differs between two items with the same fault (object addresses), so rows group by cause. Pictures
+of more than `DecodeConfig.max_pixels` are refused from their header, before any pixel is decoded: a few
+kilobytes of PNG can hold a 144-megapixel image.
+
+This runs in the calling process: a native decoder that crashes or hangs takes the caller with it.
+`pipeline.decode` runs it in a child process for that reason. Pixels are float16 arrays of shape
+(F, 3, H, W): F = 1 for images, the number of sampled frames for videos.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import av
 import decord
 import numpy as np
 import open_clip
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+from media.files import describe_error
 
 PIXELS_DTYPE = np.float16
 # The PIL decoders for the image extensions that `media.files` accepts. Naming them keeps PIL from
@@ -35,7 +47,9 @@ class DecodeConfig:
     """How to turn media into pixels. `image_size`, `mean`, `std` (and `interpolation`, `resize_mode`
     when the vision model's preprocess config has them) come from the model; None means open_clip's
     defaults. Videos: `num_frames` sampled evenly, or one frame every 1/`fps` seconds from the start
-    when `fps` is set (at most `num_frames`)."""
+    when `fps` is set (at most `num_frames`). `max_pixels`: the largest picture (width x height of an
+    image or of a video frame) decoded at all; larger ones are error rows. `timeout_s`: how long one item may
+    take to decode where decoding runs isolated (`pipeline.decode`) before it is given up as hung."""
 
     image_size: int | tuple[int, int] = 224
     mean: tuple[float, ...] | None = None
@@ -44,6 +58,8 @@ class DecodeConfig:
     resize_mode: str | None = None
     num_frames: int = 8
     fps: float | None = None
+    max_pixels: int = 50_000_000
+    timeout_s: float = 60.0
 
     @classmethod
     def for_model(cls, model_config, **video) -> DecodeConfig:
@@ -55,6 +71,10 @@ class DecodeConfig:
             raise ValueError(f"num_frames must be at least 1, got {self.num_frames}")
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"fps must be positive, got {self.fps}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be at least 1, got {self.max_pixels}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
 
 
 def image_transform(config: DecodeConfig) -> Callable[[Image.Image], torch.Tensor]:
@@ -69,17 +89,29 @@ def decode_item(
     """`(pixels, None)` with pixels of shape (F, 3, H, W) float16, or `(None, error message)`."""
     if data is None:
         return None, "no data to decode"
-    if kind == "image":
-        try:
-            return _decode_image(data, transform), None
-        except Exception as exc:  # PIL raises many kinds; any of them means "not a usable image"
-            return None, f"cannot decode image: {type(exc).__name__}: {exc}"
-    if kind == "video":
-        try:
-            return _decode_video(data, transform, config), None
-        except Exception as exc:  # decord raises RuntimeError, DECORDError, AssertionError, ...
-            return None, f"cannot decode video: {type(exc).__name__}: {exc}"
-    return None, f"cannot decode media kind {kind!r}"
+    if kind not in ("image", "video"):
+        return None, f"cannot decode media kind {kind!r}"
+    try:
+        if kind == "image":
+            return _decode_image(data, transform, config), None
+        return _decode_video(data, transform, config), None
+    except TooLarge as exc:
+        return None, str(exc)
+    except Exception as exc:  # PIL and decord raise many kinds; any of them means "not usable media"
+        return None, f"cannot decode {kind}: {describe_error(exc)}"
+
+
+class TooLarge(ValueError):
+    """A picture with more pixels than `DecodeConfig.max_pixels`; its message is the whole error text."""
+
+    def __init__(self, width: int, height: int, limit: int) -> None:
+        super().__init__(f"image too large: {width} x {height} = {width * height} pixels (limit {limit})")
+
+
+def check_size(width: int, height: int, limit: int) -> None:
+    """Raise `TooLarge` when a `width` x `height` picture has more than `limit` pixels."""
+    if width * height > limit:
+        raise TooLarge(width, height, limit)
 
 
 def pixels_array(pixels: bytes, shape: Sequence[int]) -> np.ndarray:
@@ -105,19 +137,64 @@ def sample_frame_indices(frame_starts: np.ndarray, duration: float | np.floating
     return np.unique(nearest)
 
 
-def _decode_image(data: bytes, transform: Callable[[Image.Image], torch.Tensor]) -> np.ndarray:
-    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-        return transform(image.convert("RGB")).numpy().astype(PIXELS_DTYPE)[None]
+def _decode_image(data: bytes, transform: Callable[[Image.Image], torch.Tensor], config: DecodeConfig) -> np.ndarray:
+    with warnings.catch_warnings():
+        # PIL warns about pictures above its own bomb threshold; `max_pixels` decides here instead. (Above twice
+        # that threshold PIL refuses them at open, whatever `max_pixels` says.)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    with image:
+        check_size(image.width, image.height, config.max_pixels)  # from the header: nothing is decoded yet
+        return transform(to_rgb(upright(image))).numpy().astype(PIXELS_DTYPE)[None]
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """`image` turned as its EXIF orientation says, as viewers show it. An unreadable EXIF block leaves the
+    image as stored (it is metadata: the pixels themselves may be fine, and no viewer could turn them either)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # malformed EXIF raises anything from KeyError to struct.error
+        image.load()  # a fault in the pixel data itself still surfaces, as it would without EXIF
+        return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB. PIL's own conversion clips 16-bit and 32-bit greyscale at 255 (a mid-grey 16-bit
+    PNG turns white); here their full range is scaled to 0..255: 0..65535 for 16-bit, 0..2**32-1 for 32-bit
+    integers holding more than 16 bits, 0..1 for floating point."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            scale = 1.0
+        elif image.mode == "I" and values.size and values.max() > 65535:
+            scale = 2.0**32 - 1
+        else:
+            scale = 65535.0
+        grey = np.clip(np.rint(values * (255.0 / scale)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return image.convert("RGB")
 
 
 def _decode_video(data: bytes, transform: Callable[[Image.Image], torch.Tensor], config: DecodeConfig) -> np.ndarray:
     if not _is_video_container(data):
         raise ValueError("not an MP4/QuickTime, Matroska/WebM or AVI file")
+    width, height = _frame_size(data)
+    check_size(width, height, config.max_pixels)
     reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
     timestamps = reader.get_frame_timestamp(list(range(len(reader))))  # (frames, 2): start, end seconds
     indices = sample_frame_indices(timestamps[:, 0], timestamps[-1, 1], config.num_frames, config.fps)
     frames = reader.get_batch(indices.tolist()).asnumpy()  # (F, H, W, 3) uint8 RGB
     return torch.stack([transform(Image.fromarray(frame)) for frame in frames]).numpy().astype(PIXELS_DTYPE)
+
+
+def _frame_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of the first video stream, from the container's headers (decord has no way to tell it
+    without decoding a frame)."""
+    with av.open(io.BytesIO(data)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        codec = container.streams.video[0].codec_context
+        return int(codec.width), int(codec.height)
 
 
 def _is_video_container(data: bytes) -> bool:
