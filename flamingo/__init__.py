@@ -11,7 +11,7 @@ Modules, lightest first (each imports only those before it):
     generation, checkpoint           decoding over a ConditionedLM; weights in and out
     model                            Flamingo
     guards                           before building: no code from a model folder, sizes checked
-    build                            config -> model (build, load_pretrained)
+    builder                          config -> model (build, load_pretrained)
     factory                          from_preset, load_model, create_model_and_transforms
 
 Names are imported on first use, so `import flamingo.tokens` or `flamingo.presets` does not load torch.
@@ -28,7 +28,7 @@ _EXPORTS = {
     "FewShotPrefix": "generation", "GenerationOutput": "generation",
     "Flamingo": "model",
     "ModelTooLargeError": "guards", "UntrustedCodeError": "guards",
-    "build": "build",
+    "build": "builder",
     "create_model_and_transforms": "factory", "from_preset": "factory", "load_model": "factory",
 }
 __all__ = [
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .build import build
+    from .builder import build
     from .config import FlamingoConfig
     from .factory import create_model_and_transforms, from_preset, load_model
     from .generation import FewShotPrefix, GenerationOutput

@@ -11,7 +11,7 @@ they stay zero, which leaves images exactly as OpenFlamingo computes them).
 
 These functions take a model and need nothing but its modules and config, so `Flamingo.save_pretrained` and
 `Flamingo.load_openflamingo_checkpoint` call them. Loading a saved folder builds a model first: that is
-`flamingo.build.load_pretrained`.
+`flamingo.builder.load_pretrained`.
 """
 
 from __future__ import annotations

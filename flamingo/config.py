@@ -1,6 +1,6 @@
 """Architecture as data: everything needed to rebuild a Flamingo model, saved as JSON next to its weights.
 
-A config is a recipe: `flamingo.build.build(config)` makes the backbones it names, adds Flamingo's tokens
+A config is a recipe: `flamingo.build(config)` (builder.py) makes the backbones it names, adds Flamingo's tokens
 and wraps them. Fields left None are facts of the backbones (a tower's width, where an LM keeps its decoder
 layers) and are read from them when the model is built, so the config a model carries is always complete.
 Light on purpose (no torch): pipeline workers read configs without loading a model.

@@ -9,7 +9,7 @@ import open_clip
 import torch
 
 from .backbones import build_lang_encoder  # noqa: F401 (its former home; flamingo.backbones is where it lives)
-from .build import build, load_pretrained
+from .builder import build, load_pretrained
 from .config import FlamingoConfig
 from .guards import UntrustedCodeError, check_fits
 from .model import Flamingo

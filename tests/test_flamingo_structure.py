@@ -10,7 +10,7 @@ import pytest
 
 import flamingo
 from flamingo import presets
-from flamingo.build import build
+from flamingo.builder import build
 from flamingo.config import FlamingoConfig
 
 PACKAGE = Path(flamingo.__file__).parent
@@ -68,3 +68,14 @@ def test_an_image_size_the_tower_does_not_take_is_an_error():
     config.image_size = 64
     with pytest.raises(ValueError, match="image_size 64.*takes 32"):
         build(config)
+
+
+def test_top_level_names_are_not_shadowed_by_submodules():
+    """Importing a submodule binds its name on the package: no export may share a module's name."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(flamingo.__path__):
+        importlib.import_module(f"flamingo.{info.name}")
+    assert callable(flamingo.build) and callable(flamingo.load_model)
+    assert not set(flamingo.__all__) & {info.name for info in pkgutil.iter_modules(flamingo.__path__)}

@@ -11,7 +11,7 @@ from tiny_models import images
 
 import flamingo
 from flamingo.backbones import build_tokenizer
-from flamingo.build import build
+from flamingo.builder import build
 from flamingo.presets import TINY_LM, from_name
 
 EVIL_CODE = """

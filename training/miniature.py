@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from flamingo.build import build
+from flamingo.builder import build
 from flamingo.config import FlamingoConfig
 from training.pretrain_lm import load_lm
 from training.pretrain_vision import load_vision
