@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 @dataclass
 class BenchConfig:
     model: str = "random-vits32-llama8"
+    trust_remote_code: bool = False  # the model's own code may run (MPT-1B presets need it)
     shots: int = 4                  # demonstrations in the task prompt
     caption_tokens: int = 12        # tokens of each demonstration's text
     query_tokens: int = 3           # tokens after the query image
@@ -120,7 +121,8 @@ def run_benchmark(config: BenchConfig) -> BenchResult:
 
     dtype = getattr(torch, config.dtype)
     torch.manual_seed(config.seed)
-    model = load_model(config.model, device=config.device, dtype=dtype).requires_grad_(False)  # inference only
+    model = load_model(config.model, device=config.device, dtype=dtype,
+                       trust_remote_code=config.trust_remote_code).requires_grad_(False)   # inference only
     work = Workload(model, config)
     dev = config.device
     rate = measure_matmul_rate(dev, dtype)

@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from flamingo_annotate.options import refused_models, trust_remote_code_option
+
 
 @click.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
@@ -58,8 +60,9 @@ def recipe(config: str, local: bool) -> None:
               help="What the binding words name, one curve each: colour_shape ('red circle'), shape.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
+@trust_remote_code_option
 def evaluate(model: str | None, scenes: int, clips: int, episodes: int, ways: int, shots: str, categories: str,
-             seed: int, json_path: str | None) -> None:
+             seed: int, json_path: str | None, trust_remote_code: bool) -> None:
     """Caption, question-answering and few-shot binding accuracy on held-out scenes of the synthetic world,
     with the binding curve repeated with every gate at 0 (no vision) as the control."""
     from flamingo import DEFAULT_MODEL, load_model
@@ -72,7 +75,9 @@ def evaluate(model: str | None, scenes: int, clips: int, episodes: int, ways: in
                               categories=tuple(c.strip() for c in categories.split(",") if c.strip()))
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
-    report = run_evaluation(load_model(model or DEFAULT_MODEL), settings)
+    with refused_models():
+        loaded = load_model(model or DEFAULT_MODEL, trust_remote_code=trust_remote_code)
+    report = run_evaluation(loaded, settings)
     click.echo(report.table())
     if json_path:
         report.save(json_path)
@@ -97,12 +102,14 @@ def evaluate(model: str | None, scenes: int, clips: int, episodes: int, ways: in
               help="Also run OpenFlamingo 2.0.1's generate() on the same items; report the ratio.")
 @click.option("--pipeline", "run_pipeline", is_flag=True, help="Also run the workload as a Ray job.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results here.")
+@trust_remote_code_option
 def bench(shots_sweep: str, run_pipeline: bool, json_path: str | None, **options: Any) -> None:
     """Measure items/s per stage and end to end, FLOPs per item and the share of the matmul rate."""
     from flamingo_annotate.bench import BenchConfig, format_result, run_benchmark, save_result
 
     sweep = tuple(int(s) for s in shots_sweep.split(",") if s.strip())
-    result = run_benchmark(BenchConfig(shots_sweep=sweep, pipeline=run_pipeline, **options))
+    with refused_models():
+        result = run_benchmark(BenchConfig(shots_sweep=sweep, pipeline=run_pipeline, **options))
     click.echo(format_result(result))
     if json_path:
         save_result(result, json_path)

@@ -166,3 +166,18 @@ def test_explicit_limit_counts_bridges_and_weights_file(saved):
     with pytest.raises(flamingo.ModelTooLargeError, match="tiny-random"):
         flamingo.from_preset("tiny-random", max_bytes=1000)
     flamingo.load_model(str(saved), max_bytes=10**9)
+
+
+def test_the_commands_refuse_a_hostile_folder_in_one_line(saved, tmp_path):
+    from click.testing import CliRunner
+
+    from flamingo_annotate.cli import main
+
+    marker = _plant_code(saved, tmp_path)
+    _edit_json(saved / "tokenizer" / "tokenizer_config.json", auto_map={"AutoTokenizer": [None, "evil.EvilTokenizer"]})
+    _edit_json(saved / "config.json", trust_remote_code=True)
+    result = CliRunner().invoke(main, ["eval", "--model", str(saved), "--scenes", "1", "--clips", "0",
+                                       "--episodes", "1", "--shots", "0"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "asks to run its own code" in result.output and "--trust-remote-code" in result.output
+    assert not marker.exists()
