@@ -17,6 +17,7 @@ the query that reaches it.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from pipeline.schema import (
     ID_COLUMN,
     OUTPUT_COLUMN_COLUMN,
     OUTPUT_SCHEMA,
+    REPLACES_KEY,
     RUN_ID_COLUMN,
     SOURCE_COLUMN,
     TASK_COLUMN,
@@ -93,7 +95,11 @@ def open_output(output: str, storage_options: Mapping[str, Any] | None = None) -
     arrow_fs = None if is_local(fs) else arrow_filesystem(fs)
     with ThreadPoolExecutor(max_workers=8) as pool:
         schemas = list(pool.map(lambda file: _footer_schema(file, arrow_fs), files))
-    readable = [(file, schema) for file, schema in zip(files, schemas) if schema is not None]
+    # a file that a rewritten file replaces (a rewrite cut short, see pipeline/write.py) is left out
+    replaced = {name for schema in schemas if schema is not None
+                for name in json.loads((schema.metadata or {}).get(REPLACES_KEY, b"[]"))}
+    readable = [(file, schema) for file, schema in zip(files, schemas)
+                if schema is not None and file.rsplit("/", 1)[-1] not in replaced]
     schema = pa.unify_schemas([s for _, s in readable], promote_options="permissive") if readable else pa.schema([])
     if {ID_COLUMN, TASK_COLUMN} <= set(schema.names):  # our output: the columns older files lack read as null
         added = [OUTPUT_SCHEMA.field(name) for name in (ERROR_KIND_COLUMN, RUN_ID_COLUMN) if name not in schema.names]

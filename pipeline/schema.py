@@ -93,6 +93,9 @@ OUTPUT_SCHEMA = pa.schema(
         (RUN_ID_COLUMN, pa.string()),
     ]
 )
+# Parquet key-value metadata of a file rewritten without superseded rows: a JSON list of the file names it
+# replaces. Readers leave such a replaced file out if it is still there (a rewrite cut short).
+REPLACES_KEY = b"flamingo_annotate.replaces"
 REQUIRED_COLUMNS = (ID_COLUMN, SOURCE_COLUMN, TASK_COLUMN, TASK_HASH_COLUMN, MODEL_COLUMN)
 
 # Error texts the readers and model stages begin with (media/files.py, pipeline/encode.py, pipeline/generate.py).

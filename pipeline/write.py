@@ -52,6 +52,7 @@ from pipeline.schema import (
     ID_COLUMN,
     OUTPUT_COLUMN_COLUMN,
     OUTPUT_SCHEMA,
+    REPLACES_KEY,
     REQUIRED_COLUMNS,
     RUN_ID_COLUMN,
     SOURCE_COLUMN,
@@ -64,7 +65,6 @@ log = logging.getLogger(__name__)
 
 FLUSH_ROWS = 10_000
 FLUSH_SECONDS = 30.0
-REPLACES_KEY = b"flamingo_annotate.replaces"  # Parquet metadata: the file a rewritten file replaces
 _SCAN_COLUMNS = [ID_COLUMN, SOURCE_COLUMN, TASK_COLUMN, TASK_HASH_COLUMN, ERROR_COLUMN, ERROR_KIND_COLUMN]
 
 
