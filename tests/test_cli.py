@@ -173,6 +173,39 @@ def test_run_without_options_keeps_the_job_defaults(runner: CliRunner, run_job_c
     assert config == JobConfig(tasks=load_tasks([CAPTION]), input_uri="s3://b/in", output_uri="s3://b/out")
 
 
+def test_run_passes_the_output_options(runner: CliRunner, run_job_calls: list[JobConfig]) -> None:
+    result = runner.invoke(main, ["run", CAPTION, "--input", "s3://b/in", "--output", "s3://b/out", "--force",
+                                  "--retry-errors", "--flush-rows", "500", "--flush-seconds", "5"])
+    assert result.exit_code == 0, result.output
+    (config,) = run_job_calls
+    assert (config.force, config.retry_errors, config.flush_rows, config.flush_seconds) == (True, True, 500, 5.0)
+
+
+def test_run_reports_job_errors_in_one_line(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(config: JobConfig) -> JobSummary:
+        raise job.JobError("s3://b/out is being written by run R (host h, pid 1, heartbeat 2 s ago); "
+                           "pass --force to take over", job.EXIT_OUTPUT_BUSY)
+
+    monkeypatch.setattr(job, "run_job", refused)
+    result = runner.invoke(main, ["run", CAPTION, "--input", "s3://b/in", "--output", "s3://b/out"])
+    assert result.exit_code == 4
+    assert result.stderr.splitlines() == ["Error: s3://b/out is being written by run R (host h, pid 1, heartbeat "
+                                          "2 s ago); pass --force to take over"]
+
+
+def test_run_exits_3_while_transient_errors_remain(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    def outage(config: JobConfig) -> JobSummary:
+        return JobSummary(items=5, rows_ok=3, rows_error=2, skipped=0, seconds=1.0, output=config.output_uri,
+                          run_id="20261130T120000Z-abcdef", rows_error_by_kind={"transient": 2}, transient_items=2)
+
+    monkeypatch.setattr(job, "run_job", outage)
+    result = runner.invoke(main, ["run", CAPTION, "--input", "s3://b/in", "--output", "s3://b/out"])
+    assert result.exit_code == 3
+    assert "rows with errors:  2 (transient 2)" in result.stdout and "Run: 20261130T120000Z-abcdef" in result.stdout
+    assert result.stderr.splitlines() == [
+        "Error: 2 items failed with transient storage errors; run the same command again to retry them"]
+
+
 @pytest.mark.parametrize("option, value", [("--vision-actors", "0"), ("--generate-gpus", "-1"), ("--fps", "0")])
 def test_run_rejects_out_of_range_options(runner: CliRunner, run_job_calls: list[JobConfig],
                                           option: str, value: str) -> None:
@@ -226,14 +259,15 @@ def job_client(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
 def test_submit_sends_the_entrypoint_with_the_same_options(runner: CliRunner, job_client: list[tuple]) -> None:
     result = runner.invoke(main, ["submit", CAPTION, str(TASKS / "count.yaml"),
                                   "--input", "s3://b/in", "--output", "s3://b/out", "--address", "http://head:8265",
-                                  "--generate-gpus", "0.5", "--vision-actors", "2", "--no-progress"])
+                                  "--generate-gpus", "0.5", "--vision-actors", "2", "--no-progress", "--force",
+                                  "--retry-errors", "--flush-rows", "100"])
     assert result.exit_code == 0, result.output
     assert job_client[0] == ("connect", "http://head:8265")
     _, entrypoint, runtime_env = job_client[1]
     assert shlex.split(entrypoint) == [
         "python", "jobs/annotate.py", "jobs/tasks/caption.yaml", "jobs/tasks/count.yaml",
         "--input", "s3://b/in", "--output", "s3://b/out", "--vision-actors", "2", "--generate-gpus", "0.5",
-        "--no-progress"]
+        "--no-progress", "--force", "--retry-errors", "--flush-rows", "100"]
     assert runtime_env["working_dir"] == str(PROJECT_ROOT)
     assert {".venv/", ".git/", "out/"} <= set(runtime_env["excludes"])
     assert "raysubmit_123" in result.stdout
