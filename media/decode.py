@@ -11,8 +11,11 @@ what differs between two items with the same fault (object addresses), so rows g
 of more than `DecodeConfig.max_pixels` are refused from their header, before any pixel is decoded: a few
 kilobytes of PNG can hold a 144-megapixel image.
 
-This runs in the calling process: a native decoder that crashes or hangs takes the caller with it.
-`pipeline.decode` runs it in a child process for that reason. Pixels are float16 arrays of shape
+Two halves: `decode_frames` runs the native decoders on the untrusted bytes and gives 8-bit RGB frames;
+`frames_to_pixels` applies the transform to them. `decode_item` does both in the calling process, where a
+native decoder that crashes or hangs takes the caller with it; `pipeline.decode` runs the first half in a
+child process (`serve`) for that reason. That half needs neither torch nor open_clip (imported here only
+when a transform is built), so a child starts in a fraction of a second. Pixels are float16 arrays of shape
 (F, 3, H, W): F = 1 for images, the number of sampled frames for videos.
 """
 
@@ -22,15 +25,18 @@ import io
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 import av
 import decord
 import numpy as np
-import open_clip
-import torch
 from PIL import Image, ImageOps
 
 from media.files import describe_error
+
+if TYPE_CHECKING:  # imported where a transform is built: a decoding child process never needs them
+    import torch
 
 PIXELS_DTYPE = np.float16
 # The PIL decoders for the image extensions that `media.files` accepts. Naming them keeps PIL from
@@ -79,6 +85,8 @@ class DecodeConfig:
 
 def image_transform(config: DecodeConfig) -> Callable[[Image.Image], torch.Tensor]:
     """open_clip's eval transform for `config`: the one preprocessing for items, demonstrations and training."""
+    import open_clip
+
     return open_clip.image_transform(config.image_size, is_train=False, mean=config.mean, std=config.std,
                                      interpolation=config.interpolation, resize_mode=config.resize_mode)
 
@@ -87,18 +95,49 @@ def decode_item(
     kind: str | None, data: bytes | None, transform: Callable[[Image.Image], torch.Tensor], config: DecodeConfig
 ) -> tuple[np.ndarray | None, str | None]:
     """`(pixels, None)` with pixels of shape (F, 3, H, W) float16, or `(None, error message)`."""
+    frames, error = decode_frames(kind, data, config)
+    return (None, error) if frames is None else frames_to_pixels(kind, frames, transform)
+
+
+def decode_frames(kind: str | None, data: bytes | None, config: DecodeConfig) -> tuple[list[np.ndarray] | None,
+                                                                                       str | None]:
+    """`(frames, None)`, the picture(s) of an item as (H, W, 3) uint8 RGB arrays (one for an image, the sampled
+    frames of a video), or `(None, error message)`: the part of decoding that runs native decoders."""
     if data is None:
         return None, "no data to decode"
     if kind not in ("image", "video"):
         return None, f"cannot decode media kind {kind!r}"
     try:
         if kind == "image":
-            return _decode_image(data, transform, config), None
-        return _decode_video(data, transform, config), None
+            return [_decode_image(data, config)], None
+        return list(_decode_video(data, config)), None
     except TooLarge as exc:
         return None, str(exc)
     except Exception as exc:  # PIL and decord raise many kinds; any of them means "not usable media"
         return None, f"cannot decode {kind}: {describe_error(exc)}"
+
+
+def frames_to_pixels(kind: str | None, frames: Sequence[np.ndarray], transform: Callable[[Image.Image], torch.Tensor]
+                     ) -> tuple[np.ndarray | None, str | None]:
+    """`(pixels, None)`: `frames` (from `decode_frames`) through `transform`, stacked as (F, 3, H, W) float16;
+    or `(None, error message)`."""
+    try:
+        return np.stack([transform(Image.fromarray(frame)).numpy() for frame in frames]).astype(PIXELS_DTYPE), None
+    except Exception as exc:  # the transform on odd pictures (e.g. a 1-pixel-wide frame)
+        return None, f"cannot decode {kind}: {describe_error(exc)}"
+
+
+def serve(connection: Connection, config: DecodeConfig) -> None:
+    """Decode in a child process: say "ready", then answer each `(kind, data)` received on `connection` with
+    `decode_frames`'s answer, until the other end closes. (Here, not in `pipeline.decode` which starts the
+    child, so that the child imports only this module, not Ray.)"""
+    connection.send("ready")
+    while True:
+        try:
+            kind, data = connection.recv()
+        except EOFError:
+            return
+        connection.send(decode_frames(kind, data, config))
 
 
 class TooLarge(ValueError):
@@ -137,7 +176,7 @@ def sample_frame_indices(frame_starts: np.ndarray, duration: float | np.floating
     return np.unique(nearest)
 
 
-def _decode_image(data: bytes, transform: Callable[[Image.Image], torch.Tensor], config: DecodeConfig) -> np.ndarray:
+def _decode_image(data: bytes, config: DecodeConfig) -> np.ndarray:
     with warnings.catch_warnings():
         # PIL warns about pictures above its own bomb threshold; `max_pixels` decides here instead. (Above twice
         # that threshold PIL refuses them at open, whatever `max_pixels` says.)
@@ -145,7 +184,7 @@ def _decode_image(data: bytes, transform: Callable[[Image.Image], torch.Tensor],
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     with image:
         check_size(image.width, image.height, config.max_pixels)  # from the header: nothing is decoded yet
-        return transform(to_rgb(upright(image))).numpy().astype(PIXELS_DTYPE)[None]
+        return np.asarray(to_rgb(upright(image)))
 
 
 def upright(image: Image.Image) -> Image.Image:
@@ -175,7 +214,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode_video(data: bytes, transform: Callable[[Image.Image], torch.Tensor], config: DecodeConfig) -> np.ndarray:
+def _decode_video(data: bytes, config: DecodeConfig) -> np.ndarray:
     if not _is_video_container(data):
         raise ValueError("not an MP4/QuickTime, Matroska/WebM or AVI file")
     width, height = _frame_size(data)
@@ -183,8 +222,7 @@ def _decode_video(data: bytes, transform: Callable[[Image.Image], torch.Tensor],
     reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
     timestamps = reader.get_frame_timestamp(list(range(len(reader))))  # (frames, 2): start, end seconds
     indices = sample_frame_indices(timestamps[:, 0], timestamps[-1, 1], config.num_frames, config.fps)
-    frames = reader.get_batch(indices.tolist()).asnumpy()  # (F, H, W, 3) uint8 RGB
-    return torch.stack([transform(Image.fromarray(frame)) for frame in frames]).numpy().astype(PIXELS_DTYPE)
+    return reader.get_batch(indices.tolist()).asnumpy()  # (F, H, W, 3) uint8 RGB
 
 
 def _frame_size(data: bytes) -> tuple[int, int]:
