@@ -66,7 +66,11 @@ def test_every_item_gets_exactly_one_row_per_task(tasks, tmp_path):
     summary = run_job(job(tasks, tmp_path / "in", out))
     rows = read_output(out)
     assert len(rows) == 2 * len(expected)
-    assert summary.rows_ok + summary.rows_error == len(rows)
+    assert summary.rows_ok + summary.rows_error == len(rows) and summary.items == len(expected)
+    assert set(rows.run_id) == {summary.run_id}
+    assert rows.error_kind.isna().equals(rows.error.isna())
+    assert set(rows.error_kind.dropna()) == {"input"}  # every bad item here is bad in itself
+    assert summary.rows_error_by_kind == {"input": summary.rows_error}
     for task in ("caption", "colour"):
         mine = rows[rows.task == task].set_index("id")
         assert set(mine.index) == {f"{tmp_path / 'in'}/{key}" for key in expected} and mine.index.is_unique
