@@ -18,7 +18,9 @@ error row of kind `input` or `model`. Rows of kind `transient` are re-attempted 
 same item and task -- or, for a row whose id is a file's URI (a shard that failed as a whole), any row from
 that file -- and `drop_superseded` then rewrites the files that hold it without it (new file first, with the
 old one's name in its metadata, then the old file deleted; a scan finishes that deletion if a crash cut it
-short). So pyarrow, pandas and Spark see one row per item and task.
+short). So pyarrow, pandas and Spark see one row per item and task. Rewriting happens only at the end of a run
+that read its whole input; a run stopped before that leaves the old rows, and the next run that writes rows for
+those items (or finds them done) removes them.
 
 The output is a plain Parquet dataset (plus `_lease.json`, see pipeline/lease.py): pyarrow, pandas, DuckDB
 (over a pyarrow dataset) and Spark read it as is. Rows are in `pipeline.schema.OUTPUT_SCHEMA`.
@@ -78,7 +80,7 @@ class WriteStats:
 
     rows_ok: int = 0
     rows_by_kind: Counter[str] = field(default_factory=Counter)  # error rows per error_kind
-    items: set[str] = field(default_factory=set)                 # ids of the items it wrote rows for
+    items: set[str] = field(default_factory=set)                 # ids it wrote rows for (~100 bytes each)
     transient_items: set[str] = field(default_factory=set)       # ids with a transient error row
     files: list[str] = field(default_factory=list)
     written_keys: set[tuple[str, str]] = field(default_factory=set)  # (task, id or source) among `watch`
