@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -173,3 +174,31 @@ def test_hidden_files_are_not_output(tmp_path: Path) -> None:
     assert scan_output(str(tmp_path), HASHES).done["caption"] == {"/in/a.png"}
     assert query.connect(str(tmp_path)).sql("SELECT id FROM annotations").fetchall() == [("/in/a.png",)]
     assert os.path.exists(tmp_path / ".uncommitted.parquet")
+
+
+def test_a_commit_is_retried_through_a_brief_outage(s3: Any) -> None:
+    """Real connection resets between s3fs and moto for the first ~2 s of the commit; it still lands, whole."""
+    from faulty_proxy import FaultyProxy
+
+    from media.storage import filesystem
+    from pipeline.job import S3_CLIENT_CONFIG
+
+    bucket = s3.new_bucket()
+    with FaultyProxy(int(s3.endpoint.rsplit(":", 1)[1]), "reset") as proxy:
+        fs, root = filesystem(f"s3://{bucket}/out", {"endpoint_url": proxy.endpoint, "config_kwargs": S3_CLIENT_CONFIG,
+                                                     "skip_instance_cache": True})
+        timer = threading.Timer(2.0, lambda: setattr(proxy, "mode", "forward"))
+        timer.start()
+        try:
+            commit_file(fs, f"{root}/part-r-00001.parquet", to_output_table(table(row("/in/a.png"))))
+        finally:
+            timer.cancel()
+        assert proxy.seen["reset"] > 0 and proxy.seen["forward"] > 0
+    written = pq.read_table(f"{bucket}/out/part-r-00001.parquet", filesystem=s3fs_for(s3))
+    assert written.column("id").to_pylist() == ["/in/a.png"]
+
+
+def s3fs_for(s3: Any) -> Any:
+    import s3fs
+
+    return s3fs.S3FileSystem(key=s3.key, secret=s3.secret, client_kwargs={"endpoint_url": s3.endpoint})
