@@ -105,7 +105,10 @@ def validate(task_files: tuple[str, ...], s3_endpoint: str | None, no_remote_che
 @_job_options
 @click.option("--address", metavar="ADDR", help="Ray cluster to join ('auto', ray://...); default: a local one.")
 def run(task_files: tuple[str, ...], address: str | None, no_remote_check: bool, **options: Any) -> None:
-    """Annotate INPUT with the TASK files into OUTPUT."""
+    """Annotate INPUT with the TASK files into OUTPUT.
+
+    Exit status: 0 done; 1 the job could not run or stopped (one line says why); 2 bad task files; 3 done, but
+    items failed with transient storage errors (run it again); 4 another run is writing OUTPUT."""
     from pipeline import job
 
     tasks = _load_tasks_or_exit(task_files, s3_endpoint=options["s3_endpoint"], no_remote_check=no_remote_check)

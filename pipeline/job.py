@@ -147,8 +147,8 @@ def run_job(config: JobConfig) -> JobSummary:
     out_options = storage_options_for(config.output_uri, config.storage_options)
     _check_input(config.input_uri, in_options)
     run_id = new_run_id()
-    lease = Lease(config.output_uri, run_id, storage_options=out_options, force=config.force)
     try:
+        lease = Lease(config.output_uri, run_id, storage_options=out_options, force=config.force)
         lease.acquire()
     except LeaseHeld as held:
         raise JobError(str(held), EXIT_OUTPUT_BUSY) from None
