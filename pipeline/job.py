@@ -176,8 +176,11 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
 
     tasks = config.tasks
     task_hashes = {t.name: t.sha256 for t in tasks}
-    scan = scan_output(config.output_uri, task_hashes, retry_errors=config.retry_errors,
-                       storage_options=out_options)
+    try:
+        scan = scan_output(config.output_uri, task_hashes, retry_errors=config.retry_errors,
+                           storage_options=out_options)
+    except Exception as exc:  # unreadable files are skipped inside; this is the output not answering at all
+        raise JobError(f"cannot read output {config.output_uri}: {_describe(exc)}") from None
     done_everywhere = set.intersection(*scan.done.values()) if scan.done else set()
     annotator = AnnotatorSpec(
         model=config.model, tasks=tuple(tasks), device=config.device,
