@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 from .config import FlamingoConfig
 from .tokens import BYTE_LEVEL_TOKENIZER
@@ -35,8 +36,10 @@ TINY_LM = {
     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048, "bos_token_id": 256,
     "eos_token_id": 256, "tie_word_embeddings": False,
 }
-_TINY_BACKBONES = dict(vision_encoder="custom", vision_encoder_pretrained=None, vision_encoder_config=TINY_VISION,
-                       image_size=32, lang_encoder_config=TINY_LM, tokenizer=BYTE_LEVEL_TOKENIZER)
+# FlamingoConfig fields (of several types), spread into the presets below.
+_TINY_BACKBONES: dict[str, Any] = dict(
+    vision_encoder="custom", vision_encoder_pretrained=None, vision_encoder_config=TINY_VISION, image_size=32,
+    lang_encoder_config=TINY_LM, tokenizer=BYTE_LEVEL_TOKENIZER)
 
 PRESETS: dict[str, FlamingoConfig] = {
     # MPT-1B ships its own modelling code, so those two need trust_remote_code, which from_preset and
@@ -119,4 +122,6 @@ def image_preprocessing(name_or_path: str) -> tuple[int, tuple[float, ...], tupl
         config = from_name(name_or_path)
     else:
         raise ValueError(f"{name_or_path!r} is neither a saved model folder nor a preset")
+    if config.image_size is None:  # saved configs are complete, and every preset states it
+        raise ValueError(f"{name_or_path!r} does not state its image_size; it is known only once the model is built")
     return config.image_size, tuple(config.image_mean), tuple(config.image_std)
