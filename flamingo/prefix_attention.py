@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -24,7 +24,7 @@ PREFIX_ARGUMENT = "flamingo_prefix_kv"   # list over layers of (keys, values), e
 ARCHITECTURES = {"llama", "mistral", "qwen2", "gpt2", "gpt_neox"}
 
 
-def install(lm: nn.Module) -> bool:
+def install(lm: PreTrainedModel) -> bool:
     """Switch `lm` to this attention if it can take it; returns whether it did."""
     config = lm.config
     if config.model_type not in ARCHITECTURES or config._attn_implementation != "sdpa":
@@ -35,7 +35,7 @@ def install(lm: nn.Module) -> bool:
     return True
 
 
-def installed(lm: nn.Module) -> bool:
+def installed(lm: PreTrainedModel) -> bool:
     """Whether `lm` reads a shared prefix once for the batch (else each row gets its own copy)."""
     return lm.config._attn_implementation == NAME
 

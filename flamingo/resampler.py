@@ -6,6 +6,8 @@ Parameter names follow OpenFlamingo's so its checkpoints load key for key.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,7 +79,8 @@ class PerceiverResampler(nn.Module):
             x = x + self.frame_embs[:f, None, :]                          # broadcast over B, T, v
         x = x.reshape(b, t, f * v, d)                                     # frames and patches are one set
         latents = self.latents.expand(b, t, -1, -1)
-        for attn, ff in self.layers:
+        for layer in self.layers:
+            attn, ff = cast(nn.ModuleList, layer)                          # [PerceiverAttention, feed_forward]
             latents = attn(x, latents) + latents
             latents = ff(latents) + latents
         return self.norm(latents)

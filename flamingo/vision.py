@@ -6,6 +6,8 @@ GPU running the vision stage never holds the language model's weights.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -41,16 +43,17 @@ class FlamingoVision(nn.Module):
 
 def patch_token_width(visual: nn.Module) -> int:
     """Width of the patch tokens an open_clip vision tower returns (before its projection)."""
-    transformer = getattr(visual, "transformer", None)
-    if isinstance(getattr(transformer, "width", None), int):
-        return transformer.width
+    width = getattr(getattr(visual, "transformer", None), "width", None)
+    if isinstance(width, int):
+        return width
     ln_post = getattr(visual, "ln_post", None)
     if ln_post is not None:
         return ln_post.normalized_shape[0]
     raise ValueError(f"cannot tell the patch-token width of {type(visual).__name__}; pass vis_dim=")
 
 
-def tower_image_size(visual: nn.Module) -> int:
+def tower_image_size(visual: Any) -> int:
+    """The input size of an open_clip vision tower (an untyped attribute of open_clip's)."""
     size = visual.image_size
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
