@@ -16,6 +16,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
@@ -49,7 +50,7 @@ def lang_encoder_config(name: str, config: dict | None, trust_remote_code: bool 
     return AutoConfig.for_model(model_type, **config)
 
 
-def build_lang_encoder(name: str, config: dict | None, trust_remote_code: bool = False) -> nn.Module:
+def build_lang_encoder(name: str, config: dict | None, trust_remote_code: bool = False) -> PreTrainedModel:
     """An HF causal LM: from the hub/a local path, or with random weights from a config dict."""
     if config is not None:
         return AutoModelForCausalLM.from_config(lang_encoder_config(name, config, trust_remote_code),

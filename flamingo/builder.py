@@ -10,7 +10,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .backbones import build_lang_encoder, build_tokenizer, build_vision_encoder
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE
@@ -20,7 +20,7 @@ from .model import Flamingo
 
 
 def build(config: FlamingoConfig, seed: int = 0, *, vision_encoder: nn.Module | None = None,
-          lang_encoder: nn.Module | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+          lang_encoder: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
           trust_remote_code: bool = False, max_bytes: float | None = None, name: str | None = None) -> Flamingo:
     """Make the backbones the config names, add Flamingo's tokens and wrap them (`Flamingo(...)`).
 

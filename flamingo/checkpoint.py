@@ -66,7 +66,9 @@ def read_checkpoint(source: str | Path) -> dict[str, torch.Tensor]:
 
 def openflamingo_key_map(model: Flamingo) -> dict[str, str]:
     """Alias prefixes of OpenFlamingo's module tree -> our names."""
-    layers = "lang_encoder." + model.config.decoder_layers_attr_name
+    path = model.config.decoder_layers_attr_name
+    assert path is not None  # a built model's config is complete
+    layers = "lang_encoder." + path
     return {
         r"^lang_encoder\.gated_cross_attn_layers\.(\d+)\.": layers + r".\1.gated_cross_attn_layer.",
         r"^lang_encoder\.old_decoder_blocks\.(\d+)\.": layers + r".\1.decoder_layer.",

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .backbones import build_vision_encoder, lang_encoder_config
 from .config import FlamingoConfig
-from .lm import infer_decoder_layers_attr_name, lm_width, new_gated_block
+from .lm import decoder_layers, infer_decoder_layers_attr_name, lm_width, new_gated_block
 from .model import new_perceiver
 from .vision import patch_token_width
 
@@ -100,7 +100,7 @@ def module_size(module: nn.Module) -> tuple[int, int]:
 
 
 def estimate_build(config: FlamingoConfig, *, trust_remote_code: bool = False, vision_encoder: nn.Module | None = None,
-                   lang_encoder: nn.Module | None = None) -> dict[str, tuple[int, int]]:
+                   lang_encoder: PreTrainedModel | None = None) -> dict[str, tuple[int, int]]:
     """(elements, bytes) of each part `build` would make from `config`, found by making them on the meta
     device: nothing is allocated, and the dtypes are those the real build uses. Backbones passed in exist
     already and are not counted; they still size the bridges."""
@@ -117,7 +117,7 @@ def estimate_build(config: FlamingoConfig, *, trust_remote_code: bool = False, v
                 trust_remote_code=trust_remote_code)
             parts["language model"] = module_size(lm)
         vis_dim = config.vis_dim or patch_token_width(getattr(visual, "visual", visual))
-        layers = lm.get_submodule(config.decoder_layers_attr_name or infer_decoder_layers_attr_name(lm))
+        layers = decoder_layers(lm, config.decoder_layers_attr_name or infer_decoder_layers_attr_name(lm))
         blocks = len(layers) // config.cross_attn_every_n_layers
         perceiver = module_size(new_perceiver(config, vis_dim))
         block = module_size(new_gated_block(config, lm_width(lm), vis_dim))
@@ -127,7 +127,7 @@ def estimate_build(config: FlamingoConfig, *, trust_remote_code: bool = False, v
 
 def check_fits(config: FlamingoConfig, *, name: str, trust_remote_code: bool = False,
                max_bytes: float | None = None, vision_encoder: nn.Module | None = None,
-               lang_encoder: nn.Module | None = None, also: dict[str, int] | None = None) -> None:
+               lang_encoder: PreTrainedModel | None = None, also: dict[str, int] | None = None) -> None:
     """Refuse to build a model whose parts (see `estimate_build`) plus `also` (bytes read alongside, e.g. a
     weights file) exceed `max_bytes`; None means the memory available now. `math.inf` skips the estimate."""
     if max_bytes is not None and math.isinf(max_bytes):

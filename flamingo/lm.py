@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import prefix_attention
@@ -60,6 +61,15 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def decoder_layers(lm: nn.Module, path: str) -> nn.ModuleList:
+    """The LM's decoder layers, at `path` (a config's decoder_layers_attr_name)."""
+    layers = lm.get_submodule(path)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{path} of a {type(lm).__name__} is a {type(layers).__name__}, not its list of decoder "
+                         "layers; pass decoder_layers_attr_name, e.g. 'model.layers'")
+    return layers
 
 
 class ConditioningSlot:
@@ -115,7 +125,9 @@ class AddedRows(nn.Module):
     The frozen matrix keeps the LM's own `weight` name (a tied output layer keeps sharing it); the added
     tokens' rows live in `added_rows`, so an optimiser over trainable parameters touches only them."""
 
-    def __init__(self, weight: nn.Parameter, added_token_ids: list[int]):
+    added_token_ids: torch.Tensor   # buffer (n_added,) long
+
+    def __init__(self, weight: torch.Tensor, added_token_ids: list[int]):
         super().__init__()
         self.weight = weight
         self.register_buffer("added_token_ids", torch.tensor(added_token_ids, dtype=torch.long), persistent=False)
@@ -163,7 +175,7 @@ class AddedTokenHead(AddedRows):
         return logits.index_copy(-1, self.added_token_ids, added.to(logits.dtype))
 
 
-def lm_width(lm: nn.Module) -> int:
+def lm_width(lm: PreTrainedModel) -> int:
     """Width of the LM's hidden states, which its gated blocks take."""
     return getattr(lm.config, "d_model", None) or lm.config.hidden_size          # MPT: d_model
 
@@ -174,23 +186,35 @@ def new_gated_block(config: FlamingoConfig, lang_dim: int, vis_dim: int) -> Gate
                                     config.only_attend_immediate_media, config.gate_init)
 
 
-def inject_flamingo_layers(lm: nn.Module, config: FlamingoConfig, slot: ConditioningSlot) -> None:
+def inject_flamingo_layers(lm: PreTrainedModel, config: FlamingoConfig, slot: ConditioningSlot) -> None:
     """Wrap every decoder layer; layers i with (i + 1) % every_n == 0 get a gated block (OpenFlamingo's rule)."""
+    path, vis_dim = config.decoder_layers_attr_name, config.vis_dim
+    if path is None or vis_dim is None:
+        raise ValueError("the config leaves decoder_layers_attr_name or vis_dim open; complete it from the "
+                         "backbones first (flamingo.model.complete_config)")
     lang_dim = lm_width(lm)
-    layers = lm.get_submodule(config.decoder_layers_attr_name)
+    layers = decoder_layers(lm, path)
     wrapped = nn.ModuleList(
         FlamingoLayer(
-            new_gated_block(config, lang_dim, config.vis_dim) if (i + 1) % config.cross_attn_every_n_layers == 0
+            new_gated_block(config, lang_dim, vis_dim) if (i + 1) % config.cross_attn_every_n_layers == 0
             else None,
             layer,
             slot,
         )
         for i, layer in enumerate(layers)
     )
-    set_submodule(lm, config.decoder_layers_attr_name, wrapped)
+    set_submodule(lm, path, wrapped)
 
 
-def input_embedding_path(lm: nn.Module) -> str:
+def input_embedding_weight(lm: PreTrainedModel) -> torch.Tensor:
+    """The LM's input embedding matrix (V, D), in the LM's dtype."""
+    weight = lm.get_input_embeddings().weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"the LM's input embedding has no weight matrix (got {type(weight).__name__})")
+    return weight
+
+
+def input_embedding_path(lm: PreTrainedModel) -> str:
     """Dotted name of the LM's input embedding module (to map checkpoint keys)."""
     target = lm.get_input_embeddings()
     for name, module in lm.named_modules():
@@ -211,7 +235,7 @@ class ConditionedLM:
     from, and which arguments this LM accepts. Decoding (generation.py) drives only this object. It holds no
     weights of its own: `lang_encoder` is the module registered on the Flamingo model."""
 
-    def __init__(self, lang_encoder: nn.Module, slot: ConditioningSlot, media_token_id: int,
+    def __init__(self, lang_encoder: PreTrainedModel, slot: ConditioningSlot, media_token_id: int,
                  media_token: str = "<image>"):
         self.lang_encoder = lang_encoder
         self.slot = slot
@@ -221,21 +245,27 @@ class ConditionedLM:
         self.shares_prefix_attention = prefix_attention.installed(lang_encoder)
 
     @classmethod
-    def wrap(cls, lang_encoder: nn.Module, config: FlamingoConfig, media_token_id: int) -> ConditionedLM:
+    def wrap(cls, lang_encoder: PreTrainedModel, config: FlamingoConfig, media_token_id: int) -> ConditionedLM:
         """Turn a plain HF causal LM into Flamingo's (in place): gated blocks before its decoder layers,
         trainable rows for the added tokens, shared-prefix attention where the architecture takes it."""
+        added = config.added_token_ids
+        if added is None:
+            raise ValueError("the config leaves added_token_ids open; complete it from the tokenizer first "
+                             "(flamingo.model.complete_config)")
+        embedding = lang_encoder.get_input_embeddings()
+        if not isinstance(embedding, nn.Embedding):
+            raise ValueError(f"the LM's input embedding is a {type(embedding).__name__}, not an nn.Embedding")
         slot = ConditioningSlot()
         inject_flamingo_layers(lang_encoder, config, slot)
-        lang_encoder.set_input_embeddings(AddedTokenEmbedding(lang_encoder.get_input_embeddings(),
-                                                              config.added_token_ids))
-        if isinstance(lang_encoder.get_output_embeddings(), nn.Linear):
-            lang_encoder.set_output_embeddings(AddedTokenHead(lang_encoder.get_output_embeddings(),
-                                                              config.added_token_ids))
+        lang_encoder.set_input_embeddings(AddedTokenEmbedding(embedding, added))
+        head = lang_encoder.get_output_embeddings()
+        if isinstance(head, nn.Linear):
+            lang_encoder.set_output_embeddings(AddedTokenHead(head, added))
         prefix_attention.install(lang_encoder)
         return cls(lang_encoder, slot, media_token_id, config.media_token)
 
     @property
-    def config(self):
+    def config(self) -> PreTrainedConfig:
         """The HF config of the LM (cache shapes)."""
         return self.lang_encoder.config
 
@@ -253,7 +283,7 @@ class ConditionedLM:
             raise ValueError(f"the text has {needed - media_offset} {self.media_token} token(s) in a row "
                              f"but only {available - media_offset} media were given")
         if visual_tokens is not None:
-            visual_tokens = visual_tokens.to(self.lang_encoder.get_input_embeddings().weight.dtype)
+            visual_tokens = visual_tokens.to(input_embedding_weight(self.lang_encoder).dtype)
         return MediaConditioning(visual_tokens, media_index)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,

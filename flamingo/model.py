@@ -30,21 +30,25 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import LogitsProcessorList, PreTrainedTokenizerBase
+from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import checkpoint, generation
 from .config import FlamingoConfig
 from .gated_cross_attention import GatedCrossAttentionBlock
 from .generation import FewShotPrefix, GenerationOutput
-from .lm import AddedRows, ConditionedLM, infer_decoder_layers_attr_name, positions_from_mask
+from .lm import AddedRows, ConditionedLM, infer_decoder_layers_attr_name, input_embedding_weight, positions_from_mask
 from .resampler import PerceiverResampler
 from .tokens import add_flamingo_tokens
 from .vision import FlamingoVision, encode_vision, patch_token_width, tower_image_size, tower_normalisation
 
 
 class Flamingo(nn.Module):
-    def __init__(self, vision_encoder: nn.Module, lang_encoder: nn.Module, tokenizer: PreTrainedTokenizerBase,
+    vision_encoder: nn.Module        # open_clip's vision tower
+    perceiver: PerceiverResampler
+    lang_encoder: PreTrainedModel    # the HF causal LM, with its decoder layers wrapped
+
+    def __init__(self, vision_encoder: nn.Module, lang_encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  config: FlamingoConfig):
         """Wrap the backbones as `config` says: an open_clip model (or its `.visual`), an HF causal LM and its
         tokenizer. Adds the Flamingo tokens (and embedding rows for them) where missing, and fills the fields
@@ -53,7 +57,7 @@ class Flamingo(nn.Module):
         super().__init__()
         visual = getattr(vision_encoder, "visual", vision_encoder)
         new_tokens = add_flamingo_tokens(tokenizer)
-        if len(tokenizer) > lang_encoder.get_input_embeddings().weight.shape[0]:  # LMs often pad their vocab
+        if len(tokenizer) > input_embedding_weight(lang_encoder).shape[0]:  # LMs often pad their vocab
             lang_encoder.resize_token_embeddings(len(tokenizer))
         self.config = config = complete_config(config, visual, lang_encoder, tokenizer, new_tokens)
         self.tokenizer = tokenizer
@@ -66,6 +70,7 @@ class Flamingo(nn.Module):
 
         visual.output_tokens = True  # open_clip: visual(x) -> (pooled, patch tokens)
         self.vision_encoder = visual
+        assert config.vis_dim is not None  # complete_config filled it
         self.perceiver = new_perceiver(config, config.vis_dim)
         self.lm = ConditionedLM.wrap(lang_encoder, config, self.media_token_id)   # the LM's call path
         self.lang_encoder = lang_encoder                                            # its weights
@@ -82,7 +87,7 @@ class Flamingo(nn.Module):
 
     # ------------------------------------------------------------------ construction and weights
     @classmethod
-    def from_backbones(cls, vision_encoder: nn.Module, lang_encoder: nn.Module,
+    def from_backbones(cls, vision_encoder: nn.Module, lang_encoder: PreTrainedModel,
                        tokenizer: PreTrainedTokenizerBase, cross_attn_every_n_layers: int = 1,
                        decoder_layers_attr_name: str | None = None, **config_fields) -> Flamingo:
         """OpenFlamingo-style, from already constructed backbones: the config is `config_fields` (bridge
@@ -235,7 +240,9 @@ class Flamingo(nn.Module):
         texts = []
         for row in tokens.tolist():
             cut = next((i for i, t in enumerate(row) if t in stop), len(row))
-            texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+            text = self.tokenizer.decode(row[:cut], skip_special_tokens=True)
+            assert isinstance(text, str)  # one sequence of ids decodes to one string
+            texts.append(text.strip())
         return texts
 
     def _stop_ids(self, eos_token_id: int | list[int] | None) -> torch.Tensor:
@@ -252,7 +259,7 @@ def new_perceiver(config: FlamingoConfig, vis_dim: int) -> PerceiverResampler:
                               config.num_latents, config.max_num_frames, config.ff_mult)
 
 
-def complete_config(config: FlamingoConfig, visual: nn.Module, lm: nn.Module, tokenizer: PreTrainedTokenizerBase,
+def complete_config(config: FlamingoConfig, visual: nn.Module, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                     new_tokens: list[str]) -> FlamingoConfig:
     """The config with the fields it leaves open (None) read from the backbones: the tower's patch-token width
     and image size, where the LM keeps its decoder layers, and the ids of the tokens Flamingo added (with a
@@ -262,7 +269,9 @@ def complete_config(config: FlamingoConfig, visual: nn.Module, lm: nn.Module, to
         raise ValueError(f"the config says image_size {config.image_size}, but the vision tower takes {image_size}")
     added = config.added_token_ids
     if added is None:
-        added = tokenizer.convert_tokens_to_ids(new_tokens or [config.end_of_chunk_token, config.media_token])
+        ids = tokenizer.convert_tokens_to_ids(new_tokens or [config.end_of_chunk_token, config.media_token])
+        assert isinstance(ids, list)  # a list of tokens converts to a list of ids
+        added = ids
     return replace(
         config, image_size=image_size, added_token_ids=list(added),
         vis_dim=config.vis_dim if config.vis_dim is not None else patch_token_width(visual),
