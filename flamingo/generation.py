@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import CacheLayerMixin
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
@@ -23,6 +25,7 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .gated_cross_attention import MediaConditioning
 from .lm import ConditionedLM, positions_from_mask
@@ -44,7 +47,7 @@ class FewShotPrefix:
 
     def key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (keys, values), each (1, kv_heads, Lp, head_dim), for shared-prefix attention."""
-        return [(layer.keys, layer.values) for layer in self.cache.layers]
+        return [_keys_values(layer) for layer in self.cache.layers]
 
 
 @dataclass
@@ -84,9 +87,11 @@ class _Prompt:
         length = self.cache.get_seq_length()
         static = StaticCache(config=lm.config, max_cache_len=length + new_tokens)
         for source, target in zip(self.cache.layers, static.layers):
-            keys, values = _repeat(source.keys, n), _repeat(source.values, n)
-            target.lazy_initialization(keys, values)
-            target.update(keys, values)
+            source_keys, source_values = _keys_values(source)
+            keys, values = _repeat(source_keys, n), _repeat(source_values, n)
+            target_layer = _attention_layer(target)
+            target_layer.lazy_initialization(keys, values)
+            target_layer.update(keys, values)
         mask = _repeat(self.attention_mask, n)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], new_tokens)], dim=1)  # sliced as tokens arrive
         return _Prompt(_repeat(self.last_logits, n), static, mask[:, :length], _repeat_conditioning(self.cond, n),
@@ -94,9 +99,40 @@ class _Prompt:
 
     def positions(self, mask: torch.Tensor, count: int) -> torch.Tensor:
         """Position ids of the last `count` tokens of `mask`."""
-        return positions_from_mask(mask)[:, -count:] + self.position_offset
+        return _positions(mask, count, self.position_offset)
 
 
+def _positions(mask: torch.Tensor, count: int, offset: int) -> torch.Tensor:
+    """Position ids of the last `count` tokens of `mask`, after `offset` tokens not in it (a shared prefix)."""
+    return positions_from_mask(mask)[:, -count:] + offset
+
+
+def _attention_layer(layer: object) -> CacheLayerMixin:
+    """A cache layer of self-attention keys/values, the only kind the LMs Flamingo wraps have."""
+    if not isinstance(layer, CacheLayerMixin):
+        raise ValueError(f"the LM's cache has a {type(layer).__name__}, not self-attention keys/values; "
+                         "Flamingo decodes only LMs whose every layer is attention")
+    return layer
+
+
+def _keys_values(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) of a cache layer that the prompt has filled."""
+    layer = _attention_layer(layer)
+    if layer.keys is None or layer.values is None:
+        raise ValueError("a layer of the LM's cache is empty: the prompt did not run through every layer")
+    return layer.keys, layer.values
+
+
+def _logits(out: CausalLMOutputWithPast) -> torch.Tensor:
+    if out.logits is None:
+        raise RuntimeError("the language model returned no logits")
+    return out.logits
+
+
+@overload
+def _repeat(t: torch.Tensor, n: int) -> torch.Tensor: ...
+@overload
+def _repeat(t: None, n: int) -> None: ...
 def _repeat(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return t if t is None or n == 1 else t.repeat_interleave(n, dim=0)
 
@@ -114,7 +150,10 @@ def prepare_prefix(lm: ConditionedLM, lang_x: torch.Tensor, visual_tokens: torch
     cache = DynamicCache()
     lm(lang_x, mask, positions_from_mask(mask), cond, cache, logits_to_keep=1)
     last = int(cond.media_index[0, -1])
-    last_media = visual_tokens[:, last:last + 1] if last >= 0 else None
+    last_media = None
+    if last >= 0:
+        assert visual_tokens is not None  # conditioning() refuses an <image> without media
+        last_media = visual_tokens[:, last:last + 1]
     return FewShotPrefix(lang_x, cache, last_media)
 
 
@@ -122,7 +161,9 @@ def run_prompt(lm: ConditionedLM, lang_x: torch.Tensor, attention_mask: torch.Te
                visual_tokens: torch.Tensor | None, prefix: FewShotPrefix | None) -> _Prompt:
     """Run the prompt (after the prefix, if any) at batch B; return the state decoding continues from."""
     b = lang_x.shape[0]
-    state = _Prompt(None, DynamicCache(), attention_mask, None)
+    cache = DynamicCache()
+    prefix_kv: list | None = None
+    position_offset = 0
     media, media_offset = visual_tokens, 0
     if prefix is not None:
         if prefix.last_media is not None:  # text before the query's first image still sees the prefix's last
@@ -130,25 +171,26 @@ def run_prompt(lm: ConditionedLM, lang_x: torch.Tensor, attention_mask: torch.Te
             media = last if visual_tokens is None else torch.cat([last, visual_tokens], dim=1)
             media_offset = 1
         if lm.shares_prefix_attention:   # the prefix stays at batch 1, read once per step for all rows
-            state.prefix_kv, state.position_offset = prefix.key_values(), prefix.length
+            prefix_kv, position_offset = prefix.key_values(), prefix.length
         else:                               # every row gets its own copy of the prefix's keys/values
-            state.cache = copy.deepcopy(prefix.cache)
-            state.cache.batch_repeat_interleave(b)
-            state.attention_mask = torch.cat([attention_mask.new_ones(b, prefix.length), attention_mask], dim=1)
+            cache = copy.deepcopy(prefix.cache)
+            cache.batch_repeat_interleave(b)
+            attention_mask = torch.cat([attention_mask.new_ones(b, prefix.length), attention_mask], dim=1)
     cond = lm.conditioning(lang_x, media, media_offset=media_offset)
-    out = lm(lang_x, state.attention_mask, state.positions(state.attention_mask, lang_x.shape[1]), cond,
-             state.cache, logits_to_keep=1, prefix_kv=state.prefix_kv)
-    state.last_logits = out.logits[:, -1].float()
-    state.cond = cond.continued(cond.last_media_index())
-    return state
+    out = lm(lang_x, attention_mask, _positions(attention_mask, lang_x.shape[1], position_offset), cond,
+             cache, logits_to_keep=1, prefix_kv=prefix_kv)
+    return _Prompt(_logits(out)[:, -1].float(), cache, attention_mask, cond.continued(cond.last_media_index()),
+                   prefix_kv=prefix_kv, position_offset=position_offset)
 
 
 def _step(lm: ConditionedLM, state: _Prompt, tokens: torch.Tensor) -> torch.Tensor:
     """Append one token per row (tokens: (N,)) and return the next logits (N, V)."""
+    if state.mask_buffer is None:
+        raise RuntimeError("decode steps continue a state made by _Prompt.for_decoding")
     state.attention_mask = state.mask_buffer[:, :state.attention_mask.shape[1] + 1]   # a view: no copy
     out = lm(tokens[:, None], state.attention_mask, state.positions(state.attention_mask, 1), state.cond,
              state.cache, prefix_kv=state.prefix_kv)
-    return out.logits[:, -1].float()
+    return _logits(out)[:, -1].float()
 
 
 def logits_processors(do_sample: bool, temperature: float, top_k: int, top_p: float,
@@ -180,7 +222,8 @@ def decode_greedy_or_sample(lm: ConditionedLM, state: _Prompt, prompt_ids: torch
     logits = state.last_logits
     for step in range(max_new_tokens):
         logprobs = logits.log_softmax(-1)                                  # the model's own probabilities
-        scores = processors(sequences, logits)
+        # transformers annotates ids as the legacy torch.LongTensor class; any long tensor is what it takes.
+        scores = processors(sequences, logits)  # type: ignore[arg-type]
         if do_sample:
             token = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
         else:
@@ -219,7 +262,8 @@ def decode_beam_search(lm: ConditionedLM, state: _Prompt, prompt_ids: torch.Tens
     history = prompt_ids.repeat_interleave(k, dim=0)
     logits = state.last_logits
     for t in range(max_new_tokens):
-        logprobs = processors(history, logits.log_softmax(-1))            # (B*K, V), HF's order
+        # (B*K, V), HF's order. transformers annotates ids as the legacy LongTensor class: any long tensor will do.
+        logprobs = processors(history, logits.log_softmax(-1))  # type: ignore[arg-type]
         vocab = logprobs.shape[-1]
         total = (logprobs.view(b, k, vocab) + running_scores[..., None]).view(b, k * vocab)
         top_scores, top_index = total.topk(keep, dim=-1)                  # (B, keep)
@@ -249,7 +293,7 @@ def decode_beam_search(lm: ConditionedLM, state: _Prompt, prompt_ids: torch.Tens
         improvable &= (running_scores[:, :1] / ((t + 1) ** length_penalty) > worst_done).any(-1, keepdim=True)
         if not bool(improvable.any()) or bool(hits_stop.all()) or t == max_new_tokens - 1:
             break
-        state.cache.reorder_cache(beam_index)
+        state.cache.reorder_cache(beam_index)  # type: ignore[arg-type]  # annotated LongTensor: any long tensor
         history = torch.cat([history[beam_index], running[:, :, t].reshape(-1, 1)], dim=1)
         logits = _step(lm, state, running[:, :, t].reshape(-1))
 
@@ -279,7 +323,7 @@ def score_candidates(lm: ConditionedLM, state: _Prompt, candidates: list[list[in
         cond = state.cond.continued(state.cond.media_index.expand(-1, longest - 1))
         out = lm(tokens_bk[:, :-1], mask, state.positions(mask, longest - 1), cond, state.cache,
                  prefix_kv=state.prefix_kv)
-        logprobs = out.logits.float().log_softmax(-1).gather(2, tokens_bk[:, 1:, None]).squeeze(2)
+        logprobs = _logits(out).float().log_softmax(-1).gather(2, tokens_bk[:, 1:, None]).squeeze(2)
         total = total + (logprobs * valid_bk[:, 1:]).sum(1)
     scores = total.view(b, k)
     if length_normalize:
