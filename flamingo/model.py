@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal, overload
 
 import torch
 from torch import nn
@@ -177,6 +178,39 @@ class Flamingo(nn.Module):
         if visual_tokens is None and vision_x is not None:
             visual_tokens = self.encode_vision(vision_x)
         return generation.prepare_prefix(self.lm, lang_x.to(self.device), visual_tokens)
+
+    @overload
+    def generate(self, vision_x: torch.Tensor | None = None, lang_x: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *, visual_tokens: torch.Tensor | None = None,
+                 prefix: FewShotPrefix | None = None, max_new_tokens: int = 20, min_new_tokens: int = 0,
+                 num_beams: int = 1,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 length_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, logits_processor: LogitsProcessorList | None = None,
+                 generator: torch.Generator | None = None, return_dict: Literal[False] = False
+                 ) -> torch.Tensor: ...
+
+    @overload
+    def generate(self, vision_x: torch.Tensor | None = None, lang_x: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *, visual_tokens: torch.Tensor | None = None,
+                 prefix: FewShotPrefix | None = None, max_new_tokens: int = 20, min_new_tokens: int = 0,
+                 num_beams: int = 1,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 length_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, logits_processor: LogitsProcessorList | None = None,
+                 generator: torch.Generator | None = None, return_dict: Literal[True]
+                 ) -> GenerationOutput: ...
+
+    @overload
+    def generate(self, vision_x: torch.Tensor | None = None, lang_x: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *, visual_tokens: torch.Tensor | None = None,
+                 prefix: FewShotPrefix | None = None, max_new_tokens: int = 20, min_new_tokens: int = 0,
+                 num_beams: int = 1,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 length_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, logits_processor: LogitsProcessorList | None = None,
+                 generator: torch.Generator | None = None, return_dict: bool = False
+                 ) -> torch.Tensor | GenerationOutput: ...
 
     @torch.inference_mode()
     def generate(self, vision_x: torch.Tensor | None = None, lang_x: torch.Tensor | None = None,
