@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import re
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from open_flamingo.src.flamingo import Flamingo as OpenFlamingo
@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from flamingo import Flamingo
 from flamingo.backbones import build_lang_encoder
 from flamingo.checkpoint import openflamingo_key_map
+from flamingo.lm import input_embedding_weight
 
 
 class LMMixin(FlamingoLMMixin):
@@ -39,7 +40,7 @@ def build_reference(clip: Any, lang_encoder: PreTrainedModel, *, eoc_token_id: i
     the added tokens. The bridges are OpenFlamingo's initial ones: gates at 0."""
     clip.visual.output_tokens = True
     extend_instance(lang_encoder, LMMixin)
-    lang_encoder.set_decoder_layers_attr_name(decoder_layers_attr_name)
+    cast(LMMixin, lang_encoder).set_decoder_layers_attr_name(decoder_layers_attr_name)  # now an LMMixin too
     return OpenFlamingo(clip, lang_encoder, eoc_token_id, media_token_id, vis_dim=vis_dim,
                         cross_attn_every_n_layers=cross_attn_every_n_layers)
 
@@ -52,7 +53,7 @@ def reference_copy(model: Flamingo) -> OpenFlamingo:
     own_lm: PreTrainedModel = model.lang_encoder
     lm = build_lang_encoder(c.lang_encoder, own_lm.config.to_dict() if c.lang_encoder_config is None
                             else c.lang_encoder_config)
-    lm.resize_token_embeddings(own_lm.get_input_embeddings().weight.shape[0])
+    lm.resize_token_embeddings(input_embedding_weight(own_lm).shape[0])
     clip = SimpleNamespace(visual=copy.deepcopy(model.vision_encoder))   # all OpenFlamingo reads of it
     reference = build_reference(clip, lm, eoc_token_id=model.eoc_token_id, media_token_id=model.media_token_id,
                                 vis_dim=c.vis_dim, cross_attn_every_n_layers=c.cross_attn_every_n_layers,
