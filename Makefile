@@ -1,11 +1,12 @@
 # Two commands do all the set-up on a fresh machine with Python 3.10+ and git:
 #   make demo   annotate the bundled sample with the bundled default model
-#   make test   run the test suite
+#   make test   run the test suite (everything but the `slow` marker; make test-slow runs the rest)
+# CI (.ci/run) runs make lint, make typecheck and make test.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test test-slow lint typecheck install clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +24,16 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The bundled model's evaluation floors, the full training recipe and the OpenFlamingo benchmark.
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+lint: install
+	$(BIN)/ruff check .
+
+typecheck: install
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) out
