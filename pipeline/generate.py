@@ -136,7 +136,6 @@ class Annotator:
         out = self.model.generate(lang_x=query, visual_tokens=visual, prefix=prepared.prefix,
                                   max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, do_sample=g.do_sample,
                                   temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, return_dict=True)
-        assert not isinstance(out, torch.Tensor)  # return_dict=True gives a GenerationOutput
         texts = self.model.decode(out.new_tokens)
         return [{"annotation": t, "score": float(s)} for t, s in zip(texts, out.mean_logprob.tolist())]
 
