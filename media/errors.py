@@ -60,6 +60,26 @@ _TYPE_PREFIX = re.compile(r"([A-Za-z_][\w.]*): ")
 
 T = TypeVar("T")
 
+_OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")  # <_io.BytesIO object at 0x7f...>
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")                       # any other "... at 0x7f..."
+
+
+def describe_error(exc: BaseException) -> str:
+    """`Type: message` with what differs between two runs of the same failure left out -- object
+    addresses, and the file name of an OSError (the item's id names the file) -- so that grouping rows
+    by their error text groups them by cause."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        text = f"[Errno {exc.errno}] {exc.strerror}"
+    else:
+        text = str(exc)
+    text = _ADDRESS.sub("", _OBJECT_REPR.sub(r"<\1>", text))
+    return storable_text(f"{type(exc).__name__}: {text}")
+
+
+def storable_text(text: str) -> str:
+    """Text safe to store in Arrow: undecodable bytes of names in it are shown as \\xNN."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
 
 def is_transient(exc: BaseException) -> bool:
     """Whether `exc` (or the exception it was raised from) is a storage failure that may pass by itself."""
@@ -92,7 +112,7 @@ def error_kind(exc: BaseException) -> str:
 
 
 def is_transient_text(text: str) -> bool:
-    """Whether an error text ("Type: message", as `media.files.describe_error` writes it, possibly after a
+    """Whether an error text ("Type: message", as `describe_error` writes it, possibly after a
     prefix such as "cannot read file: ") names a transient cause: a transient exception class, errno, or S3
     error code."""
     if any(name.rsplit(".", 1)[-1] in TRANSIENT_EXCEPTION_NAMES for name in _TYPE_PREFIX.findall(text)):

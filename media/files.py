@@ -31,6 +31,9 @@ An item row is a dict with the fields of `pipeline.schema.ITEM_SCHEMA`:
   media_kind  "image" | "video" | None (unsupported / unknown).
   data        the encoded media bytes; None whenever `error` is set.
   error       None when the item was read fine.
+  error_kind  None when read fine; `transient` when storage failed (unreachable, timed out, throttled: a
+              later run tries the item again), else `input` (see media/errors.py). Storage calls are
+              retried first (READ_RETRIES).
   caption     caption when the source has one, else None.
   url         original URL when the source has one, else None.
 """
@@ -38,7 +41,6 @@ An item row is a dict with the fields of `pipeline.schema.ITEM_SCHEMA`:
 from __future__ import annotations
 
 import json
-import re
 import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -48,6 +50,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from media.errors import INPUT, call_with_retries, describe_error, error_kind, storable_text
 from media.formats import media_kind
 from media.storage import decode_name, encode_name, filesystem, to_uri
 
@@ -58,6 +61,10 @@ IMG2DATASET_IMAGE_COLUMNS = ("jpg", "png", "webp")
 IMG2DATASET_COLUMNS = ("key", "url", "caption", "status", "error_message")
 
 DEFAULT_MAX_ITEM_BYTES = 512 * 1024 * 1024
+# One storage call (reading a file, opening a shard) is tried again over a few seconds of connection
+# trouble. Longer outages are not waited out here, one file after another in a read task: their items get
+# `transient` error rows, and the next run of the job tries them again.
+READ_RETRIES: dict[str, Any] = {"tries": 4, "max_seconds": 15.0}
 ID_SEPARATOR = "::"  # between a tar / Parquet file's URI and the key of an item inside it
 
 
@@ -123,9 +130,9 @@ def _plain_file_row(
         return _row(uri, uri, kind, error=error)  # decided from the listing: the bytes are never read
     try:
         fs, path = filesystem(uri, storage_options)
-        data = fs.cat_file(path)
+        data = call_with_retries(lambda: fs.cat_file(path), **READ_RETRIES)
     except Exception as exc:  # whatever the filesystem raises, the item gets an error row
-        return _row(uri, uri, kind, error=f"cannot read file: {describe_error(exc)}")
+        return _row(uri, uri, kind, error=f"cannot read file: {describe_error(exc)}", error_kind=error_kind(exc))
     return _row(uri, uri, kind, data=data, error=_size_error(len(data), max_item_bytes))
 
 
@@ -143,7 +150,7 @@ def _tar_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_byte
     try:
         fs, path = filesystem(uri, storage_options)
         with (
-            fs.open(path, "rb") as raw,
+            call_with_retries(lambda: fs.open(path, "rb"), **READ_RETRIES) as raw,
             tarfile.open(fileobj=raw, mode="r:", encoding="utf-8", errors="surrogateescape") as tar,
         ):
             while (member := tar.next()) is not None:
@@ -160,11 +167,11 @@ def _tar_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_byte
                 sample.add(member, extension, tar, max_item_bytes)
             _check_end_of_archive(raw, tar.offset)
     except Exception as exc:  # whatever the shard does, its failure is reported as rows
-        error = f"cannot read tar shard: {describe_error(exc)}"
+        error, kind = f"cannot read tar shard: {describe_error(exc)}", error_kind(exc)
         if sample is not None:
             sample.problems.append(error)
-            yield sample.row(uri, keys)
-        yield _row(uri, uri, error=f"{error} (after {samples} complete samples)")
+            yield {**sample.row(uri, keys), "error_kind": kind}
+        yield _row(uri, uri, error=f"{error} (after {samples} complete samples)", error_kind=kind)
         return
     if sample is not None:
         yield sample.row(uri, keys)
@@ -242,7 +249,7 @@ def _parquet_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_
     keys = _ShardKeys()
     try:
         fs, path = filesystem(uri, storage_options)
-        with fs.open(path, "rb") as raw:
+        with call_with_retries(lambda: fs.open(path, "rb"), **READ_RETRIES) as raw:
             parquet = pq.ParquetFile(raw)
             names = parquet.schema_arrow.names
             image_column = next((c for c in IMG2DATASET_IMAGE_COLUMNS if c in names), None)
@@ -266,7 +273,8 @@ def _parquet_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_
                     yield _parquet_row(item_id, uri, record, image_column, max_item_bytes)
                     done += 1
     except Exception as exc:  # whatever the file does, its failure is reported as a row
-        yield _row(uri, uri, error=f"cannot read Parquet file: {describe_error(exc)} (after {done} rows)")
+        yield _row(uri, uri, error=f"cannot read Parquet file: {describe_error(exc)} (after {done} rows)",
+                   error_kind=error_kind(exc))
 
 
 def _is_plain(arrow_type: pa.DataType) -> bool:
@@ -333,13 +341,16 @@ def _row(
     error: str | None = None,
     caption: str | None = None,
     url: str | None = None,
+    error_kind: str = INPUT,
 ) -> dict[str, Any]:
+    """An item row; with an `error`, its kind says whether a later run should try the item again."""
     return {
         "id": item_id,
         "source": source,
         "media_kind": kind,
         "data": data if error is None else None,
-        "error": None if error is None else _message(error),
+        "error": None if error is None else storable_text(error),
+        "error_kind": None if error is None else error_kind,
         "caption": caption,
         "url": url,
     }
@@ -383,22 +394,3 @@ def _text(value: Any) -> str | None:
     return value.encode("utf-8", "replace").decode("utf-8") if isinstance(value, str) else None
 
 
-def _message(text: str) -> str:
-    """An error message safe to store in Arrow: undecodable bytes of names in it are shown as \\xNN."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-_OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")  # <_io.BytesIO object at 0x7f...>
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")                       # any other "... at 0x7f..."
-
-
-def describe_error(exc: BaseException) -> str:
-    """`Type: message` with what differs between two runs of the same failure left out -- object
-    addresses, and the file name of an OSError (the item's id names the file) -- so that grouping rows
-    by their error text groups them by cause."""
-    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
-        text = f"[Errno {exc.errno}] {exc.strerror}"
-    else:
-        text = str(exc)
-    text = _ADDRESS.sub("", _OBJECT_REPR.sub(r"<\1>", text))
-    return _message(f"{type(exc).__name__}: {text}")

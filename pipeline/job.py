@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from flamingo import DEFAULT_MODEL
+from media.errors import describe_error
 from media.files import DEFAULT_MAX_ITEM_BYTES
 from pipeline.task import Task
 
@@ -153,7 +154,7 @@ def run_job(config: JobConfig) -> JobSummary:
     except LeaseHeld as held:
         raise JobError(str(held), EXIT_OUTPUT_BUSY) from None
     except Exception as exc:
-        raise JobError(f"cannot write to output {config.output_uri}: {_describe(exc)}") from None
+        raise JobError(f"cannot write to output {config.output_uri}: {describe_error(exc)}") from None
     try:
         decode = DecodeConfig(image_size, mean, std, num_frames=num_frames, fps=fps)
         summary = _run_with_lease(config, run_id, lease, decode, in_options, out_options)
@@ -180,7 +181,7 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
         scan = scan_output(config.output_uri, task_hashes, retry_errors=config.retry_errors,
                            storage_options=out_options)
     except Exception as exc:  # unreadable files are skipped inside; this is the output not answering at all
-        raise JobError(f"cannot read output {config.output_uri}: {_describe(exc)}") from None
+        raise JobError(f"cannot read output {config.output_uri}: {describe_error(exc)}") from None
     done_everywhere = set.intersection(*scan.done.values()) if scan.done else set()
     annotator = AnnotatorSpec(
         model=config.model, tasks=tuple(tasks), device=config.device,
@@ -234,10 +235,4 @@ def _check_input(uri: str, options: Mapping[str, Any]) -> None:
     except FileNotFoundError:
         raise JobError(f"no input files match {uri}") from None
     except Exception as exc:
-        raise JobError(f"cannot list input {uri}: {_describe(exc)}") from None
-
-
-def _describe(exc: BaseException) -> str:
-    from media.files import describe_error
-
-    return describe_error(exc)
+        raise JobError(f"cannot list input {uri}: {describe_error(exc)}") from None

@@ -19,7 +19,8 @@ from PIL import Image
 from sample_media import JPG, PNG, image_bytes, img2dataset_parquet_bytes
 
 from media.decode import DecodeConfig, decode_item, image_transform
-from media.files import describe_error, file_rows, list_files
+from media.errors import describe_error
+from media.files import file_rows, list_files
 from media.storage import decode_name, encode_name
 from pipeline.read import READ_TASK_RETRIES, read_items
 from pipeline.schema import ITEM_SCHEMA

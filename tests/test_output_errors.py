@@ -8,8 +8,16 @@ import time
 import botocore.exceptions
 import pytest
 
-from media.errors import INPUT, MODEL, TRANSIENT, call_with_retries, error_kind, is_transient, is_transient_text
-from media.files import describe_error
+from media.errors import (
+    INPUT,
+    MODEL,
+    TRANSIENT,
+    call_with_retries,
+    describe_error,
+    error_kind,
+    is_transient,
+    is_transient_text,
+)
 from pipeline.schema import infer_error_kind
 
 TRANSIENT_ERRORS = [
