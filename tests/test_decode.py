@@ -76,6 +76,17 @@ def test_palette_and_alpha_images_become_rgb() -> None:
     assert np.allclose(pixels(row)[0].mean(axis=(1, 2)), [0.0, 1.0, 0.0], atol=0.01)
 
 
+def test_in_process_decoding_gives_the_same_pixels() -> None:
+    """Training decodes with `decode_item` in its own process; annotation in a child process per batch."""
+    from media.decode import decode_item, image_transform
+
+    image = image_bytes(fmt="JPEG")
+    rows = decode_rows([item("image", image, item_id="i"), item("video", VIDEO, item_id="v")])
+    for row, kind, data in zip(rows, ("image", "video"), (image, VIDEO)):
+        array, error = decode_item(kind, data, image_transform(PLAIN), PLAIN)
+        assert error is None and array is not None and np.array_equal(array, pixels(row))
+
+
 def test_video_frames_sampled_evenly() -> None:
     [row] = decode_rows([item("video", VIDEO)])
     assert pixels(row).shape == (4, 3, 16, 16) and pixels(row).dtype == np.float16

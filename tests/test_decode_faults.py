@@ -3,7 +3,6 @@ real (a clip that segfaults decord, a decompression bomb), and each test bounds 
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import io
 import json
@@ -11,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -79,8 +79,13 @@ def test_a_decoder_crash_in_a_ray_job_gives_one_error_row(ray_session: None, tmp
     (tmp_path / "b.mp4").write_bytes(crashing_mp4())
     (tmp_path / "c.mp4").write_bytes(video_bytes())
     dataset = decode_items(read_items(str(tmp_path)).dataset, PLAIN, batch_size=3)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a job that never ends fails here instead of hanging
-        rows = {Path(row["id"]).name: row for row in pool.submit(dataset.take_all).result(timeout=120)}
+    taken: list[dict[str, Any]] = []
+    # A daemon thread: a job that never ends fails this test instead of hanging it (or the interpreter's exit).
+    job = threading.Thread(target=lambda: taken.extend(dataset.take_all()), daemon=True)
+    job.start()
+    job.join(timeout=120)
+    assert not job.is_alive(), "the job did not finish within 120 s"
+    rows = {Path(row["id"]).name: row for row in taken}
     assert rows.keys() == {"a.png", "b.mp4", "c.mp4"}
     assert [name for name, row in rows.items() if row["error"] is not None] == ["b.mp4"]
     assert rows["b.mp4"]["error"] == CRASH
