@@ -51,6 +51,21 @@ def build(config: FlamingoConfig, seed: int = 0, *, vision_encoder: nn.Module | 
         return Flamingo(vision_encoder, lang_encoder, tokenizer, config)
 
 
+def checked_saved_config(path: Path, *, trust_remote_code: bool = False) -> tuple[FlamingoConfig, Path | None]:
+    """A saved folder's config and tokenizer folder, after the checks that need no building: the folder
+    describes its LM itself, and asks to run no code of its own unless the caller allows it."""
+    config = FlamingoConfig.load(path / CONFIG_FILE)
+    if config.lang_encoder_config is None:
+        raise ValueError(f"{path / CONFIG_FILE} has no lang_encoder_config: a saved model describes its LM "
+                         f"itself, and this one would load {config.lang_encoder!r} from elsewhere")
+    tokenizer_dir = path / config.tokenizer if config.tokenizer else None
+    if tokenizer_dir is not None and not tokenizer_dir.is_dir():
+        tokenizer_dir = None
+    if not trust_remote_code:
+        refuse_untrusted_code(path, config, tokenizer_dir)
+    return config, tokenizer_dir
+
+
 def load_pretrained(path: str | Path, device: str | torch.device | None = None, *, trust_remote_code: bool = False,
                     max_bytes: float | None = None) -> Flamingo:
     """A model saved with `save_pretrained` (safetensors + JSON, no pickles): built from its config with the
@@ -61,15 +76,7 @@ def load_pretrained(path: str | Path, device: str | torch.device | None = None, 
     (lang_encoder_config, as save_pretrained writes), so loading it never fetches another model. The model
     and the weights file, which is read whole, must fit in `max_bytes` (None: the memory available now)."""
     path = Path(path)
-    config = FlamingoConfig.load(path / CONFIG_FILE)
-    if config.lang_encoder_config is None:
-        raise ValueError(f"{path / CONFIG_FILE} has no lang_encoder_config: a saved model describes its LM "
-                         f"itself, and this one would load {config.lang_encoder!r} from elsewhere")
-    tokenizer_dir = path / config.tokenizer if config.tokenizer else None
-    if tokenizer_dir is not None and not tokenizer_dir.is_dir():
-        tokenizer_dir = None
-    if not trust_remote_code:
-        refuse_untrusted_code(path, config, tokenizer_dir)
+    config, tokenizer_dir = checked_saved_config(path, trust_remote_code=trust_remote_code)
     # The weights come from the file: no pretrained tower to download (save_pretrained writes None there).
     config = replace(config, vision_encoder_pretrained=None)
     weights = path / WEIGHTS_FILE

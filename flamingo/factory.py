@@ -1,5 +1,5 @@
 """Models by name: presets (built, and given their released weights), saved folders and bundled models
-(`load_model`), and OpenFlamingo's `create_model_and_transforms`. All of them go through `build.build`."""
+(`load_model`), and OpenFlamingo's `create_model_and_transforms`. All of them go through `builder.build`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import open_clip
 import torch
 
 from .backbones import build_lang_encoder  # noqa: F401 (its former home; flamingo.backbones is where it lives)
-from .builder import build, load_pretrained
+from .builder import build, checked_saved_config, load_pretrained
 from .config import FlamingoConfig
 from .guards import UntrustedCodeError, check_fits
 from .model import Flamingo
@@ -33,13 +33,36 @@ def from_preset(name: str, seed: int = 0, load_checkpoint: bool = True, trust_re
     global RNG. Presets whose LM ships its own code need `trust_remote_code=True`; a model larger than
     `max_bytes` (None: the memory available now) is refused before anything is allocated."""
     config = dataclasses.replace(from_name(name), **config_fields)
-    if config.trust_remote_code and not trust_remote_code:
-        raise UntrustedCodeError(f"{name} needs its LM's own code from the hub ({config.lang_encoder}); pass "
-                                 "trust_remote_code=True if you trust it")
+    _refuse_preset_code(name, config, trust_remote_code)
     model = build(config, seed, trust_remote_code=trust_remote_code, max_bytes=max_bytes, name=name)
     if config.openflamingo_checkpoint and load_checkpoint:
         model.load_openflamingo_checkpoint(config.openflamingo_checkpoint)
     return model
+
+
+def _refuse_preset_code(name: str, config: FlamingoConfig, trust_remote_code: bool) -> None:
+    if config.trust_remote_code and not trust_remote_code:
+        raise UntrustedCodeError(f"{name} needs its LM's own code from the hub ({config.lang_encoder}); pass "
+                                 "trust_remote_code=True if you trust it")
+
+
+def check_model(name_or_path: str, trust_remote_code: bool = False) -> None:
+    """Raise what `load_model` would raise for the name itself -- unknown, or code it may not run -- without
+    building or downloading anything. A job's driver calls it before any worker starts, so such a model is
+    one line of error rather than a failure in every actor. (Whether the model fits in memory is for the
+    machine that builds it to say: `load_model` checks that there.)"""
+    folder = saved_folder(name_or_path)
+    if folder is not None:
+        checked_saved_config(folder, trust_remote_code=trust_remote_code)
+    elif is_preset(name_or_path):
+        _refuse_preset_code(name_or_path, from_name(name_or_path), trust_remote_code)
+    else:
+        raise ValueError(_unknown_model(name_or_path))
+
+
+def _unknown_model(name_or_path: str) -> str:
+    return (f"{name_or_path!r} is neither a saved model folder, a bundled model ({', '.join(bundled_models())}) "
+            f"nor a preset ({', '.join(sorted(PRESETS))})")
 
 
 def load_model(name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -57,8 +80,7 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
     elif is_preset(name_or_path):
         model = from_preset(name_or_path, trust_remote_code=trust_remote_code, max_bytes=max_bytes)
     else:
-        raise ValueError(f"{name_or_path!r} is neither a saved model folder, a bundled model "
-                         f"({', '.join(bundled_models())}) nor a preset ({', '.join(sorted(PRESETS))})")
+        raise ValueError(_unknown_model(name_or_path))
     return model.to(device=device, dtype=dtype)
 
 

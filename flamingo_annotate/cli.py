@@ -2,7 +2,8 @@
 
 The commands only parse options and print; the work lives in pipeline.task, pipeline.job and pipeline.query.
 The commands that make or measure a model (train, recipe, eval, bench) are in model_commands.py.
-Ray, torch and DuckDB are imported inside the commands that need them, so `--help` and `validate` are instant.
+Ray, torch and DuckDB are imported inside the commands that need them, so `--help` is instant, and `validate`
+loads only what decoding its tasks' demonstrations takes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from flamingo_annotate.model_commands import MODEL_COMMANDS
-from pipeline.task import Task, TaskError, check_tasks, is_uri
+from flamingo_annotate.options import trust_remote_code_option
+from pipeline.task import MAX_FRAMES, Task, TaskError, check_tasks, is_uri
 
 if TYPE_CHECKING:  # pipeline.job imports the model library (torch)
     from pipeline.job import JobConfig, JobSummary
@@ -52,6 +54,7 @@ def _job_options(command: Callable) -> Callable:
         click.option("--output", "output_uri", metavar="URI", required=True,
                      help="Folder for the Parquet output; a re-run resumes, skipping items already there."),
         click.option("--model", metavar="NAME_OR_PATH", help="Model name or checkpoint folder."),
+        trust_remote_code_option,
         click.option("--vision-actors", type=count, help="Vision encoder actors."),
         click.option("--vision-batch-size", type=count, help="Items per vision encoder batch."),
         click.option("--vision-gpus", type=fraction, help="GPUs per vision encoder actor (fractions share one)."),
@@ -60,7 +63,8 @@ def _job_options(command: Callable) -> Callable:
         click.option("--generate-batch-size", type=count, help="Items per language model batch."),
         click.option("--generate-gpus", type=fraction, help="GPUs per language model actor."),
         click.option("--generate-cpus", type=fraction, help="CPUs per language model actor."),
-        click.option("--num-frames", type=count, help="Frames per video item (overrides the task files)."),
+        click.option("--num-frames", type=click.IntRange(min=1, max=MAX_FRAMES),
+                     help="Frames per video item (overrides the task files)."),
         click.option("--fps", type=click.FloatRange(min=0, min_open=True),
                      help="Sample video frames at this rate instead of evenly (overrides the task files)."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
@@ -258,7 +262,7 @@ def _job_config(tasks: Sequence[Task], *, input_uri: str, output_uri: str, addre
                 vision_cpus: float | None, generate_actors: int | None, generate_batch_size: int | None,
                 generate_gpus: float | None, generate_cpus: float | None, num_frames: int | None,
                 fps: float | None, s3_endpoint: str | None, no_progress: bool, force: bool, retry_errors: bool,
-                flush_rows: int | None, flush_seconds: float | None) -> JobConfig:
+                flush_rows: int | None, flush_seconds: float | None, trust_remote_code: bool) -> JobConfig:
     """A pipeline.job.JobConfig from the command line; options not given keep JobConfig's defaults."""
     from pipeline.job import JobConfig, StageResources, default_generation_resources
 
@@ -270,6 +274,7 @@ def _job_config(tasks: Sequence[Task], *, input_uri: str, output_uri: str, addre
                      output_uri=_absolute_if_local(output_uri), vision=vision, generation=generation,
                      storage_options=_storage_options(s3_endpoint), progress=not no_progress, force=force,
                      retry_errors=retry_errors, flush_rows=flush_rows, flush_seconds=flush_seconds,
+                     trust_remote_code=trust_remote_code,
                      **_given(model=model, address=address, num_frames=num_frames, fps=fps))
 
 

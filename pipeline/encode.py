@@ -28,12 +28,12 @@ def visual_array(visual: bytes, shape) -> np.ndarray:
 class VisionEncoder:
     """Loaded once per actor; called on batches of decoded rows."""
 
-    def __init__(self, model: str, device: str | None = None):
+    def __init__(self, model: str, device: str | None = None, trust_remote_code: bool = False):
         from flamingo import load_model
 
         self.device = pick_device(device)
         # Loaded on the CPU, then only the vision part moves to the device: the LM is dropped here.
-        self.vision = load_model(model).vision_part().to(self.device)
+        self.vision = load_model(model, trust_remote_code=trust_remote_code).vision_part().to(self.device)
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:

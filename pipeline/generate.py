@@ -39,6 +39,7 @@ class AnnotatorSpec:
     """Everything a generation actor needs, decided on the driver."""
 
     model: str                                        # model name or path; also the `model` column
+    trust_remote_code: bool                           # the model's own code may run (the caller said so)
     tasks: tuple[Task, ...]                           # loaded and validated
     device: str | None = None                         # None: cuda when the actor got a GPU, else cpu
     # task name -> fsspec options for reading that task's demonstration media
@@ -79,7 +80,7 @@ class Annotator:
 
         self.spec = spec
         self.device = pick_device(spec.device)
-        self.model = load_model(spec.model, device=self.device)
+        self.model = load_model(spec.model, device=self.device, trust_remote_code=spec.trust_remote_code)
         decode = DecodeConfig.for_model(self.model.config)
         self.tasks = [self._prepare(t, decode, spec.storage_options.get(t.name, {})) for t in spec.tasks]
 
@@ -101,10 +102,10 @@ class Annotator:
             task = prepared.task
             todo = [r for r in rows if r["id"] not in self.spec.done.get(task.name, ())]
             ok = [r for r in todo if r["error"] is None and r["visual"] is not None]
-            results = self._annotate(prepared, ok) if ok else []
-            by_id = {r["id"]: res for r, res in zip(ok, results)}
-            for r in todo:
-                res = by_id.get(r["id"], {"error": r["error"] or "no visual tokens"})
+            results = iter(self._annotate(prepared, ok) if ok else [])
+            for r in todo:  # results come in the order of `ok`: matched by position, never by id
+                annotated = r["error"] is None and r["visual"] is not None
+                res = next(results) if annotated else {"error": r["error"] or "no visual tokens"}
                 error, kind = res.get("error"), None
                 if error is not None:  # the reader's kind when it gave one, else inferred from the text
                     kind = (r.get("error_kind") if r["error"] else None) or infer_error_kind(error)

@@ -90,6 +90,7 @@ class JobConfig:
     input_uri: str
     output_uri: str
     model: str = DEFAULT_MODEL
+    trust_remote_code: bool = False          # the model's own code may run (never taken from its files)
     address: str | None = None               # None: start (and stop) a local Ray instance
     vision: StageResources = field(default_factory=StageResources)
     generation: StageResources = field(default_factory=default_generation_resources)
@@ -137,12 +138,17 @@ def video_sampling(tasks: Sequence[Task], config: JobConfig) -> tuple[int, float
 def run_job(config: JobConfig) -> JobSummary:
     """Run the job; raises JobError for what is reported as one line (see the module docstring)."""
     from flamingo import image_preprocessing
+    from flamingo.factory import check_model
     from media.decode import DecodeConfig
     from pipeline.lease import Lease, LeaseHeld
 
     start = time.perf_counter()
     tasks = config.tasks
     num_frames, fps = video_sampling(tasks, config)  # before any work
+    try:  # an unknown model, or one whose folder asks to run code, stops here rather than in every actor
+        check_model(config.model, trust_remote_code=config.trust_remote_code)
+    except ValueError as error:
+        raise JobError(str(error)) from None
     image_size, mean, std = image_preprocessing(config.model)
     in_options = storage_options_for(config.input_uri, config.storage_options)
     out_options = storage_options_for(config.output_uri, config.storage_options)
@@ -184,7 +190,7 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
         raise JobError(f"cannot read output {config.output_uri}: {describe_error(exc)}") from None
     done_everywhere = set.intersection(*scan.done.values()) if scan.done else set()
     annotator = AnnotatorSpec(
-        model=config.model, tasks=tuple(tasks), device=config.device,
+        model=config.model, trust_remote_code=config.trust_remote_code, tasks=tuple(tasks), device=config.device,
         storage_options={t.name: storage_options_for(t.path, config.storage_options) for t in tasks},
         done={name: frozenset(ids - done_everywhere) for name, ids in scan.done.items()})
     writer_options: dict[str, Any] = {"flush_rows": config.flush_rows, "flush_seconds": config.flush_seconds}
@@ -200,7 +206,8 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
                           max_item_bytes=config.max_item_bytes, skip_ids=done_everywhere)
         ds = decode_items(read.dataset, decode)
         ds = ds.map_batches(
-            VisionEncoder, fn_constructor_kwargs={"model": config.model, "device": config.device},
+            VisionEncoder, fn_constructor_kwargs={"model": config.model, "device": config.device,
+                                                  "trust_remote_code": config.trust_remote_code},
             batch_format="pyarrow", batch_size=config.vision.batch_size,
             compute=ray.data.ActorPoolStrategy(size=config.vision.pool_size),
             num_cpus=config.vision.num_cpus, num_gpus=config.vision.num_gpus)

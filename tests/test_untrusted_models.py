@@ -4,6 +4,7 @@ sizes are checked before anything is allocated."""
 import json
 import resource
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +182,18 @@ def test_the_commands_refuse_a_hostile_folder_in_one_line(saved, tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "asks to run its own code" in result.output and "--trust-remote-code" in result.output
     assert not marker.exists()
+
+
+def test_a_job_refuses_a_hostile_folder_before_any_worker_starts(saved, tmp_path):
+    from click.testing import CliRunner
+
+    from flamingo_annotate.cli import main
+
+    marker = _plant_code(saved, tmp_path)
+    _edit_json(saved / "tokenizer" / "tokenizer_config.json", auto_map={"AutoTokenizer": [None, "evil.EvilTokenizer"]})
+    jobs = Path(__file__).resolve().parents[1] / "jobs"
+    result = CliRunner().invoke(main, ["run", str(jobs / "tasks" / "count.yaml"), "--input", str(jobs / "sample"),
+                                       "--output", str(tmp_path / "out"), "--model", str(saved)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "asks to run its own code" in result.output
+    assert not marker.exists() and not (tmp_path / "out").exists()    # refused before the output was touched
