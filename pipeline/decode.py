@@ -81,22 +81,22 @@ def decode_batch(batch: pa.Table, config: DecodeConfig) -> pa.Table:
 
 def _decode_batch(batch: pa.Table, config: DecodeConfig, transform: Callable[[Image.Image], torch.Tensor]
                   ) -> pa.Table:
-    pixels: list[bytes | None] = []
-    shapes: list[list[int] | None] = []
-    errors: list[str | None] = []
+    items = list(zip(batch.column("media_kind").to_pylist(), batch.column("data").to_pylist()))
+    errors: list[str | None] = batch.column("error").to_pylist()
+    arrays: list[np.ndarray | None] = [None] * len(items)
+    todo = [index for index, error in enumerate(errors) if error is None]
     with IsolatedDecoder(config) as decoder:
-        for kind, data, error in zip(
-            batch.column("media_kind").to_pylist(), batch.column("data").to_pylist(),
-            batch.column("error").to_pylist()
-        ):
-            array = None
-            if error is None:
-                frames, error = decoder.decode(kind, data)
-                if frames is not None:
-                    array, error = frames_to_pixels(kind, frames, transform)
-            pixels.append(None if array is None else array.tobytes())
-            shapes.append(None if array is None else list(array.shape))
-            errors.append(error)
+        # The child decodes the next item while this process transforms the one before: the two overlap.
+        if todo:
+            decoder.submit(*items[todo[0]])
+        for position, index in enumerate(todo):
+            frames, errors[index] = decoder.result()
+            if position + 1 < len(todo):
+                decoder.submit(*items[todo[position + 1]])
+            if frames is not None:
+                arrays[index], errors[index] = frames_to_pixels(items[index][0], frames, transform)
+    pixels = [None if array is None else array.tobytes() for array in arrays]
+    shapes = [None if array is None else list(array.shape) for array in arrays]
     out = batch.drop_columns(["data"])
     out = out.set_column(out.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
     out = out.append_column(pa.field("pixels", pa.large_binary()), pa.array(pixels, pa.large_binary()))
@@ -118,13 +118,28 @@ class IsolatedDecoder:
     def decode(self, kind: str | None, data: bytes | None) -> tuple[list[np.ndarray] | None, str | None]:
         """`media.decode.decode_frames(kind, data, config)`'s answer, or `(None, "decoder crashed: ...")` /
         `(None, "decoder timed out after N s")`."""
+        self.submit(kind, data)
+        return self.result()
+
+    def submit(self, kind: str | None, data: bytes | None) -> None:
+        """Hand the child one item to decode (starting a child if there is none); `result()` gives the answer.
+        Between the two the caller may do other work: the child decodes meanwhile."""
         connection = self._connection or self._start()
         try:
             connection.send((kind, data))
+        except OSError:  # the child is dead already: `result()` reports it
+            pass
+
+    def result(self) -> tuple[list[np.ndarray] | None, str | None]:
+        """The answer for the item last submitted, as `decode` gives it. It may take `timeout_s` from this call
+        (at least that long since the item was submitted)."""
+        connection = self._connection
+        assert connection is not None, "result() without submit()"
+        try:
             if connection.poll(self.config.timeout_s):  # an answer, or the end of the pipe when the child died
                 answer: tuple[list[np.ndarray] | None, str | None] = connection.recv()
                 return answer
-        except (EOFError, OSError):  # the child died while being sent the item, or before it answered
+        except (EOFError, OSError):  # the child died before it answered
             return None, self._crashed()
         self._stop(kill=True)
         return None, f"decoder timed out after {self.config.timeout_s:g} s"
