@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from flamingo import DEFAULT_MODEL
 from media.errors import describe_error
-from media.files import DEFAULT_MAX_ITEM_BYTES
+from media.files import DEFAULT_MAX_ITEM_BYTES, ListedFile
 from pipeline.task import Task
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ def run_job(config: JobConfig) -> JobSummary:
     image_size, mean, std = image_preprocessing(config.model)
     in_options = storage_options_for(config.input_uri, config.storage_options)
     out_options = storage_options_for(config.output_uri, config.storage_options)
-    _check_input(config.input_uri, in_options)
+    files = _list_input(config.input_uri, in_options)
     run_id = new_run_id()
     try:
         lease = Lease(config.output_uri, run_id, storage_options=out_options, force=config.force)
@@ -163,15 +163,15 @@ def run_job(config: JobConfig) -> JobSummary:
         raise JobError(f"cannot write to output {config.output_uri}: {describe_error(exc)}") from None
     try:
         decode = DecodeConfig(image_size, mean, std, num_frames=num_frames, fps=fps)
-        summary = _run_with_lease(config, run_id, lease, decode, in_options, out_options)
+        summary = _run_with_lease(config, run_id, lease, decode, files, in_options, out_options)
     finally:
         lease.release()
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: DecodeConfig, in_options: dict[str, Any],
-                    out_options: dict[str, Any]) -> JobSummary:
+def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: DecodeConfig, files: list[ListedFile],
+                    in_options: dict[str, Any], out_options: dict[str, Any]) -> JobSummary:
     import ray
 
     from pipeline.decode import decode_items
@@ -203,7 +203,7 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
     try:
         ray.data.DataContext.get_current().enable_progress_bars = config.progress
         read = read_items(config.input_uri, storage_options=in_options,
-                          max_item_bytes=config.max_item_bytes, skip_ids=done_everywhere)
+                          max_item_bytes=config.max_item_bytes, skip_ids=done_everywhere, files=files)
         ds = decode_items(read.dataset, decode)
         ds = ds.map_batches(
             VisionEncoder, fn_constructor_kwargs={"model": config.model, "device": config.device,
@@ -233,12 +233,12 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
                       superseded=superseded)
 
 
-def _check_input(uri: str, options: Mapping[str, Any]) -> None:
-    """List the input once before anything starts: a typo or unreachable storage becomes one line."""
+def _list_input(uri: str, options: Mapping[str, Any]) -> list[ListedFile]:
+    """List the input once, before anything starts: a typo or unreachable storage becomes one line."""
     from media.files import list_files
 
     try:
-        list_files(uri, options)
+        return list_files(uri, options)
     except FileNotFoundError:
         raise JobError(f"no input files match {uri}") from None
     except Exception as exc:

@@ -15,7 +15,7 @@ Read tasks are retried a bounded number of times (`READ_TASK_RETRIES`): Ray retr
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -24,7 +24,7 @@ import pyarrow as pa
 import ray.data
 from ray.util.annotations import RayDeprecationWarning
 
-from media.files import DEFAULT_MAX_ITEM_BYTES, ID_SEPARATOR, file_rows, is_container, list_files
+from media.files import DEFAULT_MAX_ITEM_BYTES, ID_SEPARATOR, ListedFile, file_rows, is_container, list_files
 from media.storage import decode_name, resolve_storage_options
 from pipeline.schema import ITEM_SCHEMA
 
@@ -48,15 +48,18 @@ def read_items(
     max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
     skip_ids: Iterable[str] | None = None,
     max_read_tasks: int = 200,
+    files: Sequence[ListedFile] | None = None,
 ) -> ReadResult:
     """A Ray Dataset of the items under `uri`, one row per item (see the module docstring).
 
     `skip_ids` (ids already done, for resume): plain files among them are not read at all; members of
     tar / Parquet files are filtered out inside the read tasks. Files are spread over at most
     `max_read_tasks` Ray tasks. Raises FileNotFoundError, before any work, when nothing matches `uri`.
+    `files`: the listing of `uri` when the caller already has it (listing a large prefix takes a while).
     """
     options = resolve_storage_options(uri, storage_options)
-    files = list_files(uri, options)
+    if files is None:
+        files = list_files(uri, options)
     skip_by_file = _skip_ids_by_file(set(skip_ids or ()), {f.uri for f in files})
     entries = []
     for f in files:
