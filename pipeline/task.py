@@ -561,16 +561,16 @@ def _fits(check: _Checker, field_path: str, size: int | None) -> bool:
 def _decoder(video: VideoOptions) -> Callable[[str | None, bytes], tuple[int | None, str | None]]:
     """A function of (media kind, bytes) -> (frame count, None) or (None, error), decoding as the job does.
 
-    The image size does not matter for whether media decode, so open_clip's default is used; the video settings
-    are the task's, as they decide how many frames a clip gives."""
-    from media.decode import DecodeConfig, decode_item, image_transform
+    Only the decoders run (PIL, decord), not the model's resize and normalisation, which cannot fail on a
+    picture that decoded: whether media decode does not depend on the model, and `validate` loads no torch.
+    The video settings are the task's, as they decide how many frames a clip gives."""
+    from media.decode import DecodeConfig, decode_frames
 
     config = DecodeConfig(num_frames=video.num_frames, fps=video.fps)
-    transform = image_transform(config)
 
     def decode(kind: str | None, data: bytes) -> tuple[int | None, str | None]:
-        pixels, error = decode_item(kind, data, transform, config)
-        return (None, error) if pixels is None else (int(pixels.shape[0]), None)
+        frames, error = decode_frames(kind, data, config)
+        return (None, error) if frames is None else (len(frames), None)
 
     return decode
 

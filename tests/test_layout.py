@@ -151,9 +151,12 @@ def test_a_library_loads_without_what_sits_above_it(package, forbidden):
 
 
 def test_task_files_and_the_model_config_load_without_torch():
-    """`validate` and `--help` stay instant: task checking and configs need no deep-learning import."""
-    code = ("import sys, flamingo.config, flamingo.tokens, pipeline.task, pipeline.schema\n"
-            "print(sorted({'torch', 'ray', 'transformers'} & set(sys.modules)))")
+    """`validate` and `--help` stay instant: checking task files (their demonstrations decoded) and configs
+    need no deep-learning import."""
+    code = ("import glob, sys, flamingo.config, flamingo.tokens, pipeline.task, pipeline.schema\n"
+            "tasks, problems = pipeline.task.check_tasks(sorted(glob.glob('jobs/tasks/*.yaml')))\n"
+            "assert len(tasks) == 2 and not problems, problems   # demonstrations decoded, too\n"
+            "print(sorted({'torch', 'ray', 'transformers', 'open_clip'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
