@@ -4,7 +4,9 @@ Only pyarrow (and media.errors, plain Python) is imported here, so the query com
 without loading Ray.
 
 `ITEM_SCHEMA`, one row per input item (`pipeline/read.py`; the fields of `media.files` item rows):
-  id          string        stable item id (see media/files.py): the file URI, or `<file uri>::<key>`
+  id          string        stable item id (see media/files.py): the file URI, or `<file uri>::<key>` (a key
+                            met again in one shard: `@2`, `@3`, ...); names that are not UTF-8 as
+                            `media.storage.encode_name` writes them (`bytes:` + %XX escapes)
   source      string        URI of the file the item came from (local files: absolute path)
   media_kind  string        "image" | "video" | null (unsupported / unknown)
   data        large_binary  the encoded media bytes; null whenever `error` is set
