@@ -31,6 +31,7 @@ whose `error` is set. Every other input column
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import signal
 import warnings
@@ -207,6 +208,9 @@ def describe_exit(code: int | None) -> str:
 
 def _serve(parent_end: Connection, child_end: Connection, config: DecodeConfig) -> None:
     """The child: close the copy of the parent's end that the fork gave it (so that it sees the pipe end when
-    the parent closes it or dies), then decode until then."""
+    the parent closes it or dies), then decode until then. A crash here is expected of bad files and the
+    parent reports it as the item's error, so the fault handler a parent may have enabled (pytest, Ray
+    workers) is turned off rather than dumping every thread's stack into the logs."""
+    faulthandler.disable()
     parent_end.close()
     serve(child_end, config)
