@@ -35,6 +35,13 @@ _S3_ENV = (
     ("secret", ("AWS_SECRET_ACCESS_KEY",)),
     ("token", ("AWS_SESSION_TOKEN",)),
 )
+# Bounded S3 calls: an endpoint that accepts connections and never answers fails a call in about 30 s
+# (measured: 618 s with s3fs's and botocore's defaults, which nest their retries). Retrying longer is the
+# callers' choice (media.errors.call_with_retries), and a failure they give up on is a `transient` row that
+# the next run tries again.
+S3_CLIENT_CONFIG: dict[str, Any] = {"connect_timeout": 5, "read_timeout": 10,
+                                    "retries": {"max_attempts": 2, "mode": "standard"}}
+S3FS_RETRIES = 1
 _REGION_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION")
 _S3_PROTOCOLS = ("s3", "s3a")
 
@@ -79,10 +86,11 @@ def protocol(uri: str) -> str:
 def resolve_storage_options(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The fsspec options for `uri`: `storage_options` plus, for S3, endpoint/credentials/region from
     the AWS environment variables where the options don't set them (none when they ask for `anon` or a
-    `profile`, which pick credentials themselves)."""
+    `profile`, which pick credentials themselves), and S3_CLIENT_CONFIG unless they set `config_kwargs`."""
     options = dict(storage_options or {})
     if protocol(uri) not in _S3_PROTOCOLS:
         return options
+    options.setdefault("config_kwargs", S3_CLIENT_CONFIG)
     picks_own_credentials = "anon" in options or "profile" in options
     for option, variables in _S3_ENV:
         if option in options or (picks_own_credentials and option != "endpoint_url"):
@@ -105,6 +113,8 @@ def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tu
     fs, path = fsspec.core.url_to_fs(uri, **resolve_storage_options(uri, storage_options))
     if is_local(fs):
         path = os.path.normpath(os.path.abspath(path))
+    elif protocol(uri) in _S3_PROTOCOLS:
+        fs.retries = S3FS_RETRIES   # s3fs's own loop, around botocore's; not settable through options
     return fs, path
 
 

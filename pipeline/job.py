@@ -3,8 +3,8 @@
 `JobConfig` is everything a run needs, the tasks already loaded and validated (`pipeline.task.load_tasks`):
 the commands build one and call `run_job`. Before Ray starts, `run_job` lists the input and takes the output's
 lease (pipeline/lease.py), so a typo, unreachable storage or a second run on the same output is one line of
-error (`JobError`) within seconds. Storage calls to S3 get bounded timeouts and retries (`S3_CLIENT_CONFIG`)
-unless the options set their own.
+error (`JobError`) within seconds. Storage calls to S3 get bounded timeouts and retries
+(`media.storage.S3_CLIENT_CONFIG`) unless the options set their own.
 
 Resume (rules in pipeline/write.py): items done in the output for every task (same task name and file hash)
 are not read again; items done for only some tasks are annotated for the others only, so a re-run never writes
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from flamingo import DEFAULT_MODEL
 from media.errors import describe_error
 from media.files import DEFAULT_MAX_ITEM_BYTES, ListedFile
+from media.storage import resolve_storage_options
 from pipeline.task import Task
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from pipeline.lease import Lease
 
 # botocore settings for S3 (s3fs `config_kwargs`): an unreachable endpoint fails in seconds, not minutes.
-S3_CLIENT_CONFIG = {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 3, "mode": "standard"}}
 EXIT_FAILED = 1           # the job could not start or stopped (one-line reason)
 EXIT_TRANSIENT = 3        # the job finished, but items failed with transient storage errors: run it again
 EXIT_OUTPUT_BUSY = 4      # another live run holds the output's lease
@@ -111,16 +111,6 @@ def new_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def storage_options_for(uri: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The fsspec options for `uri` (media.storage), with S3_CLIENT_CONFIG for S3 unless set."""
-    from media.storage import protocol, resolve_storage_options
-
-    options = resolve_storage_options(uri, storage_options)
-    if protocol(uri) in ("s3", "s3a") and "config_kwargs" not in options:
-        options["config_kwargs"] = S3_CLIENT_CONFIG
-    return options
-
-
 def video_sampling(tasks: Sequence[Task], config: JobConfig) -> tuple[int, float | None]:
     """(num_frames, fps) for video items. Items are decoded once for all tasks, so the tasks must
     agree, unless the job sets the frame count itself."""
@@ -150,8 +140,8 @@ def run_job(config: JobConfig) -> JobSummary:
     except ValueError as error:
         raise JobError(str(error)) from None
     image_size, mean, std = image_preprocessing(config.model)
-    in_options = storage_options_for(config.input_uri, config.storage_options)
-    out_options = storage_options_for(config.output_uri, config.storage_options)
+    in_options = resolve_storage_options(config.input_uri, config.storage_options)
+    out_options = resolve_storage_options(config.output_uri, config.storage_options)
     files = _list_input(config.input_uri, in_options)
     run_id = new_run_id()
     try:
@@ -191,7 +181,7 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
     done_everywhere = set.intersection(*scan.done.values()) if scan.done else set()
     annotator = AnnotatorSpec(
         model=config.model, trust_remote_code=config.trust_remote_code, tasks=tuple(tasks), device=config.device,
-        storage_options={t.name: storage_options_for(t.path, config.storage_options) for t in tasks},
+        storage_options={t.name: resolve_storage_options(t.path, config.storage_options) for t in tasks},
         done={name: frozenset(ids - done_everywhere) for name, ids in scan.done.items()})
     writer_options: dict[str, Any] = {"flush_rows": config.flush_rows, "flush_seconds": config.flush_seconds}
     writer_options = {key: value for key, value in writer_options.items() if value is not None}

@@ -10,6 +10,8 @@ Modes, applied to each new connection:
   forward   bytes pass both ways
   refuse    the connection is closed at once, nothing answered (the client sees it closed before any response)
   reset     the connection is aborted with a TCP reset (SO_LINGER 0): the client gets ECONNRESET
+  stall     the connection is accepted and its request read, and nothing is ever answered (held until the
+            idle limit or `stop()`): an endpoint that hangs
 
 `fault_if(request_head) -> bool` limits faults to the connections whose first HTTP request head matches (the
 proxy then reads that head first); the others are forwarded. Connections already forwarded stay forwarded
@@ -28,7 +30,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 
-MODES = ("forward", "refuse", "reset")
+MODES = ("forward", "refuse", "reset", "stall")
 _IDLE_SECONDS = 30.0
 _HEAD_LIMIT = 64 * 1024
 
@@ -41,8 +43,9 @@ class FaultyProxy:
         self.upstream = (upstream_host, upstream_port)
         self.mode = mode
         self.fault_if = fault_if
-        self.seen: Counter[str] = Counter()  # what was done to each connection: forward / refuse / reset
+        self.seen: Counter[str] = Counter()  # what was done to each connection, by mode
         self._lock = threading.Lock()
+        self._stopped = threading.Event()   # releases stalled connections
         proxy = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -67,6 +70,7 @@ class FaultyProxy:
         return self
 
     def stop(self) -> None:
+        self._stopped.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
@@ -92,6 +96,9 @@ class FaultyProxy:
         elif mode == "reset":
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             client.close()
+        elif mode == "stall":
+            with client:
+                self._stopped.wait(_IDLE_SECONDS)
         else:
             self._forward(client, head)
 

@@ -180,8 +180,7 @@ def test_a_commit_is_retried_through_a_brief_outage(s3: Any) -> None:
     """Real connection resets between s3fs and moto for the first ~2 s of the commit; it still lands, whole."""
     from faulty_proxy import FaultyProxy
 
-    from media.storage import filesystem
-    from pipeline.job import S3_CLIENT_CONFIG
+    from media.storage import S3_CLIENT_CONFIG, filesystem
 
     bucket = s3.new_bucket()
     with FaultyProxy(int(s3.endpoint.rsplit(":", 1)[1]), "reset") as proxy:

@@ -25,7 +25,7 @@ from sample_media import (
 )
 
 from media.files import file_rows, list_files
-from media.storage import resolve_storage_options
+from media.storage import S3_CLIENT_CONFIG, resolve_storage_options
 from pipeline.read import read_items
 
 
@@ -240,6 +240,8 @@ def test_storage_options_from_aws_environment(monkeypatch: pytest.MonkeyPatch) -
         "key": "explicit-key",
         "secret": "env-secret",
         "client_kwargs": {"region_name": "eu-west-1"},
+        "config_kwargs": S3_CLIENT_CONFIG,      # bounded timeouts and retries unless the options set their own
     }
+    assert resolve_storage_options("s3://b/p", {"config_kwargs": {}})["config_kwargs"] == {}
     assert resolve_storage_options("/local/path", {"x": 1}) == {"x": 1}
     assert "key" not in resolve_storage_options("s3://b/p", {"anon": True})

@@ -4,6 +4,7 @@ resets from a TCP proxy in front of the S3 server (moto), nothing mocked."""
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 from faulty_proxy import FaultyProxy
@@ -50,3 +51,18 @@ def test_an_outage_that_lasts_leaves_transient_rows_and_a_missing_file_an_input_
     assert shard["error"].startswith("cannot read tar shard:") and shard["error_kind"] == "transient"
     (missing,) = read(f"s3://{bucket}/gone.png", s3.endpoint)
     assert missing["error"].startswith("cannot read file:") and missing["error_kind"] == "input"
+
+
+def test_an_endpoint_that_never_answers_fails_a_read_in_bounded_time(s3: Any) -> None:
+    """Accepted connections, no answer: each S3 call gives up after its read timeout instead of nesting
+    retries for ten minutes (618 s measured with s3fs's and botocore's defaults)."""
+    bucket = s3.new_bucket()
+    s3.upload(bucket, {"a.png": image_bytes()})
+    port = int(s3.endpoint.rsplit(":", 1)[1])
+    with FaultyProxy(port, "stall", fault_if=object_reads(bucket)) as proxy:
+        start = time.monotonic()
+        (row,) = read(f"s3://{bucket}/a.png", proxy.endpoint)
+        seconds = time.monotonic() - start
+        assert proxy.seen["stall"] >= 1
+    assert row["error_kind"] == "transient" and "Timeout" in row["error"], row["error"]
+    assert seconds < 90, seconds     # measured about 32 s: a few read timeouts of 10 s, no nested retry loops
