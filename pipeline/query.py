@@ -17,7 +17,6 @@ the query that reaches it.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -38,11 +37,12 @@ from pipeline.schema import (
     ID_COLUMN,
     OUTPUT_COLUMN_COLUMN,
     OUTPUT_SCHEMA,
-    REPLACES_KEY,
     RUN_ID_COLUMN,
     SOURCE_COLUMN,
     TASK_COLUMN,
+    replaced_files,
 )
+from pipeline.write import output_files
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +89,12 @@ def open_output(output: str, storage_options: Mapping[str, Any] | None = None) -
     fs, path = filesystem(output, storage_options)
     if not fs.exists(path):
         raise FileNotFoundError(f"{output}: no such output")
-    files = [path] if fs.isfile(path) else sorted(
-        p for p in fs.find(path) if p.endswith(".parquet") and not any(
-            part.startswith((".", "_")) for part in p[len(path):].split("/")))
+    files = [path] if fs.isfile(path) else output_files(fs, path)
     arrow_fs = None if is_local(fs) else arrow_filesystem(fs)
     with ThreadPoolExecutor(max_workers=8) as pool:
         schemas = list(pool.map(lambda file: _footer_schema(file, arrow_fs), files))
     # a file that a rewritten file replaces (a rewrite cut short, see pipeline/write.py) is left out
-    replaced = {name for schema in schemas if schema is not None
-                for name in json.loads((schema.metadata or {}).get(REPLACES_KEY, b"[]"))}
+    replaced = {name for schema in schemas if schema is not None for name in replaced_files(schema)}
     readable = [(file, schema) for file, schema in zip(files, schemas)
                 if schema is not None and file.rsplit("/", 1)[-1] not in replaced]
     schema = pa.unify_schemas([s for _, s in readable], promote_options="permissive") if readable else pa.schema([])

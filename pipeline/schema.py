@@ -48,6 +48,8 @@ null (the kind of such an error row is inferred from its text, as above).
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 
 # Output columns that code refers to by name.
@@ -98,6 +100,12 @@ OUTPUT_SCHEMA = pa.schema(
 # Parquet key-value metadata of a file rewritten without superseded rows: a JSON list of the file names it
 # replaces. Readers leave such a replaced file out if it is still there (a rewrite cut short).
 REPLACES_KEY = b"flamingo_annotate.replaces"
+
+
+def replaced_files(schema: pa.Schema) -> list[str]:
+    """The file names a Parquet file's schema metadata says it replaces (REPLACES_KEY); none for most files."""
+    return list(json.loads((schema.metadata or {}).get(REPLACES_KEY, b"[]")))
+
 REQUIRED_COLUMNS = (ID_COLUMN, SOURCE_COLUMN, TASK_COLUMN, TASK_HASH_COLUMN, MODEL_COLUMN)
 
 # Error texts the readers and model stages begin with (media/files.py, pipeline/encode.py, pipeline/generate.py).

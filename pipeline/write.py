@@ -61,6 +61,7 @@ from pipeline.schema import (
     TASK_COLUMN,
     TASK_HASH_COLUMN,
     infer_error_kind,
+    replaced_files,
 )
 
 log = logging.getLogger(__name__)
@@ -337,8 +338,7 @@ def _read_file(fs: fsspec.AbstractFileSystem, path: str, columns: list[str],
         for name in columns:
             if name not in present:
                 table = table.append_column(wanted.field(name), pa.nulls(table.num_rows, wanted.field(name).type))
-        replaces = json.loads((schema.metadata or {}).get(REPLACES_KEY, b"[]"))
-        return table.select(columns).cast(wanted), list(replaces)
+        return table.select(columns).cast(wanted), replaced_files(schema)
     except Exception as exc:  # a broken file must not block resuming; its items get redone
         log.warning("skipping unreadable output file %s: %s: %s", path, type(exc).__name__, exc)
         return None, []
