@@ -8,21 +8,11 @@ import dataclasses
 import open_clip
 import torch
 
-from .backbones import build_lang_encoder  # noqa: F401 (its former home; flamingo.backbones is where it lives)
 from .builder import build, checked_saved_config, load_pretrained
 from .config import FlamingoConfig
 from .guards import UntrustedCodeError, check_fits
 from .model import Flamingo
-from .presets import (  # noqa: F401 (also here)
-    BUNDLED_DIR,
-    DEFAULT_MODEL,
-    PRESETS,
-    bundled_models,
-    from_name,
-    image_preprocessing,
-    is_preset,
-    saved_folder,
-)
+from .presets import PRESETS, bundled_models, from_name, is_preset, saved_folder
 from .vision import tower_normalisation
 
 
