@@ -13,7 +13,7 @@ kilobytes of PNG can hold a 144-megapixel image.
 
 Two halves: `decode_frames` runs the native decoders on the untrusted bytes and gives 8-bit RGB frames;
 `frames_to_pixels` applies the transform to them. `decode_item` does both in the calling process, where a
-native decoder that crashes or hangs takes the caller with it; `pipeline.decode` runs the first half in a
+native decoder that crashes or hangs takes the caller with it; `media.isolation` runs the first half in a
 child process (`serve`) for that reason. That half never uses torch or open_clip (imported here only when a
 transform is built), so the child stays clear of torch's thread pools. Pixels are float16 arrays of shape
 (F, 3, H, W): F = 1 for images, the number of sampled frames for videos.
@@ -129,8 +129,8 @@ def frames_to_pixels(kind: str | None, frames: Sequence[np.ndarray], transform: 
 
 def serve(connection: Connection, config: DecodeConfig) -> None:
     """Decode in a child process: say "ready", then answer each `(kind, data)` received on `connection` with
-    `decode_frames`'s answer, until the other end closes. (Here rather than in `pipeline.decode`, so that a
-    child started by any method needs only this module, not Ray.)"""
+    `decode_frames`'s answer, until the other end closes. (Here, beside the decoders, so that a
+    child started by any method imports only what decoding needs.)"""
     connection.send("ready")
     while True:
         try:

@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from media.decode import DecodeConfig, decode_item, image_transform
+from media.decode import DecodeConfig, frames_to_pixels, image_transform
+from media.isolation import IsolatedDecoder
 from pipeline.encode import pick_device, visual_array
 from pipeline.schema import CREATED_AT_COLUMN, OUTPUT_SCHEMA, RUN_ID_COLUMN, infer_error_kind
 from pipeline.task import Task
@@ -57,16 +58,24 @@ class _PreparedTask:
 
 
 def load_demonstration_pixels(task: Task, decode: DecodeConfig, storage_options: Mapping[str, Any]) -> torch.Tensor:
-    """(1, n_demos, F, 3, H, W) pixels of a task's demonstrations (all images, or all clips of F frames)."""
+    """(1, n_demos, F, 3, H, W) pixels of a task's demonstrations (all images, or all clips of F frames).
+
+    Decoded in a child process as items are (`media.isolation`): `validate` checked these files, but they may
+    have changed since, and a demonstration that crashed the decoder would take the actor with it, again at
+    every restart."""
     config = dataclasses.replace(decode, num_frames=task.video.num_frames, fps=task.video.fps)
     transform = image_transform(config)
     arrays: list[np.ndarray] = []
-    for demo in task.demonstrations:
-        with fsspec.open(demo.media, "rb", **storage_options) as f:
-            array, error = decode_item(demo.media_type, f.read(), transform, config)
-        if array is None:
-            raise ValueError(f"{task.path}: demonstration {demo.media}: {error}")
-        arrays.append(array)
+    with IsolatedDecoder(config) as decoder:
+        for demo in task.demonstrations:
+            with fsspec.open(demo.media, "rb", **storage_options) as f:
+                frames, error = decoder.decode(demo.media_type, f.read())
+            array = None
+            if frames is not None:
+                array, error = frames_to_pixels(demo.media_type, frames, transform)
+            if array is None:
+                raise ValueError(f"{task.path}: demonstration {demo.media}: {error}")
+            arrays.append(array)
     if len({a.shape for a in arrays}) > 1:
         raise ValueError(f"{task.path}: demonstrations must all have the same number of frames")
     return torch.from_numpy(np.stack(arrays).astype(np.float32))[None]

@@ -38,7 +38,8 @@ import hashlib
 import logging
 import re
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from types import NoneType
@@ -49,6 +50,9 @@ import yaml
 
 from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from media.formats import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, media_kind
+
+if typing.TYPE_CHECKING:  # imported when a task has media to decode
+    from media.isolation import IsolatedDecoder
 
 log = logging.getLogger(__name__)
 
@@ -486,23 +490,24 @@ def _check_media(check: _Checker, demonstrations: list[tuple[str, Demonstration]
                  check_remote: bool, storage_options: Mapping[str, Any]) -> None:
     """Read and decode every demonstration whose media field has no problem yet, as the job will.
 
-    The decoder (torch, open_clip) is imported only when there is something to decode, so that loading a task
-    file stays light otherwise. Frames must agree across demonstrations (an image has 1, a clip up to
-    `video.num_frames`): the job stacks them into one array."""
-    decode: Callable[[str | None, bytes], tuple[int | None, str | None]] | None = None
+    The decoders are imported, and their child process started, only when there is something to decode, so
+    that loading a task file stays light otherwise. Frames must agree across demonstrations (an image has 1, a
+    clip up to `video.num_frames`): the job stacks them into one array."""
     frames: dict[str, int] = {}
-    for field_path, demo in demonstrations:
-        if check.has_problem_under(field_path):
-            continue
-        data = _read_media(check, field_path, demo.media, check_remote, storage_options)
-        if data is None:
-            continue
-        decode = decode or _decoder(video)
-        count, error = decode(demo.media_type, data)
-        if error is not None:
-            check.problem(field_path, _shorten(error, 500))
-        elif count is not None:
-            frames[field_path.removesuffix(".media")] = count
+    with ExitStack() as stack:  # the decoding child, started at the first media, ends with the loop
+        decoder: IsolatedDecoder | None = None
+        for field_path, demo in demonstrations:
+            if check.has_problem_under(field_path):
+                continue
+            data = _read_media(check, field_path, demo.media, check_remote, storage_options)
+            if data is None:
+                continue
+            decoder = decoder or stack.enter_context(_decoder(video))
+            decoded, error = decoder.decode(demo.media_type, data)
+            if error is not None:
+                check.problem(field_path, _shorten(error, 500))
+            elif decoded is not None:
+                frames[field_path.removesuffix(".media")] = len(decoded)
     if len(set(frames.values())) > 1:
         counts = ", ".join(f"{where}: {count}" for where, count in frames.items())
         check.problem("demonstrations", f"must all have the same number of frames (an image has 1, a video up "
@@ -558,21 +563,17 @@ def _fits(check: _Checker, field_path: str, size: int | None) -> bool:
     return True
 
 
-def _decoder(video: VideoOptions) -> Callable[[str | None, bytes], tuple[int | None, str | None]]:
-    """A function of (media kind, bytes) -> (frame count, None) or (None, error), decoding as the job does.
+def _decoder(video: VideoOptions) -> IsolatedDecoder:
+    """Decodes as the job does, in a child process: a demonstration that crashes or hangs a native decoder is a
+    problem of the task file (`decoder crashed: signal 11 (SIGSEGV)`), not the end of `validate`.
 
     Only the decoders run (PIL, decord), not the model's resize and normalisation, which cannot fail on a
     picture that decoded: whether media decode does not depend on the model, and `validate` loads no torch.
     The video settings are the task's, as they decide how many frames a clip gives."""
-    from media.decode import DecodeConfig, decode_frames
+    from media.decode import DecodeConfig
+    from media.isolation import IsolatedDecoder
 
-    config = DecodeConfig(num_frames=video.num_frames, fps=video.fps)
-
-    def decode(kind: str | None, data: bytes) -> tuple[int | None, str | None]:
-        frames, error = decode_frames(kind, data, config)
-        return (None, error) if frames is None else (len(frames), None)
-
-    return decode
+    return IsolatedDecoder(DecodeConfig(num_frames=video.num_frames, fps=video.fps))
 
 
 def is_uri(value: str) -> bool:

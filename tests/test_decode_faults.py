@@ -103,6 +103,25 @@ def test_a_decoder_that_takes_too_long_is_given_up() -> None:
     assert pixels(rows["slow"]).shape == (4, 3, 16, 16)  # the same clip decodes with time enough
 
 
+def test_a_demonstration_that_crashes_the_decoder_fails_the_task_not_the_actor(tmp_path: Path) -> None:
+    """A generation actor decodes its tasks' demonstrations when it starts: media changed since `validate` must
+    give the task a clear error there, not kill the actor (Ray would restart it on the same file)."""
+    from pipeline.generate import load_demonstration_pixels
+    from pipeline.task import load_task
+
+    (tmp_path / "clip.mp4").write_bytes(video_bytes(num_frames=12, fps=10))
+    (tmp_path / "task.yaml").write_text("name: t\ndemonstrations: [{media: clip.mp4, text: x}]\n")
+    task = load_task(tmp_path / "task.yaml")
+    assert load_demonstration_pixels(task, PLAIN, {}).shape[:3] == (1, 1, 8)  # the task's 8 frames
+    (tmp_path / "clip.mp4").write_bytes(crashing_mp4())
+    try:
+        load_demonstration_pixels(task, PLAIN, {})
+    except ValueError as error:
+        assert str(error) == f"{task.path}: demonstration {tmp_path / 'clip.mp4'}: {CRASH}"
+    else:
+        raise AssertionError("a crashing demonstration was accepted")
+
+
 def test_exif_orientation_is_applied() -> None:
     stored = quadrants((40, 20))
     jpeg = exif_rotated_jpeg(stored, orientation=6)  # "show it turned 90 degrees clockwise"

@@ -455,6 +455,19 @@ def test_video_demonstrations_decode_with_the_task_settings_and_must_match_in_fr
     assert problem.message.endswith("got demonstrations[0]: 1, demonstrations[1]: 4")
 
 
+def test_a_demonstration_that_crashes_the_decoder_is_a_problem_not_a_crash(task_dir: Path) -> None:
+    from faulty_media import crashing_mp4
+
+    (task_dir / "demos" / "crash.mp4").write_bytes(crashing_mp4())
+    path = write(task_dir, "name: t\ndemonstrations: [{media: demos/crash.mp4, text: x}]\n")
+    problem = only_problem(path)
+    assert problem.field == "demonstrations[0].media"
+    assert problem.message == "decoder crashed: signal 11 (SIGSEGV)"
+    result = CliRunner().invoke(main, ["validate", str(path)])   # the command reports it and ends as usual
+    assert result.exit_code == 2, result.output
+    assert f"{path}: demonstrations[0].media: decoder crashed: signal 11 (SIGSEGV)" in result.output
+
+
 # --- through the command line ------------------------------------------------------------------------------------
 
 def test_validate_command_accepts_the_examples() -> None:
