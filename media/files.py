@@ -7,15 +7,29 @@ bad file, and nothing is dropped silently. Only a whole-input problem (the URI m
 training calls it directly.
 
 Inputs: a file, a directory / prefix (searched recursively; hidden entries, whose name starts with '.',
-are ignored) or a glob, on any fsspec filesystem (local, `s3://`, ...). Kinds of file, by extension:
+are ignored) or a glob, on any fsspec filesystem (local, `s3://`, ...).
+
+Sidecars: the files that img2dataset and video2dataset write next to their shards are not items, and a
+folder or glob leaves them out (`include_sidecars=True` keeps them; a file named on its own is always kept):
+  *_stats.json        the per-shard download statistics (every output format)
+  X.parquet           the per-shard metadata table written beside a shard `X.tar` (webdataset format),
+                      `X.tfrecord` (tfrecord format) or a folder `X/` (files format)
+  X.json, X.txt       the per-image metadata and caption beside an image or video `X.jpg` (files format)
+  _tmp/*.feather      img2dataset's split of the input list, left behind when a download is cut short
+`list_input` says which files it left out, so a job can report them.
+
+Kinds of file, by extension:
   images          .jpg .jpeg .png .webp .bmp .gif                 one item per file
   videos          .mp4 .webm .mkv .mov .avi                       one item per file
   WebDataset      .tar   members grouped by key as webdataset does (`0001.jpg`, `0001.txt`, `0001.json`
-                         -> key `0001`): one item per key; its first image/video member is the media,
-                         `.txt` gives the caption, `.json` the `caption`/`url` fields. Other members are
-                         never read (no `.pyd`/`.pth` unpickling).
-  img2dataset     .parquet  one item per row; bytes from the `jpg` (or `png`, `webp`) column; `key`,
-                         `url`, `caption`, `status`, `error_message` are used when present.
+                         -> key `0001`): one item per key; its media is its first image/video member,
+                         or with `media_keys` (e.g. ("png", "jpg"), webdataset's "png;jpg") the first
+                         of those extensions the sample has; `.txt` gives the caption, `.json` the
+                         `caption`/`url` fields. Other members are never read (no `.pyd`/`.pth`
+                         unpickling).
+  img2dataset     .parquet  one item per row; bytes from the `jpg` (or `png`, `webp`; `media_keys` sets
+                         the order) column; `key`, `url`, `caption`, `status`, `error_message` are used
+                         when present.
   anything else   one error row "unsupported file type .xyz".
 
 An item row is a dict with the fields of `pipeline.schema.ITEM_SCHEMA`:
@@ -36,13 +50,18 @@ An item row is a dict with the fields of `pipeline.schema.ITEM_SCHEMA`:
               retried first (READ_RETRIES).
   caption     caption when the source has one, else None.
   url         original URL when the source has one, else None.
+  metadata    the item's metadata as a JSON object text, or None when it has none: for a WebDataset
+              sample the fields of its `.json`, `caption` from its `.txt` and `key` (the sample's key
+              as written in the tar, before any `@2`); for a Parquet row every column but binary ones
+              (img2dataset's `key`, `url`, `caption`, `width`, `height`, `status`, ...; values JSON can
+              not hold, such as timestamps, as text). `metadata_fields` limits it to the fields named.
 """
 
 from __future__ import annotations
 
 import json
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +78,9 @@ PARQUET_EXTENSION = "parquet"
 # img2dataset names the bytes column after its `encode_format`.
 IMG2DATASET_IMAGE_COLUMNS = ("jpg", "png", "webp")
 IMG2DATASET_COLUMNS = ("key", "url", "caption", "status", "error_message")
+STATS_SUFFIX = "_stats.json"  # img2dataset / video2dataset per-shard statistics
+SHARD_EXTENSIONS = ("tar", "tfrecord")  # shards an img2dataset Parquet file of the same name describes
+FILES_SIDECAR_EXTENSIONS = ("json", "txt")  # img2dataset "files" format: metadata and caption per image
 
 DEFAULT_MAX_ITEM_BYTES = 512 * 1024 * 1024
 # One storage call (reading a file, opening a shard) is tried again over a few seconds of connection
@@ -74,10 +96,23 @@ class ListedFile:
     size: int | None  # None when the filesystem doesn't say
 
 
-def list_files(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[ListedFile]:
+@dataclass(frozen=True)
+class Listing:
+    files: list[ListedFile]  # the input's files, sorted
+    sidecars: list[str]      # URIs of the producers' sidecar files left out (see the module docstring)
+
+
+def list_files(uri: str, storage_options: Mapping[str, Any] | None = None, *,
+               include_sidecars: bool = False) -> list[ListedFile]:
+    """The files of `list_input`."""
+    return list_input(uri, storage_options, include_sidecars=include_sidecars).files
+
+
+def list_input(uri: str, storage_options: Mapping[str, Any] | None = None, *,
+               include_sidecars: bool = False) -> Listing:
     """Files under `uri` (a file, a directory / prefix, or a glob, whose matching directories are
-    searched too), sorted, hidden entries below the input left out. Raises FileNotFoundError when
-    nothing matches."""
+    searched too), sorted, hidden entries below the input and sidecar files left out. Raises
+    FileNotFoundError when nothing matches."""
     fs, path = filesystem(uri, storage_options)
     infos: dict[str, dict[str, Any]] = {}
     if fsspec.core.has_magic(path):
@@ -88,14 +123,38 @@ def list_files(uri: str, storage_options: Mapping[str, Any] | None = None) -> li
         root, infos = path, fs.find(path, detail=True)
     else:
         root, infos = path, {path: fs.info(path)}  # FileNotFoundError for a missing input
-    files = [
-        ListedFile(to_uri(fs, name), info.get("size"))
-        for name, info in sorted(infos.items())
-        if info.get("type") != "directory" and not _is_hidden(name, root)
-    ]
+    names = sorted(name for name, info in infos.items()
+                   if info.get("type") != "directory" and not _is_hidden(name, root))
+    sidecars = set() if include_sidecars or names == [path] else sidecar_files(names)
+    files = [ListedFile(to_uri(fs, name), infos[name].get("size")) for name in names if name not in sidecars]
     if not files:
-        raise FileNotFoundError(f"no input files match {uri}")
-    return files
+        skipped = f" ({len(sidecars)} sidecar files left out)" if sidecars else ""
+        raise FileNotFoundError(f"no input files match {uri}{skipped}")
+    return Listing(files, [to_uri(fs, name) for name in sorted(sidecars)])
+
+
+def sidecar_files(paths: Collection[str]) -> set[str]:
+    """The paths among `paths` that are shard producers' sidecars (the list in the module docstring)."""
+    listed = set(paths)
+    folders = {path.rsplit("/", 1)[0] for path in listed if "/" in path}
+    folders |= {folder.rsplit("/", i)[0] for folder in list(folders) for i in range(1, folder.count("/") + 1)}
+    stems: set[str] = set()  # paths of image / video files without their extension
+    for path in listed:
+        stem, _, extension = path.rpartition(".")
+        if stem and media_kind(extension.lower()) is not None:
+            stems.add(stem)
+    sidecars = set()
+    for path in listed:
+        stem, _, extension = path.rpartition(".")
+        extension = extension.lower()
+        if path.rsplit("/", 1)[-1].endswith(STATS_SUFFIX) or (extension == "feather" and "/_tmp/" in f"/{path}"):
+            sidecars.add(path)
+        elif extension == PARQUET_EXTENSION and (
+                stem in folders or any(f"{stem}.{shard}" in listed for shard in SHARD_EXTENSIONS)):
+            sidecars.add(path)
+        elif extension in FILES_SIDECAR_EXTENSIONS and stem in stems:
+            sidecars.add(path)
+    return sidecars
 
 
 def is_container(uri: str) -> bool:
@@ -104,16 +163,20 @@ def is_container(uri: str) -> bool:
 
 
 def file_rows(
-    uri: str, size: int | None, storage_options: Mapping[str, Any] | None, max_item_bytes: int
+    uri: str, size: int | None, storage_options: Mapping[str, Any] | None, max_item_bytes: int, *,
+    media_keys: Sequence[str] | None = None, metadata_fields: Collection[str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The item rows of one listed file (never raises for a bad file); `uri` as `list_files` gives it (a
-    name with undecodable bytes may also come as it is)."""
+    name with undecodable bytes may also come as it is). `media_keys`: the extensions that may be a
+    sample's media, in order of preference (`parse_media_keys`); `metadata_fields`: the metadata fields
+    rows carry (None: all)."""
     uri = encode_name(decode_name(uri))
     extension = _extension(uri)
+    fields = None if metadata_fields is None else frozenset(metadata_fields)
     if extension == TAR_EXTENSION:
-        yield from _tar_rows(uri, storage_options, max_item_bytes)
+        yield from _tar_rows(uri, storage_options, max_item_bytes, media_keys, fields)
     elif extension == PARQUET_EXTENSION:
-        yield from _parquet_rows(uri, storage_options, max_item_bytes)
+        yield from _parquet_rows(uri, storage_options, max_item_bytes, media_keys, fields)
     else:
         yield _plain_file_row(uri, size, extension, storage_options, max_item_bytes)
 
@@ -136,7 +199,22 @@ def _plain_file_row(
     return _row(uri, uri, kind, data=data, error=_size_error(len(data), max_item_bytes))
 
 
-def _tar_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_bytes: int) -> Iterator[dict[str, Any]]:
+def parse_media_keys(value: str) -> tuple[str, ...]:
+    """'jpg;png;webp' (webdataset's and clip-retrieval's spelling; ',' also separates) -> ("jpg", "png",
+    "webp"). Raises ValueError, in one line, for an empty list or an extension that is not an image or
+    video (`seg.png` is: the last part decides)."""
+    keys = tuple(key.strip().lower().lstrip(".") for key in value.replace(",", ";").split(";") if key.strip())
+    if not keys:
+        raise ValueError(f"no media extensions in {value!r} (expected e.g. 'jpg;png;webp')")
+    bad = [key for key in keys if not key or media_kind(key.rsplit(".", 1)[-1]) is None]
+    if bad:
+        raise ValueError(f"not an image or video extension in media keys {value!r}: {', '.join(bad)}")
+    return keys
+
+
+def _tar_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_bytes: int,
+              media_keys: Sequence[str] | None = None, fields: Collection[str] | None = None
+              ) -> Iterator[dict[str, Any]]:
     """One row per sample (key) of a WebDataset shard, in archive order. Members are grouped while the
     key stays the same, as webdataset does; a key that comes back later gets an error row of its own.
     A shard that fails (unreadable, truncated, corrupt header) adds a row with the shard's URI as id,
@@ -163,7 +241,7 @@ def _tar_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_byte
                     if sample is not None:
                         yield sample.row(uri, keys)
                         samples += 1
-                    sample = _Sample(key)
+                    sample = _Sample(key, media_keys, fields)
                 sample.add(member, extension, tar, max_item_bytes)
             _check_end_of_archive(raw, tar.offset)
     except Exception as exc:  # whatever the shard does, its failure is reported as rows
@@ -188,15 +266,27 @@ def _check_end_of_archive(raw: Any, offset: int) -> None:
 class _Sample:
     """The members of one WebDataset key read so far."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, media_keys: Sequence[str] | None = None,
+                 fields: Collection[str] | None = None) -> None:
         self.key = key                           # may hold undecodable bytes as lone surrogates
-        self.media: tuple[str, str] | None = None  # (extension, kind) of the first image/video member
+        self.media_keys = media_keys             # None: the first image/video member is the media
+        self.fields = fields                     # metadata fields to keep (None: all)
+        self.media: tuple[str, str] | None = None  # (extension, kind) of the sample's media
         self.members: dict[str, bytes] = {}      # extension -> bytes, for the members that are read
         self.problems: list[str] = []
 
     def add(self, member: tarfile.TarInfo, extension: str, tar: tarfile.TarFile, max_item_bytes: int) -> None:
         kind = media_kind(extension.rsplit(".", 1)[-1])
-        if kind is not None:
+        if self.media_keys is not None:
+            if extension in self.media_keys:
+                ranks = self.media_keys.index
+                if self.media is not None and ranks(self.media[0]) < ranks(extension):
+                    return  # an extension listed earlier is already the media
+                self.media = (extension, kind or "image")  # parse_media_keys lets only media in
+                self.members.pop(extension, None)
+            elif extension not in ("txt", "json"):
+                return  # other members, images among them, are never read
+        elif kind is not None:
             if self.media is not None:
                 return  # the first image/video member is the sample's media
             self.media = (extension, kind)
@@ -223,14 +313,23 @@ class _Sample:
         if met_before:
             problems.append(f"key {encode_name(self.key)} appears again further on in the shard (members not adjacent)")
         if self.media is None:
-            problems.append("no image or video member in this sample")
-        caption, url = self._metadata()
+            listed = self.media_keys
+            wanted = f"member with extension {'/'.join(listed)}" if listed else "image or video member"
+            problems.append(f"no {wanted} in this sample")
+        elif self.media[0] not in self.members and not problems:
+            problems.append(f"member {encode_name(self.key)}.{self.media[0]} cannot be read")
+        fields = self._fields()
+        caption, url = _text(fields.get("caption")), _text(fields.get("url"))
+        metadata = _metadata_text(fields, self.fields)
         kind = self.media[1] if self.media else None
         if problems or self.media is None:
-            return _row(item_id, shard_uri, kind, error="; ".join(problems), caption=caption, url=url)
-        return _row(item_id, shard_uri, kind, data=self.members[self.media[0]], caption=caption, url=url)
+            return _row(item_id, shard_uri, kind, error="; ".join(problems), caption=caption, url=url,
+                        metadata=metadata)
+        return _row(item_id, shard_uri, kind, data=self.members[self.media[0]], caption=caption, url=url,
+                    metadata=metadata)
 
-    def _metadata(self) -> tuple[str | None, str | None]:
+    def _fields(self) -> dict[str, Any]:
+        """The `.json` fields, `caption` from the `.txt`, and `key` (the sample's key in the tar)."""
         fields: dict[str, Any] = {}
         if "json" in self.members:
             try:
@@ -238,11 +337,15 @@ class _Sample:
                 fields = parsed if isinstance(parsed, dict) else {}
             except ValueError:
                 pass  # broken metadata leaves caption/url empty; the media is still usable
-        caption = self.members["txt"].decode("utf-8", "replace") if "txt" in self.members else fields.get("caption")
-        return _text(caption), _text(fields.get("url"))
+        if "txt" in self.members:
+            fields["caption"] = self.members["txt"].decode("utf-8", "replace")
+        fields["key"] = encode_name(self.key)
+        return fields
 
 
-def _parquet_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_bytes: int) -> Iterator[dict[str, Any]]:
+def _parquet_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_bytes: int,
+                  media_keys: Sequence[str] | None = None, fields: Collection[str] | None = None
+                  ) -> Iterator[dict[str, Any]]:
     """One row per row of an img2dataset Parquet file; a file that fails adds a row with its URI as id.
     Rows that share a key (img2dataset can write one twice) get ids of their own and keep their own bytes."""
     done = 0
@@ -252,9 +355,10 @@ def _parquet_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_
         with call_with_retries(lambda: fs.open(path, "rb"), **READ_RETRIES) as raw:
             parquet = pq.ParquetFile(raw)
             names = parquet.schema_arrow.names
-            image_column = next((c for c in IMG2DATASET_IMAGE_COLUMNS if c in names), None)
+            image_columns = media_keys or IMG2DATASET_IMAGE_COLUMNS
+            image_column = next((c for c in image_columns if c in names), None)
             if image_column is None:
-                wanted = "/".join(IMG2DATASET_IMAGE_COLUMNS)
+                wanted = "/".join(image_columns)
                 yield _row(uri, uri, error=f"no image bytes column ({wanted}) in Parquet file; columns: {names}")
                 return
             schema = parquet.schema_arrow
@@ -265,12 +369,14 @@ def _parquet_rows(uri: str, storage_options: Mapping[str, Any] | None, max_item_
                 yield _row(uri, uri, error=f"column {image_column} has type {image_type}, not binary")
                 return
             columns = [c for c in IMG2DATASET_COLUMNS if c in names and _is_plain(schema.field(c).type)]
-            columns.append(image_column)
-            for batch in parquet.iter_batches(batch_size=64, columns=columns):
+            extra = [f.name for f in schema if f.name not in columns and _is_metadata(f, fields)]
+            for batch in parquet.iter_batches(batch_size=64, columns=[*columns, *extra, image_column]):
                 for record in batch.to_pylist():
                     key = record.get("key")
                     item_id = item_id_in(uri, keys.take(str(key if key is not None else done))[0])
-                    yield _parquet_row(item_id, uri, record, image_column, max_item_bytes)
+                    metadata = {name: record[name] for name in (*columns, *extra)}
+                    yield _parquet_row(item_id, uri, record, image_column, max_item_bytes,
+                                       _metadata_text(metadata, fields))
                     done += 1
     except Exception as exc:  # whatever the file does, its failure is reported as a row
         yield _row(uri, uri, error=f"cannot read Parquet file: {describe_error(exc)} (after {done} rows)",
@@ -282,8 +388,27 @@ def _is_plain(arrow_type: pa.DataType) -> bool:
     return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_integer(arrow_type)
 
 
+def _is_metadata(field: pa.Field, fields: Collection[str] | None) -> bool:
+    """Whether a Parquet column goes into the rows' metadata: any column asked for but binary ones (image
+    bytes) and extension types (Ray's `arrow_pickled_object` would unpickle)."""
+    if fields is not None and field.name not in fields:
+        return False
+    binary = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary)
+    return not isinstance(field.type, pa.ExtensionType) and not any(check(field.type) for check in binary)
+
+
+def _metadata_text(fields: Mapping[str, Any], wanted: Collection[str] | None) -> str | None:
+    """The `metadata` of an item row: its fields (those `wanted`; None: all) as a JSON object, values
+    JSON cannot hold written as text; None when nothing is left."""
+    kept = {name: value for name, value in fields.items() if (wanted is None or name in wanted) and value is not None}
+    if not kept:
+        return None
+    text = json.dumps(kept, ensure_ascii=False, default=str)
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _parquet_row(item_id: str, uri: str, record: dict[str, Any], image_column: str,
-                 max_item_bytes: int) -> dict[str, Any]:
+                 max_item_bytes: int, metadata: str | None = None) -> dict[str, Any]:
     caption, url = _text(record.get("caption")), _text(record.get("url"))
     status = record.get("status")
     data = record[image_column]
@@ -295,7 +420,7 @@ def _parquet_row(item_id: str, uri: str, record: dict[str, Any], image_column: s
         error = f"no image bytes in column {image_column}"
     else:
         error = _size_error(len(data), max_item_bytes)
-    return _row(item_id, uri, "image", data=data, error=error, caption=caption, url=url)
+    return _row(item_id, uri, "image", data=data, error=error, caption=caption, url=url, metadata=metadata)
 
 
 # --- ids ------------------------------------------------------------------------------------------
@@ -342,6 +467,7 @@ def _row(
     caption: str | None = None,
     url: str | None = None,
     error_kind: str = INPUT,
+    metadata: str | None = None,
 ) -> dict[str, Any]:
     """An item row; with an `error`, its kind says whether a later run should try the item again."""
     return {
@@ -353,6 +479,7 @@ def _row(
         "error_kind": None if error is None else error_kind,
         "caption": caption,
         "url": url,
+        "metadata": metadata,
     }
 
 
