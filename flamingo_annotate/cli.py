@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from flamingo_annotate.job_file import job_file_option
 from flamingo_annotate.model_commands import MODEL_COMMANDS
 from flamingo_annotate.options import trust_remote_code_option
 from pipeline.task import MAX_FRAMES, Task, TaskError, check_tasks, is_uri
@@ -49,6 +50,7 @@ def _job_options(command: Callable) -> Callable:
     """Options shared by `run` and `submit`. Unset ones (None) keep pipeline.job's defaults."""
     count, fraction = click.IntRange(min=1), click.FloatRange(min=0)
     for option in reversed([
+        job_file_option,
         click.option("--input", "input_uri", metavar="URI", required=True,
                      help="Folder, file or glob of images/videos: local path or s3://..."),
         click.option("--output", "output_uri", metavar="URI", required=True,
