@@ -122,6 +122,11 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in _protocols(fs)
 
 
+def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether `fs` is s3fs (S3 or an S3-compatible store), whose client calls (`fs.call_s3`) callers may use."""
+    return any(p in _S3_PROTOCOLS for p in _protocols(fs))
+
+
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The URI that names `path` in ids and `source` columns, as text (`encode_name`): a plain absolute
     path for local files, `s3://bucket/key` (etc.) otherwise. `filesystem` takes it back."""
