@@ -46,7 +46,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from media.errors import INPUT, MODEL, TRANSIENT, call_with_retries
-from media.storage import arrow_filesystem, filesystem, is_local
+from media.files import ID_SEPARATOR, is_container
+from media.storage import arrow_filesystem, decode_name, filesystem, is_local
 from pipeline.schema import (
     CREATED_AT_COLUMN,
     ERROR_COLUMN,
@@ -359,6 +360,7 @@ def drop_superseded(output_uri: str, scan: OutputScan, written_keys: set[tuple[s
     """Rewrite the files holding re-attempted error rows that are now superseded (see the module docstring),
     without those rows. Returns how many rows were dropped."""
     gone = {key for key in scan.retry if key in written_keys or key[1] in scan.done.get(key[0], ())}
+    gone |= _shards_with_done_items(scan)
     by_file: dict[str, set[tuple[str, str]]] = {}
     for key in gone:
         for file in scan.retry[key]:
@@ -378,3 +380,23 @@ def drop_superseded(output_uri: str, scan: OutputScan, written_keys: set[tuple[s
             commit_file(fs, new_path, to_output_table(kept), metadata)
         fs.rm_file(file)
     return dropped
+
+def _shards_with_done_items(scan: OutputScan) -> set[tuple[str, str]]:
+    """The re-attempted rows of whole shards (id = the file's URI) whose items the output holds as done: a run
+    stopped between committing those items and `drop_superseded` left them, and no later run writes a row from
+    that file again. Ids are compared as names (`decode_name`), as `pipeline.read` does."""
+    shards = {(task, decode_name(item_id)): (task, item_id) for task, item_id in scan.retry
+              if is_container(decode_name(item_id))}
+    if not shards:
+        return set()
+    found = set()
+    for task, ids in scan.done.items():
+        for item_id in ids:
+            name = decode_name(item_id)
+            position = name.find(ID_SEPARATOR)
+            while position != -1:
+                key = shards.get((task, name[:position]))
+                if key is not None:
+                    found.add(key)
+                position = name.find(ID_SEPARATOR, position + 1)
+    return found

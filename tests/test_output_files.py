@@ -138,6 +138,19 @@ def test_superseded_rows_are_rewritten_out_of_their_files(tmp_path: Path) -> Non
     assert final.set_index("id").loc["/in/a.png", "run_id"] == "run1"  # kept rows keep their run
 
 
+def test_a_shard_row_left_by_a_run_stopped_before_its_rewrite_goes_with_the_next_run(tmp_path: Path) -> None:
+    """A run that wrote a shard's items and was stopped before `drop_superseded` leaves the shard's old error
+    row; the next run has nothing left to write from that shard, and must still see the row superseded."""
+    out = str(tmp_path)
+    write_rows([table(row("/in/a.png"), row("/in/s.tar", "cannot read tar shard: EndpointConnectionError: x"),
+                      row("/in/t.tar", "cannot read tar shard: EndpointConnectionError: x"))], out, "run1")
+    write_rows([table(row("/in/s.tar::1"), row("/in/s.tar::2"))], out, "run2")   # stopped here
+    scan = scan_output(out, HASHES)
+    stats = write_rows([], out, "run3", watch=scan.watch())                       # s.tar: every item done
+    assert drop_superseded(out, scan, stats.written_keys, "run3", HASHES) == 1
+    assert ids_in(tmp_path) == ["/in/a.png", "/in/s.tar::1", "/in/s.tar::2", "/in/t.tar"]  # t.tar: still to do
+
+
 def test_a_rewrite_cut_short_is_finished_by_the_next_scan(tmp_path: Path) -> None:
     write_rows([table(row("/in/a.png"), row("/in/b.png", "cannot read file: ConnectionResetError: x"))],
                str(tmp_path), "run1")
