@@ -28,8 +28,10 @@ if TYPE_CHECKING:  # pipeline.job imports the model library (torch)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the repository root, which `submit` uploads
 JOBS_DIR = PROJECT_ROOT / "jobs"
 ENTRYPOINT = "jobs/annotate.py"
-# Kept out of the working_dir uploaded with `submit` (Ray also honours .gitignore).
-UPLOAD_EXCLUDES = [".venv/", ".git/", "out/", "__pycache__/", "*.egg-info/", ".pytest_cache/"]
+# Kept out of the working_dir uploaded with `submit` (Ray also honours .gitignore). Anchored at the project's
+# root, so that task media in folders of these names (`_tasks/0-x/out/a.png`) still travel.
+UPLOAD_EXCLUDES = ["/.venv/", "/.git/", "/out/", "/build/", "/.pytest_cache/", "/.mypy_cache/", "/.ruff_cache/",
+                   "__pycache__/", "*.egg-info/"]
 TASK_ERROR_EXIT = 2  # as click's own usage errors: nothing was started
 
 
@@ -82,8 +84,13 @@ def _job_options(command: Callable) -> Callable:
     return command
 
 
-_dashboard_option = click.option("--address", metavar="URL", required=True,
-                                 help="The cluster's dashboard, e.g. http://HEAD:8265.")
+def _dashboard_option(command: Callable) -> Callable:
+    """Where the cluster's job server is, and its token (flamingo_annotate/cluster.py)."""
+    command = click.option("--token-file", metavar="FILE",
+                           help="The cluster's token (`ray get-auth-token` on the head prints it); default: "
+                                "RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token.")(command)
+    return click.option("--address", metavar="URL", required=True, envvar="RAY_API_SERVER_ADDRESS",
+                        help="The cluster's dashboard, e.g. http://HEAD:8265 (or RAY_API_SERVER_ADDRESS).")(command)
 
 
 @click.group(commands=MODEL_COMMANDS)
@@ -132,65 +139,58 @@ def run(task_files: tuple[str, ...], address: str | None, no_remote_check: bool,
 @_job_options
 @_dashboard_option
 @click.pass_context
-def submit(ctx: click.Context, task_files: tuple[str, ...], address: str, no_remote_check: bool,
-           **options: Any) -> None:
-    """Send the same job to a Ray cluster; the project folder is uploaded as its working directory.
+def submit(ctx: click.Context, task_files: tuple[str, ...], address: str, token_file: str | None,
+           no_remote_check: bool, **options: Any) -> None:
+    """Send the same job to a Ray cluster: the project, the task files and the demonstration media they name by
+    relative path are uploaded with it.
 
-    Task files and local demonstration media must therefore lie inside the project folder; INPUT and OUTPUT are
-    read on the cluster (use s3://...)."""
+    INPUT, OUTPUT and absolute media paths are read on the cluster's nodes (use s3://... for what is here)."""
+    from flamingo_annotate import cluster
+
     tasks = _load_tasks_or_exit(task_files, s3_endpoint=options["s3_endpoint"], no_remote_check=no_remote_check)
-    outside = [path for task in tasks for path in (task.path, *(d.media for d in task.demonstrations))
-               if not is_uri(path) and not Path(path).is_relative_to(PROJECT_ROOT)]
-    if outside:
-        click.echo(f"Not inside the project folder {PROJECT_ROOT}, so not uploaded with the job "
-                   "(move them into it, or put media on S3):\n  " + "\n  ".join(outside), err=True)
-        ctx.exit(TASK_ERROR_EXIT)
-    if not is_uri(options["output_uri"]):
-        click.echo(f"Warning: --output {options['output_uri']} is a path on the cluster's head node, "
-                   "inside the job's temporary working directory; use s3://... to keep the result.", err=True)
-    relative_tasks = [Path(task.path).relative_to(PROJECT_ROOT).as_posix() for task in tasks]
-    entrypoint = shlex.join(["python", ENTRYPOINT, *relative_tasks, *_forwarded_options(ctx, exclude={"address"})])
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=entrypoint,
-                               runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": UPLOAD_EXCLUDES})
-    click.echo(f"Submitted job {job_id} to {address}\n"
-               f"  follow:  flamingo-annotate logs {job_id} --address {address} --follow\n"
-               f"  status:  flamingo-annotate status {job_id} --address {address}")
+    server = cluster.JobServer(address, token_file)
+    paths = {name: _absolute_if_local(options[name]) for name in ("input_uri", "output_uri")}
+    for name, flag in (("input_uri", "--input"), ("output_uri", "--output")):
+        if not is_uri(paths[name]):
+            click.echo(f"Warning: {flag} {paths[name]} is a path on the cluster's nodes, not uploaded from here; "
+                       "use s3://... to share data with the cluster.", err=True)
+    with cluster.job_package(tasks, PROJECT_ROOT, UPLOAD_EXCLUDES) as package:
+        for warning in package.warnings:
+            click.echo(f"Warning: {warning}", err=True)
+        options_given = _forwarded_options(ctx, exclude={"address", "token_file"}, values=paths)
+        entrypoint = shlex.join(["python", ENTRYPOINT, *package.task_paths, *options_given])
+        job_id = server.submit(entrypoint, {"working_dir": str(package.working_dir), "excludes": UPLOAD_EXCLUDES})
+    again = f"--address {shlex.quote(server.address)}" + (f" --token-file {shlex.quote(token_file)}"
+                                                          if token_file else "")
+    click.echo(f"Submitted job {job_id} to {server.address}\n"
+               f"  follow:  flamingo-annotate logs {job_id} {again} --follow\n"
+               f"  status:  flamingo-annotate status {job_id} {again}")
 
 
 @main.command()
 @click.argument("job_id")
 @_dashboard_option
-def status(job_id: str, address: str) -> None:
-    """Show a submitted job's status."""
-    from ray.job_submission import JobSubmissionClient
+def status(job_id: str, address: str, token_file: str | None) -> None:
+    """Show a submitted job's status, when it started and ended, and its command line."""
+    from flamingo_annotate import cluster
 
-    info = JobSubmissionClient(address).get_job_info(job_id)
-    click.echo(f"{job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+    server = cluster.JobServer(address, token_file)
+    click.echo(cluster.describe(job_id, server.info(job_id)))
 
 
 @main.command()
 @click.argument("job_id")
 @_dashboard_option
 @click.option("--follow", is_flag=True, help="Keep printing new output until the job ends.")
-def logs(job_id: str, address: str, follow: bool) -> None:
+def logs(job_id: str, address: str, token_file: str | None, follow: bool) -> None:
     """Print a submitted job's output."""
-    import asyncio
+    from flamingo_annotate import cluster
 
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
-    if not follow:
-        click.echo(client.get_job_logs(job_id), nl=False)
-        return
-
-    async def tail() -> None:
-        async for lines in client.tail_job_logs(job_id):
-            click.echo(lines, nl=False)
-
-    asyncio.run(tail())
+    server = cluster.JobServer(address, token_file)
+    if follow:
+        server.follow(job_id, lambda lines: click.echo(lines, nl=False))
+    else:
+        click.echo(server.logs(job_id), nl=False)
 
 
 @main.command()
@@ -280,11 +280,12 @@ def _job_config(tasks: Sequence[Task], *, input_uri: str, output_uri: str, addre
                      **_given(model=model, address=address, num_frames=num_frames, fps=fps))
 
 
-def _forwarded_options(ctx: click.Context, exclude: set[str]) -> list[str]:
-    """The command's options as given, as command-line arguments again (to run the same job elsewhere)."""
+def _forwarded_options(ctx: click.Context, exclude: set[str], values: Mapping[str, str] | None = None) -> list[str]:
+    """The command's options as given, as command-line arguments again (to run the same job elsewhere); `values`
+    replaces some (absolute paths for relative ones)."""
     args: list[str] = []
     for param in ctx.command.params:
-        value = ctx.params.get(param.name)
+        value = (values or {}).get(param.name or "", ctx.params.get(param.name))
         if not isinstance(param, click.Option) or param.name in exclude or value is None or value is False:
             continue
         args += [param.opts[0]] if param.is_flag else [param.opts[0], str(value)]

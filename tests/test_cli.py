@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -225,23 +227,29 @@ def test_job_entrypoint_reuses_run(bad_task: Path) -> None:
 # --- submit, status, logs ----------------------------------------------------------------------------------------
 
 @pytest.fixture
-def job_client(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
-    """Replaces Ray's JobSubmissionClient (a network client) with one that records its calls."""
+def job_client(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple]:
+    """Replaces Ray's JobSubmissionClient (a network client) with one that records its calls, and keeps a copy of
+    the submitted working directory's `_tasks/` (links followed, as Ray's upload does) in tmp_path/cluster.
+    tests/test_submit_cluster.py runs the real client against a real head."""
     import ray.job_submission
+
+    from flamingo_annotate import cluster
 
     calls: list[tuple] = []
 
     class FakeClient:
-        def __init__(self, address: str):
-            calls.append(("connect", address))
+        def __init__(self, address: str, headers: dict | None = None):
+            calls.append(("connect", address, headers))
 
         def submit_job(self, *, entrypoint: str, runtime_env: dict) -> str:
             calls.append(("submit", entrypoint, runtime_env))
+            shutil.copytree(Path(runtime_env["working_dir"]) / "_tasks", tmp_path / "cluster" / "_tasks")
             return "raysubmit_123"
 
         def get_job_info(self, job_id: str):
             calls.append(("info", job_id))
-            return SimpleNamespace(status="RUNNING", message="Job is currently running.")
+            return SimpleNamespace(status="RUNNING", message="Job is currently running.", start_time=1_700_000_000_000,
+                                   end_time=None, entrypoint="python jobs/annotate.py t.yaml")
 
         def get_job_logs(self, job_id: str) -> str:
             calls.append(("logs", job_id))
@@ -253,49 +261,70 @@ def job_client(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
                 yield chunk
 
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
+    monkeypatch.setattr(cluster, "probe_dashboard", lambda address, token: None)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "the-token")
     return calls
 
 
-def test_submit_sends_the_entrypoint_with_the_same_options(runner: CliRunner, job_client: list[tuple]) -> None:
+def test_submit_sends_the_entrypoint_with_the_same_options(
+        runner: CliRunner, job_client: list[tuple], tmp_path: Path) -> None:
     result = runner.invoke(main, ["submit", CAPTION, str(TASKS / "count.yaml"),
                                   "--input", "s3://b/in", "--output", "s3://b/out", "--address", "http://head:8265",
                                   "--generate-gpus", "0.5", "--vision-actors", "2", "--no-progress", "--force",
                                   "--retry-errors", "--flush-rows", "100"])
     assert result.exit_code == 0, result.output
-    assert job_client[0] == ("connect", "http://head:8265")
+    assert job_client[0] == ("connect", "http://head:8265", {"Authorization": "Bearer the-token"})
     _, entrypoint, runtime_env = job_client[1]
     assert shlex.split(entrypoint) == [
-        "python", "jobs/annotate.py", "jobs/tasks/caption.yaml", "jobs/tasks/count.yaml",
+        "python", "jobs/annotate.py", "_tasks/0-tasks/caption.yaml", "_tasks/0-tasks/count.yaml",
         "--input", "s3://b/in", "--output", "s3://b/out", "--vision-actors", "2", "--generate-gpus", "0.5",
         "--no-progress", "--force", "--retry-errors", "--flush-rows", "100"]
-    assert runtime_env["working_dir"] == str(PROJECT_ROOT)
-    assert {".venv/", ".git/", "out/"} <= set(runtime_env["excludes"])
+    assert {"/.venv/", "/.git/", "/out/", "/.mypy_cache/"} <= set(runtime_env["excludes"])
+    staged = tmp_path / "cluster" / "_tasks" / "0-tasks"
+    assert (staged / "count.yaml").read_bytes() == (TASKS / "count.yaml").read_bytes()
+    assert (staged / "demos" / "two.png").read_bytes() == (TASKS / "demos" / "two.png").read_bytes()
     assert "raysubmit_123" in result.stdout
     assert "flamingo-annotate logs raysubmit_123 --address http://head:8265 --follow" in result.stdout
 
 
 def test_submitted_options_parse_back_to_the_same_job(
-        runner: CliRunner, job_client: list[tuple], run_job_calls: list[JobConfig],
+        runner: CliRunner, job_client: list[tuple], run_job_calls: list[JobConfig], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     args = ["--input", "s3://b/in", "--output", "s3://b/out", "--vision-cpus", "0.25", "--num-frames", "4",
             "--s3-endpoint", "http://minio:9000"]
     assert runner.invoke(main, ["submit", CAPTION, *args, "--address", "http://h:8265"]).exit_code == 0
     submitted = shlex.split(job_client[1][1])[2:]
-    monkeypatch.chdir(PROJECT_ROOT)  # the entrypoint runs in the uploaded project folder
+    monkeypatch.chdir(tmp_path / "cluster")  # the entrypoint runs in the uploaded working directory
     assert runner.invoke(main, ["run", *submitted]).exit_code == 0
     assert runner.invoke(main, ["run", CAPTION, *args]).exit_code == 0
-    assert run_job_calls[0] == run_job_calls[1]
+    on_cluster, here = run_job_calls
+    assert on_cluster.tasks[0].sha256 == here.tasks[0].sha256  # so a re-run here resumes what the cluster wrote
+    assert dataclasses.replace(on_cluster, tasks=here.tasks) == here
 
 
-def test_submit_refuses_files_the_upload_would_not_carry(
-        runner: CliRunner, job_client: list[tuple], tmp_path: Path) -> None:
-    outside = tmp_path / "t.yaml"
-    outside.write_text("name: t\n")
-    result = runner.invoke(main, ["submit", str(outside), "--input", "s3://b/i", "--output", "s3://b/o",
-                                  "--address", "http://h:8265"])
-    assert result.exit_code == 2
-    assert "Not inside the project folder" in result.stderr and str(outside) in result.stderr
-    assert not any(call[0] == "submit" for call in job_client)
+def test_submit_carries_task_files_from_anywhere_with_their_media(
+        runner: CliRunner, job_client: list[tuple], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "elsewhere"
+    (folder / "demos" / "more").mkdir(parents=True)
+    shutil.copy(TASKS / "demos" / "one.png", folder / "demos" / "one.png")
+    shutil.copy(TASKS / "demos" / "two.png", folder / "demos" / "more" / "two.png")
+    task = folder / "t.yaml"
+    task.write_text("name: t\ndemonstrations:\n  - {media: demos/one.png, text: one}\n"
+                    "  - {media: ./demos/more/../more/two.png, text: two}\n"
+                    f"  - {{media: {TASKS / 'demos' / 'two.png'}, text: two}}\n")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(main, ["submit", str(task), "--input", "in", "--output", "out", "--address", "h:8265"])
+    assert result.exit_code == 0, result.output
+    assert f"--input {tmp_path / 'in'} is a path on the cluster's nodes" in result.stderr
+    assert f"{TASKS / 'demos' / 'two.png'} is an absolute path, which the job reads on the cluster's" in result.stderr
+    assert job_client[0][1] == "http://h:8265"
+    entrypoint = shlex.split(job_client[1][1])
+    assert entrypoint[2:7] == ["_tasks/0-elsewhere/t.yaml", "--input", str(tmp_path / "in"),
+                               "--output", str(tmp_path / "out")]
+    staged = tmp_path / "cluster" / "_tasks" / "0-elsewhere"
+    assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) == [
+        "demos/more/two.png", "demos/one.png", "t.yaml"]
+    assert load_tasks([staged / "t.yaml"])[0].sha256 == load_tasks([task])[0].sha256
 
 
 def test_submit_with_a_bad_task_submits_nothing(runner: CliRunner, job_client: list[tuple], bad_task: Path) -> None:
@@ -306,7 +335,9 @@ def test_submit_with_a_bad_task_submits_nothing(runner: CliRunner, job_client: l
 def test_status_and_logs(runner: CliRunner, job_client: list[tuple]) -> None:
     status = runner.invoke(main, ["status", "raysubmit_123", "--address", "http://h:8265"])
     assert status.exit_code == 0, status.output
-    assert status.stdout.strip() == "raysubmit_123: RUNNING (Job is currently running.)"
+    assert status.stdout.splitlines() == ["raysubmit_123: RUNNING (Job is currently running.)",
+                                          "  started:    2023-11-14 22:13:20 UTC",
+                                          "  entrypoint: python jobs/annotate.py t.yaml"]
     logs = runner.invoke(main, ["logs", "raysubmit_123", "--address", "http://h:8265"])
     assert logs.stdout == "line 1\nline 2\n"
     follow = runner.invoke(main, ["logs", "raysubmit_123", "--address", "http://h:8265", "--follow"])
