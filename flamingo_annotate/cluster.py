@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -48,6 +49,10 @@ DEFAULT_TOKEN_FILE = "~/.ray/auth_token"
 CONNECT_SECONDS = 10.0
 TOKEN_HELP = (f"pass the cluster's token with --token-file FILE (or {TOKEN_PATH_ENV}=FILE, {TOKEN_ENV}=TOKEN); "
               "`ray get-auth-token` on the head prints it")
+
+
+# Log at INFO each file they leave out and each package they build; their warnings (a very large file) still show.
+RAY_PACKAGING_LOGGERS = ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk")
 
 
 class ClusterError(click.ClickException):
@@ -114,7 +119,7 @@ class JobServer:
 
     def submit(self, entrypoint: str, runtime_env: dict[str, Any]) -> str:
         """Uploads the runtime_env's working directory and starts `entrypoint` in it; the job's id."""
-        with self._errors(doing="submit the job"):
+        with self._errors(doing="submit the job"), _quiet(*RAY_PACKAGING_LOGGERS):
             return self.client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
 
     def info(self, job_id: str) -> Any:
@@ -159,6 +164,20 @@ class JobServer:
             raise ClusterError(f"{self.address} could not {doing or 'answer'}: {message}") from None
 
 
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """These loggers show warnings only, for the duration."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def probe_dashboard(address: str, token: Token | None) -> None:
     """One request to the dashboard with a bounded wait, so that a wrong address fails in seconds (Ray's client
     waits without limit) and a refused token is told apart from an address that is not a Ray dashboard."""
@@ -192,7 +211,7 @@ def _reason(error: BaseException) -> str:
     """The root cause of a connection error, without urllib3's object reprs."""
     reason = getattr(error.args[0], "reason", None) if error.args else None
     text = str(reason if reason is not None else error)
-    return _first_line(re.sub(r"<[^>]*>:\s*", "", text))
+    return _first_line(re.sub(r"^(<[^>]*>|\w+\([^)]*\)):\s*", "", text))  # `HTTPConnection(host=...): `
 
 
 def _first_line(text: str) -> str:
