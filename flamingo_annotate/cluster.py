@@ -141,7 +141,7 @@ class JobServer:
             async for lines in self.client.tail_job_logs(job_id):
                 write(lines)
 
-        with self._errors(job_id):
+        with self._errors(job_id), _quiet("ray.dashboard.modules.job.sdk"):  # "WebSocket closed ..." at INFO
             asyncio.run(tail())
 
     @contextlib.contextmanager
@@ -232,8 +232,8 @@ def describe(job_id: str, info: Any) -> str:
         lines.append(f"  ended:      {_utc(info.end_time)}" + (f" ({elapsed:.0f} s)" if elapsed is not None else ""))
     if getattr(info, "entrypoint", None):
         lines.append(f"  entrypoint: {info.entrypoint}")
-    if len(message.splitlines()) > 1:
-        lines.append(f"  (the message goes on: flamingo-annotate logs {job_id} ... shows the job's output)")
+    if len(message.splitlines()) > 1:  # a failed job's message ends with its last output: the error line
+        lines.append(f"  last line:  {message.splitlines()[-1].strip()}")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ import yaml
 from click.testing import CliRunner
 
 from flamingo_annotate.cli import PROJECT_ROOT, main
+from flamingo_annotate.cluster import describe
 from pipeline import job
 from pipeline.job import JobConfig, JobSummary, StageResources
 from pipeline.task import load_tasks
@@ -340,6 +341,14 @@ def test_status_and_logs(runner: CliRunner, job_client: list[tuple]) -> None:
                                           "  entrypoint: python jobs/annotate.py t.yaml"]
     logs = runner.invoke(main, ["logs", "raysubmit_123", "--address", "http://h:8265"])
     assert logs.stdout == "line 1\nline 2\n"
+    failed = SimpleNamespace(status="FAILED", start_time=1_700_000_000_000, end_time=1_700_000_042_000,
+                             entrypoint="python jobs/annotate.py t.yaml",
+                             message="Job entrypoint command failed with exit code 1, last available logs:\n"
+                                     "Running entrypoint ...\nError: no input files at /data/in\n")
+    assert describe("raysubmit_9", failed).splitlines() == [
+        "raysubmit_9: FAILED (Job entrypoint command failed with exit code 1, last available logs:)",
+        "  started:    2023-11-14 22:13:20 UTC", "  ended:      2023-11-14 22:14:02 UTC (42 s)",
+        "  entrypoint: python jobs/annotate.py t.yaml", "  last line:  Error: no input files at /data/in"]
     follow = runner.invoke(main, ["logs", "raysubmit_123", "--address", "http://h:8265", "--follow"])
     assert follow.stdout == "a\nb\n" and ("tail", "raysubmit_123") in job_client
 
