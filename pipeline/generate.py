@@ -31,8 +31,10 @@ from pipeline.task import Task
 if TYPE_CHECKING:  # the model library is loaded in the actor, not where this module is imported
     from flamingo import FewShotPrefix
 
-# What the actor returns: the output rows without `created_at` and `run_id`, which the writer fills in.
-_ROWS_SCHEMA = pa.schema([f for f in OUTPUT_SCHEMA if f.name not in (CREATED_AT_COLUMN, RUN_ID_COLUMN)])
+# What the actor returns: the output rows without `created_at` and `run_id`, which the writer fills in, and
+# with the item's `metadata`, from which the writer takes the kept input columns (pipeline/kept_columns.py).
+_ROWS_SCHEMA = pa.schema([f for f in OUTPUT_SCHEMA if f.name not in (CREATED_AT_COLUMN, RUN_ID_COLUMN)]
+                         + [pa.field("metadata", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,8 @@ class Annotator:
                             "output_column": task.output_column,
                             "model": self.spec.model, "annotation": res.get("annotation"),
                             "score": res.get("score"), "label_scores": res.get("label_scores"),
-                            "error": error, "error_kind": kind, "seconds": res.get("seconds", 0.0)})
+                            "error": error, "error_kind": kind, "seconds": res.get("seconds", 0.0),
+                            "metadata": r.get("metadata")})
         return pa.Table.from_pylist(out, schema=_ROWS_SCHEMA)
 
     def _annotate(self, prepared: _PreparedTask, rows: list[dict]) -> list[dict]:

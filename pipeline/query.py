@@ -6,9 +6,12 @@ as they do for the job; DuckDB's own S3 support would need an extension download
 - `annotations`: the rows as pipeline/write.py writes them (`pipeline.schema.OUTPUT_SCHEMA`), one per (item, task):
   when a (id, task) has several rows (a row an interrupted run could not remove yet), only the latest counts
   (by `run_id`, then `created_at`). Columns that older files lack (`run_id`, `error_kind`) read as null;
-- `items`: one row per item (`id`, `source`), one column per task holding its annotation, named after the
-  task's `output_column` when the output records one, else after the task:
-  `SELECT id, caption, classify_shape FROM items`.
+- `items`: one row per item (`id`, `source`, then the input metadata columns the runs kept, such as `key`,
+  `url`), one column per task holding its annotation, named after the task's `output_column` when the output
+  records one, else after the task: `SELECT id, url, caption, classify_shape FROM items`.
+
+Files of runs that kept different input columns (pipeline/kept_columns.py) read together, by column name: a
+column a file lacks reads as null, and the `items` view takes any non-null value an item has.
 
 A file that cannot be read (damaged, not Parquet) is left out with a warning, so one bad file never hides the
 rest. Only footers are checked when opening: a file whose footer is fine but whose data is damaged still fails
@@ -17,6 +20,7 @@ the query that reaches it.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +33,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from media.storage import arrow_filesystem, filesystem, is_local
+from pipeline.kept_columns import KEPT_COLUMNS_KEY, kept_columns
 from pipeline.schema import (
     ANNOTATION_COLUMN,
     CREATED_AT_COLUMN,
@@ -100,7 +105,8 @@ def open_output(output: str, storage_options: Mapping[str, Any] | None = None) -
     schema = pa.unify_schemas([s for _, s in readable], promote_options="permissive") if readable else pa.schema([])
     if {ID_COLUMN, TASK_COLUMN} <= set(schema.names):  # our output: the columns older files lack read as null
         added = [OUTPUT_SCHEMA.field(name) for name in (ERROR_KIND_COLUMN, RUN_ID_COLUMN) if name not in schema.names]
-        schema = pa.schema([*schema, *added])
+        kept = list(dict.fromkeys(name for _, s in readable for name in kept_columns(s) if name in schema.names))
+        schema = pa.schema([*schema, *added], metadata={KEPT_COLUMNS_KEY: json.dumps(kept).encode()})
     # Local paths go to pyarrow's own, faster filesystem; anything else through fsspec.
     return ds.dataset([file for file, _ in readable], schema=schema, filesystem=arrow_fs, format="parquet",
                       partitioning="hive", partition_base_dir=path)
@@ -128,7 +134,8 @@ def connect(output: str, storage_options: Mapping[str, Any] | None = None) -> du
         con.sql(f"CREATE VIEW {ANNOTATIONS_VIEW} AS SELECT * FROM {_ROWS_VIEW}")
     if {*ITEM_COLUMNS, TASK_COLUMN, ANNOTATION_COLUMN} <= columns:
         # outputs written before `output_column` existed name the task columns after the task
-        _create_items_view(con, OUTPUT_COLUMN_COLUMN if OUTPUT_COLUMN_COLUMN in columns else TASK_COLUMN)
+        _create_items_view(con, OUTPUT_COLUMN_COLUMN if OUTPUT_COLUMN_COLUMN in columns else TASK_COLUMN,
+                           kept_columns(dataset.schema))
     return con
 
 
@@ -155,7 +162,7 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int = 40) -> str
     return "" if relation is None else relation.preview(limit=max_rows)
 
 
-def _create_items_view(con: duckdb.DuckDBPyConnection, name_column: str) -> None:
+def _create_items_view(con: duckdb.DuckDBPyConnection, name_column: str, kept: list[str]) -> None:
     # DuckDB only allows PIVOT in a view when the pivot values are spelled out, so list them first.
     names = [row[0] for row in con.sql(f"SELECT DISTINCT {_ident(name_column)} FROM {ANNOTATIONS_VIEW} "
                                        f"WHERE {_ident(name_column)} IS NOT NULL ORDER BY 1").fetchall()]
@@ -163,9 +170,17 @@ def _create_items_view(con: duckdb.DuckDBPyConnection, name_column: str) -> None
         return
     keys = ", ".join(map(_ident, ITEM_COLUMNS))
     values = ", ".join(_literal(str(name)) for name in names)
-    con.sql(f"CREATE VIEW {ITEMS_VIEW} AS PIVOT (SELECT {keys}, {_ident(name_column)}, {_ident(ANNOTATION_COLUMN)} "
-            f"FROM {ANNOTATIONS_VIEW}) ON {_ident(name_column)} IN ({values}) "
-            f"USING any_value({_ident(ANNOTATION_COLUMN)}) GROUP BY {keys}")
+    pivot = (f"PIVOT (SELECT {keys}, {_ident(name_column)}, {_ident(ANNOTATION_COLUMN)} FROM {ANNOTATIONS_VIEW}) "
+             f"ON {_ident(name_column)} IN ({values}) USING any_value({_ident(ANNOTATION_COLUMN)}) GROUP BY {keys}")
+    kept = [name for name in kept if name not in (*ITEM_COLUMNS, *map(str, names))]
+    if not kept:
+        con.sql(f"CREATE VIEW {ITEMS_VIEW} AS {pivot}")
+        return
+    # kept input columns: one value per item even where runs kept different columns (any_value skips nulls)
+    metadata = ", ".join(f"any_value({_ident(name)}) AS {_ident(name)}" for name in kept)
+    con.sql(f"CREATE VIEW {ITEMS_VIEW} AS SELECT m.*, p.* EXCLUDE ({keys}) FROM "
+            f"(SELECT {keys}, {metadata} FROM {ANNOTATIONS_VIEW} GROUP BY {keys}) AS m "
+            f"JOIN ({pivot}) AS p USING ({keys})")
 
 
 def _ident(name: str) -> str:

@@ -49,6 +49,8 @@ def read_items(
     skip_ids: Iterable[str] | None = None,
     max_read_tasks: int = 200,
     files: Sequence[ListedFile] | None = None,
+    media_keys: Sequence[str] | None = None,
+    metadata_fields: Sequence[str] | None = (),
 ) -> ReadResult:
     """A Ray Dataset of the items under `uri`, one row per item (see the module docstring).
 
@@ -56,6 +58,8 @@ def read_items(
     tar / Parquet files are filtered out inside the read tasks. Files are spread over at most
     `max_read_tasks` Ray tasks. Raises FileNotFoundError, before any work, when nothing matches `uri`.
     `files`: the listing of `uri` when the caller already has it (listing a large prefix takes a while).
+    `media_keys`: which WebDataset member / Parquet column is an item's media (`media.files.parse_media_keys`);
+    `metadata_fields`: the metadata fields the rows carry (None: all; none by default).
     """
     options = resolve_storage_options(uri, storage_options)
     if files is None:
@@ -74,7 +78,8 @@ def read_items(
         # Ray 2.60 has no named parameter for task retries and warns that `ray_remote_args` will go.
         warnings.simplefilter("ignore", RayDeprecationWarning)
         dataset = listed.map_batches(
-            partial(_read_files, storage_options=options, max_item_bytes=max_item_bytes),
+            partial(_read_files, storage_options=options, max_item_bytes=max_item_bytes,
+                    media_keys=media_keys, metadata_fields=metadata_fields),
             batch_format="pyarrow",
             batch_size=None,  # one task per block of listed files
             max_retries=READ_TASK_RETRIES,
@@ -82,13 +87,16 @@ def read_items(
     return ReadResult(dataset, len(files), skipped)
 
 
-def _read_files(batch: pa.Table, *, storage_options: dict[str, Any], max_item_bytes: int) -> Iterator[pa.Table]:
+def _read_files(batch: pa.Table, *, storage_options: dict[str, Any], max_item_bytes: int,
+                media_keys: Sequence[str] | None = None, metadata_fields: Sequence[str] | None = ()
+                ) -> Iterator[pa.Table]:
     """Ray task body: the rows of every listed file in `batch`, as ITEM_SCHEMA tables."""
 
     def rows() -> Iterator[dict[str, Any]]:
         for entry in batch.to_pylist():
             skip = set(entry["skip"] or ())
-            for row in file_rows(entry["uri"], entry["size"], storage_options, max_item_bytes):
+            for row in file_rows(entry["uri"], entry["size"], storage_options, max_item_bytes,
+                                 media_keys=media_keys, metadata_fields=metadata_fields):
                 if row["id"] not in skip:
                     yield row
 

@@ -15,6 +15,9 @@ without loading Ray.
                             otherwise (the pipeline then infers it from `error`, see OUTPUT_SCHEMA)
   caption     string        caption when the source has one, else null
   url         string        original URL when the source has one, else null
+  metadata    string        the item's metadata fields as a JSON object (WebDataset `.json` fields, `.txt` as
+                            `caption`, the sample `key`; img2dataset Parquet columns), only those the job keeps
+                            (pipeline/kept_columns.py); null when it has none
 
 `OUTPUT_SCHEMA`, one row per input item and task (`pipeline/write.py`):
   id            string     the item id (never null)
@@ -41,6 +44,10 @@ without loading Ray.
   created_at    timestamp[us, UTC]   when the row was produced (filled in at write time if absent)
   run_id        string     the run that wrote the row: `YYYYMMDDTHHMMSSZ-xxxxxx` (UTC start time and a
                            random suffix), so run ids sort by start time
+followed by the input metadata columns the job keeps (`--keep-columns`; by default `key` when the input has
+WebDataset or Parquet shards), each a string named as in the input, null when the item lacks it
+(pipeline/kept_columns.py); their names are in the file's metadata (`kept_columns.KEPT_COLUMNS_KEY`).
+Outputs of runs that kept different columns read together, by name: a column a file lacks reads as null.
 
 Outputs written before `error_kind` and `run_id` existed lack those columns; readers here treat them as
 null (the kind of such an error row is inferred from its text, as above).
@@ -75,6 +82,7 @@ ITEM_SCHEMA = pa.schema(
         (ERROR_KIND_COLUMN, pa.string()),
         ("caption", pa.string()),
         ("url", pa.string()),
+        ("metadata", pa.string()),
     ]
 )
 

@@ -23,7 +23,8 @@ that read its whole input; a run stopped before that leaves the old rows, and th
 those items (or finds them done) removes them.
 
 The output is a plain Parquet dataset (plus `_lease.json`, see pipeline/lease.py): pyarrow, pandas, DuckDB
-(over a pyarrow dataset) and Spark read it as is. Rows are in `pipeline.schema.OUTPUT_SCHEMA`.
+(over a pyarrow dataset) and Spark read it as is. Rows are in `pipeline.schema.OUTPUT_SCHEMA`, followed by the
+input metadata columns the job keeps (`keep_columns`, see pipeline/kept_columns.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -48,6 +49,7 @@ import pyarrow.parquet as pq
 from media.errors import INPUT, MODEL, TRANSIENT, call_with_retries
 from media.files import ID_SEPARATOR, is_container
 from media.storage import arrow_filesystem, decode_name, filesystem, is_local
+from pipeline.kept_columns import KEPT_COLUMNS_KEY, METADATA_COLUMN, kept_arrays, kept_columns
 from pipeline.schema import (
     CREATED_AT_COLUMN,
     ERROR_COLUMN,
@@ -98,8 +100,10 @@ class OutputWriter:
 
     def __init__(self, output_uri: str, run_id: str, *, storage_options: Mapping[str, Any] | None = None,
                  flush_rows: int = FLUSH_ROWS, flush_seconds: float = FLUSH_SECONDS,
-                 watch: Iterable[tuple[str, str]] = (), before_commit: Callable[[], None] | None = None):
+                 watch: Iterable[tuple[str, str]] = (), before_commit: Callable[[], None] | None = None,
+                 keep_columns: Sequence[str] = ()):
         self.output_uri = output_uri
+        self.keep_columns = tuple(keep_columns)
         self.run_id = run_id
         self.fs, self.root = filesystem(output_uri, storage_options)
         self.flush_rows = flush_rows
@@ -113,8 +117,9 @@ class OutputWriter:
         self._seq = 0
 
     def write(self, rows: pa.Table) -> None:
-        """Add rows (OUTPUT_SCHEMA columns; extra ones are dropped); commits when a limit is reached."""
-        table = to_output_table(rows, self.run_id)
+        """Add rows (OUTPUT_SCHEMA columns, and the kept ones or `metadata`; extra ones are dropped); commits
+        when a limit is reached."""
+        table = to_output_table(rows, self.run_id, self.keep_columns)
         if table.num_rows:
             self._buffer.append(table)
             self._buffered += table.num_rows
@@ -202,10 +207,13 @@ def commit_file(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table,
         raise OutputWriteError(f"cannot write {path}: {type(exc).__name__}: {exc}") from exc
 
 
-def to_output_table(batch: pa.Table, run_id: str | None = None) -> pa.Table:
+def to_output_table(batch: pa.Table, run_id: str | None = None, keep_columns: Sequence[str] = ()) -> pa.Table:
     """`batch` reduced to OUTPUT_SCHEMA (column order and types): `created_at` filled in when absent, `run_id`
     when given, `error_kind` inferred for error rows without one. Raises ValueError for missing columns or null
-    required values: those are bugs upstream, not bad input."""
+    required values: those are bugs upstream, not bad input.
+
+    Then the `keep_columns`, strings: taken from the rows' JSON `metadata` when they have one, else from the
+    columns of those names (a file being rewritten), null where absent; their names go in the schema metadata."""
     if OUTPUT_COLUMN_COLUMN not in batch.column_names and TASK_COLUMN in batch.column_names:
         batch = batch.append_column(OUTPUT_COLUMN_COLUMN, batch.column(TASK_COLUMN))
     if CREATED_AT_COLUMN not in batch.column_names:
@@ -223,7 +231,17 @@ def to_output_table(batch: pa.Table, run_id: str | None = None) -> pa.Table:
     nulls = [name for name in REQUIRED_COLUMNS if batch.column(name).null_count]
     if nulls:
         raise ValueError(f"null values in required output columns {nulls}")
-    return batch.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+    table = batch.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+    if not keep_columns:
+        return table
+    if METADATA_COLUMN in batch.column_names:
+        kept = kept_arrays(batch.column(METADATA_COLUMN).to_pylist(), keep_columns)
+    else:
+        kept = [batch.column(name).cast(pa.string()) if name in batch.column_names else
+                pa.nulls(batch.num_rows, pa.string()) for name in keep_columns]
+    for name, values in zip(keep_columns, kept):
+        table = table.append_column(pa.field(name, pa.string()), values)
+    return table.replace_schema_metadata({KEPT_COLUMNS_KEY: json.dumps(list(keep_columns)).encode()})
 
 
 def _error_kinds(batch: pa.Table) -> pa.Array:
@@ -258,13 +276,14 @@ class OutputScan:
 
 
 def scan_output(output_uri: str, task_hashes: Mapping[str, str], *, retry_errors: bool = False,
-                storage_options: Mapping[str, Any] | None = None) -> OutputScan:
+                storage_options: Mapping[str, Any] | None = None, finish_rewrites: bool = True) -> OutputScan:
     """For each task (name -> task-file hash): the ids done, and the error rows to re-attempt, with their
-    files (the resume rules are in the module docstring)."""
+    files (the resume rules are in the module docstring). `finish_rewrites=False` (a look without the lease)
+    changes nothing in the output."""
     names = list(task_hashes)
     condition = pc.field(TASK_COLUMN).isin(names) if names else None
     files, tables, unreadable = read_files(output_uri, _SCAN_COLUMNS, condition, storage_options,
-                                           finish_rewrites=True)
+                                           finish_rewrites=finish_rewrites)
     done: dict[str, set[str]] = {name: set() for name in names}
     retryable: dict[tuple[str, str], set[str]] = {}
     for file, table in zip(files, tables):
@@ -377,9 +396,10 @@ def drop_superseded(output_uri: str, scan: OutputScan, written_keys: set[tuple[s
         if kept.num_rows:
             new_path = f"{root.rstrip('/')}/part-{run_id}-r{seq:04d}.parquet"
             metadata = {REPLACES_KEY: json.dumps([os.path.basename(file)]).encode()}
-            commit_file(fs, new_path, to_output_table(kept), metadata)
+            commit_file(fs, new_path, to_output_table(kept, keep_columns=kept_columns(table.schema)), metadata)
         fs.rm_file(file)
     return dropped
+
 
 def _shards_with_done_items(scan: OutputScan) -> set[tuple[str, str]]:
     """The re-attempted rows of whole shards (id = the file's URI) whose items the output holds as done: a run
