@@ -96,6 +96,10 @@ class ListedFile:
     size: int | None  # None when the filesystem doesn't say
 
 
+class NoInputFiles(FileNotFoundError):
+    """The input matches no file, or only sidecars (the message says how many)."""
+
+
 @dataclass(frozen=True)
 class Listing:
     files: list[ListedFile]  # the input's files, sorted
@@ -118,25 +122,29 @@ def list_input(uri: str, storage_options: Mapping[str, Any] | None = None, *,
     if fsspec.core.has_magic(path):
         root = _static_prefix(path)
         for name, info in fs.glob(path, detail=True).items():
-            infos.update(fs.find(name, detail=True) if info.get("type") == "directory" else {name: info})
+            infos.update(fs.find(name, withdirs=True, detail=True) if info.get("type") == "directory"
+                         else {name: info})
     elif fs.isdir(path):
-        root, infos = path, fs.find(path, detail=True)
+        root, infos = path, fs.find(path, withdirs=True, detail=True)
     else:
         root, infos = path, {path: fs.info(path)}  # FileNotFoundError for a missing input
     names = sorted(name for name, info in infos.items()
                    if info.get("type") != "directory" and not _is_hidden(name, root))
-    sidecars = set() if include_sidecars or names == [path] else sidecar_files(names)
+    folders = [name for name, info in infos.items() if info.get("type") == "directory"]
+    sidecars = set() if include_sidecars or names == [path] else sidecar_files(names, folders)
     files = [ListedFile(to_uri(fs, name), infos[name].get("size")) for name in names if name not in sidecars]
     if not files:
         skipped = f" ({len(sidecars)} sidecar files left out)" if sidecars else ""
-        raise FileNotFoundError(f"no input files match {uri}{skipped}")
+        raise NoInputFiles(f"no input files match {uri}{skipped}")
     return Listing(files, [to_uri(fs, name) for name in sorted(sidecars)])
 
 
-def sidecar_files(paths: Collection[str]) -> set[str]:
-    """The paths among `paths` that are shard producers' sidecars (the list in the module docstring)."""
+def sidecar_files(paths: Collection[str], folders: Collection[str] = ()) -> set[str]:
+    """The paths among `paths` (files) that are shard producers' sidecars (the list in the module docstring).
+    `folders`: the folders listed with them, empty ones included (a files-format shard whose every download
+    failed); the folders that hold files are found from `paths`."""
     listed = set(paths)
-    folders = {path.rsplit("/", 1)[0] for path in listed if "/" in path}
+    folders = {folder.rstrip("/") for folder in folders} | {path.rsplit("/", 1)[0] for path in listed if "/" in path}
     folders |= {folder.rsplit("/", i)[0] for folder in list(folders) for i in range(1, folder.count("/") + 1)}
     stems: set[str] = set()  # paths of image / video files without their extension
     for path in listed:
