@@ -16,6 +16,7 @@ The summary counts the rows this run wrote itself (`WriteStats`), never the outp
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from flamingo import DEFAULT_MODEL
 from media.errors import describe_error
-from media.files import DEFAULT_MAX_ITEM_BYTES, ListedFile
+from media.files import DEFAULT_MAX_ITEM_BYTES, ListedFile, Listing
 from media.storage import resolve_storage_options
 from pipeline.task import Task
 
@@ -78,6 +79,7 @@ class JobSummary:
     rows_error_by_kind: Mapping[str, int] = field(default_factory=dict)  # error_kind -> rows
     transient_items: int = 0   # items with a transient error row: a re-run tries them again
     superseded: int = 0        # earlier error rows this run replaced (and removed from the output)
+    sidecars: int = 0          # producers' sidecar files the listing left out (media.files.sidecar_files)
 
     @property
     def items_per_second(self) -> float:
@@ -104,6 +106,9 @@ class JobConfig:
     retry_errors: bool = False               # re-attempt every error row, not only transient ones
     flush_rows: int | None = None            # commit an output file every N rows (None: pipeline.write's default)
     flush_seconds: float | None = None       # ... or every T seconds, whichever comes first
+    keep_columns: tuple[str, ...] | None = None  # input metadata kept as output columns (None: `key` for shards)
+    media_keys: tuple[str, ...] | None = None    # WebDataset media extensions by preference (None: first member)
+    include_sidecars: bool = False           # list producers' sidecar files (`_stats.json`, ...) as items too
 
 
 def new_run_id() -> str:
@@ -130,6 +135,8 @@ def run_job(config: JobConfig) -> JobSummary:
     from flamingo import image_preprocessing
     from flamingo.factory import check_model
     from media.decode import DecodeConfig
+    from media.files import is_container, parse_media_keys
+    from pipeline.kept_columns import DEFAULT_KEEP_COLUMNS, check_keep_columns
     from pipeline.lease import Lease, LeaseHeld
 
     start = time.perf_counter()
@@ -140,9 +147,19 @@ def run_job(config: JobConfig) -> JobSummary:
     except ValueError as error:
         raise JobError(str(error)) from None
     image_size, mean, std = image_preprocessing(config.model)
+    try:
+        check_keep_columns(config.keep_columns or (), [t.output_column for t in tasks])
+        if config.media_keys is not None:
+            parse_media_keys(";".join(config.media_keys))
+    except ValueError as error:
+        raise JobError(str(error)) from None
     in_options = resolve_storage_options(config.input_uri, config.storage_options)
     out_options = resolve_storage_options(config.output_uri, config.storage_options)
-    files = _list_input(config.input_uri, in_options)
+    listing = _list_input(config.input_uri, in_options, config.include_sidecars)
+    files = listing.files
+    if config.keep_columns is None:  # the producer's key, when the input has shards that have keys
+        config = dataclasses.replace(config, keep_columns=DEFAULT_KEEP_COLUMNS if any(
+            is_container(f.uri) for f in files) else ())
     run_id = new_run_id()
     try:
         lease = Lease(config.output_uri, run_id, storage_options=out_options, force=config.force)
@@ -157,6 +174,7 @@ def run_job(config: JobConfig) -> JobSummary:
     finally:
         lease.release()
     summary.seconds = time.perf_counter() - start
+    summary.sidecars = len(listing.sidecars)
     return summary
 
 
@@ -183,7 +201,8 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
         model=config.model, trust_remote_code=config.trust_remote_code, tasks=tuple(tasks), device=config.device,
         storage_options={t.name: resolve_storage_options(t.path, config.storage_options) for t in tasks},
         done={name: frozenset(ids - done_everywhere) for name, ids in scan.done.items()})
-    writer_options: dict[str, Any] = {"flush_rows": config.flush_rows, "flush_seconds": config.flush_seconds}
+    writer_options: dict[str, Any] = {"flush_rows": config.flush_rows, "flush_seconds": config.flush_seconds,
+                                      "keep_columns": config.keep_columns}
     writer_options = {key: value for key, value in writer_options.items() if value is not None}
 
     started_ray = not ray.is_initialized()
@@ -193,7 +212,8 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
     try:
         ray.data.DataContext.get_current().enable_progress_bars = config.progress
         read = read_items(config.input_uri, storage_options=in_options,
-                          max_item_bytes=config.max_item_bytes, skip_ids=done_everywhere, files=files)
+                          max_item_bytes=config.max_item_bytes, skip_ids=done_everywhere, files=files,
+                          media_keys=config.media_keys, metadata_fields=config.keep_columns)
         ds = decode_items(read.dataset, decode)
         ds = ds.map_batches(
             VisionEncoder, fn_constructor_kwargs={"model": config.model, "device": config.device,
@@ -223,12 +243,14 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
                       superseded=superseded)
 
 
-def _list_input(uri: str, options: Mapping[str, Any]) -> list[ListedFile]:
+def _list_input(uri: str, options: Mapping[str, Any], include_sidecars: bool = False) -> Listing:
     """List the input once, before anything starts: a typo or unreachable storage becomes one line."""
-    from media.files import list_files
+    from media.files import NoInputFiles, list_input
 
     try:
-        return list_files(uri, options)
+        return list_input(uri, options, include_sidecars=include_sidecars)
+    except NoInputFiles as error:
+        raise JobError(str(error)) from None
     except FileNotFoundError:
         raise JobError(f"no input files match {uri}") from None
     except Exception as exc:
