@@ -48,6 +48,29 @@ def _task_options(command: Callable) -> Callable:
     return command
 
 
+def _check_keep_columns(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Refuse, before anything starts, a kept column that would replace an output column."""
+    from pipeline.kept_columns import check_keep_columns, parse_keep_columns
+
+    if value is not None:
+        try:
+            check_keep_columns(parse_keep_columns(value))
+        except ValueError as error:
+            raise click.BadParameter(str(error).removeprefix("--keep-columns: ")) from None
+    return value
+
+
+def _check_media_keys(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from media.files import parse_media_keys
+
+    if value is not None:
+        try:
+            parse_media_keys(value)
+        except ValueError as error:
+            raise click.BadParameter(str(error)) from None
+    return value
+
+
 def _job_options(command: Callable) -> Callable:
     """Options shared by `run` and `submit`. Unset ones (None) keep pipeline.job's defaults."""
     count, fraction = click.IntRange(min=1), click.FloatRange(min=0)
@@ -79,6 +102,16 @@ def _job_options(command: Callable) -> Callable:
         click.option("--flush-rows", type=count, help="Commit an output file every N rows (default 10000)."),
         click.option("--flush-seconds", type=click.FloatRange(min=0, min_open=True),
                      help="... or every S seconds, whichever comes first (default 30)."),
+        click.option("--keep-columns", metavar="NAMES", callback=_check_keep_columns,
+                     help="Input metadata to copy into output columns of the same name, e.g. url,caption,key "
+                          "(Parquet columns, WebDataset .json fields, .txt as caption); default: key for "
+                          "WebDataset/Parquet input; '' for none."),
+        click.option("--media-key", metavar="EXTS", callback=_check_media_keys,
+                     help="WebDataset: a sample's media is the first of these members it has, e.g. "
+                          "'jpg;png;webp' (default: its first image/video member)."),
+        click.option("--include-sidecars", is_flag=True,
+                     help="Read img2dataset/video2dataset sidecar files (*_stats.json, .parquet beside a .tar, "
+                          "...) as items too."),
     ]):
         command = option(command)
     return command
@@ -264,9 +297,12 @@ def _job_config(tasks: Sequence[Task], *, input_uri: str, output_uri: str, addre
                 vision_cpus: float | None, generate_actors: int | None, generate_batch_size: int | None,
                 generate_gpus: float | None, generate_cpus: float | None, num_frames: int | None,
                 fps: float | None, s3_endpoint: str | None, no_progress: bool, force: bool, retry_errors: bool,
-                flush_rows: int | None, flush_seconds: float | None, trust_remote_code: bool) -> JobConfig:
+                flush_rows: int | None, flush_seconds: float | None, trust_remote_code: bool,
+                keep_columns: str | None, media_key: str | None, include_sidecars: bool) -> JobConfig:
     """A pipeline.job.JobConfig from the command line; options not given keep JobConfig's defaults."""
+    from media.files import parse_media_keys
     from pipeline.job import JobConfig, StageResources, default_generation_resources
+    from pipeline.kept_columns import parse_keep_columns
 
     vision = StageResources(**_given(pool_size=vision_actors, batch_size=vision_batch_size,
                                      num_gpus=vision_gpus, num_cpus=vision_cpus))
@@ -276,7 +312,9 @@ def _job_config(tasks: Sequence[Task], *, input_uri: str, output_uri: str, addre
                      output_uri=_absolute_if_local(output_uri), vision=vision, generation=generation,
                      storage_options=_storage_options(s3_endpoint), progress=not no_progress, force=force,
                      retry_errors=retry_errors, flush_rows=flush_rows, flush_seconds=flush_seconds,
-                     trust_remote_code=trust_remote_code,
+                     trust_remote_code=trust_remote_code, include_sidecars=include_sidecars,
+                     keep_columns=None if keep_columns is None else parse_keep_columns(keep_columns),
+                     media_keys=None if media_key is None else parse_media_keys(media_key),
                      **_given(model=model, address=address, num_frames=num_frames, fps=fps))
 
 
@@ -300,6 +338,7 @@ def _print_summary(summary: JobSummary, s3_endpoint: str | None) -> None:
                f"  rows with errors:  {summary.rows_error}{_by_kind(summary.rows_error_by_kind)}\n"
                f"  skipped (resumed): {summary.skipped}\n"
                + (f"  earlier error rows replaced: {summary.superseded}\n" if summary.superseded else "")
+               + (f"  sidecar files left out: {summary.sidecars}\n" if summary.sidecars else "")
                + (f"Run: {summary.run_id}\n" if summary.run_id else "")
                + f"Output: {summary.output}\n"
                f"Query it: flamingo-annotate query {shlex.quote(summary.output)}{endpoint} "
