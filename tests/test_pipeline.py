@@ -86,7 +86,8 @@ def test_every_item_gets_exactly_one_row_per_task(tasks, tmp_path):
     assert rows[rows.task == "caption"].label_scores.isna().all()
 
     # Readable by pyarrow (schema), pandas (above) and DuckDB.
-    assert pq.read_schema(next(out.glob("*.parquet"))).names == OUTPUT_SCHEMA.names
+    # then the input metadata kept by default: the producer's key, as the input has WebDataset/Parquet shards
+    assert pq.read_schema(next(out.glob("*.parquet"))).names == [*OUTPUT_SCHEMA.names, "key"]
     annotations = pads.dataset(str(out), format="parquet")
     con = duckdb.connect()
     con.register("annotations", annotations)
