@@ -12,25 +12,39 @@ a duplicate row. Error rows of kind `transient` (and with `retry_errors`, all er
 and the rows they supersede are removed at the end.
 
 The summary counts the rows this run wrote itself (`WriteStats`), never the output as a whole.
+
+Control and record (pipeline/plan.py, pipeline/progress.py, pipeline/runs.py): before Ray starts, the input's
+items are counted cheaply and compared with the output; when nothing is left the run returns at once, without
+Ray or the model (`JobSummary.nothing_to_do`). `plan_job` is that look alone (`--dry-run`). `sample` and
+`limit` narrow what a run reads; the progress line counts against the planned total; and a run that took the
+lease leaves `_runs/<run_id>.json` in the output, also when it fails or is stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from flamingo import DEFAULT_MODEL
 from media.errors import describe_error
 from media.files import DEFAULT_MAX_ITEM_BYTES, ListedFile, Listing
 from media.storage import resolve_storage_options
+from pipeline import plan as plan_module
+from pipeline import runs
+from pipeline.progress import ProgressLine, quiet_ray
 from pipeline.task import Task
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from media.decode import DecodeConfig
     from pipeline.lease import Lease
 
@@ -79,6 +93,7 @@ class JobSummary:
     rows_error_by_kind: Mapping[str, int] = field(default_factory=dict)  # error_kind -> rows
     transient_items: int = 0   # items with a transient error row: a re-run tries them again
     superseded: int = 0        # earlier error rows this run replaced (and removed from the output)
+    nothing_to_do: str = ""    # when the output already held everything: why (Ray and the model never started)
     sidecars: int = 0          # producers' sidecar files the listing left out (media.files.sidecar_files)
 
     @property
@@ -106,6 +121,9 @@ class JobConfig:
     retry_errors: bool = False               # re-attempt every error row, not only transient ones
     flush_rows: int | None = None            # commit an output file every N rows (None: pipeline.write's default)
     flush_seconds: float | None = None       # ... or every T seconds, whichever comes first
+    limit: int | None = None                 # annotate at most this many new items (a re-run continues)
+    sample: float | None = None              # only the items whose id hashes below this fraction (pipeline.plan)
+    log_level: str = "WARNING"               # Ray's console output: INFO or DEBUG shows Ray's own (progress.py)
     keep_columns: tuple[str, ...] | None = None  # input metadata kept as output columns (None: `key` for shards)
     media_keys: tuple[str, ...] | None = None    # WebDataset media extensions by preference (None: first member)
     include_sidecars: bool = False           # list producers' sidecar files (`_stats.json`, ...) as items too
@@ -132,9 +150,6 @@ def video_sampling(tasks: Sequence[Task], config: JobConfig) -> tuple[int, float
 
 def run_job(config: JobConfig) -> JobSummary:
     """Run the job; raises JobError for what is reported as one line (see the module docstring)."""
-    from flamingo import image_preprocessing
-    from flamingo.factory import check_model
-    from media.decode import DecodeConfig
     from media.files import is_container, parse_media_keys
     from pipeline.kept_columns import DEFAULT_KEEP_COLUMNS, check_keep_columns
     from pipeline.lease import Lease, LeaseHeld
@@ -142,11 +157,6 @@ def run_job(config: JobConfig) -> JobSummary:
     start = time.perf_counter()
     tasks = config.tasks
     num_frames, fps = video_sampling(tasks, config)  # before any work
-    try:  # an unknown model, or one whose folder asks to run code, stops here rather than in every actor
-        check_model(config.model, trust_remote_code=config.trust_remote_code)
-    except ValueError as error:
-        raise JobError(str(error)) from None
-    image_size, mean, std = image_preprocessing(config.model)
     try:
         check_keep_columns(config.keep_columns or (), [t.output_column for t in tasks])
         if config.media_keys is not None:
@@ -160,6 +170,19 @@ def run_job(config: JobConfig) -> JobSummary:
     if config.keep_columns is None:  # the producer's key, when the input has shards that have keys
         config = dataclasses.replace(config, keep_columns=DEFAULT_KEEP_COLUMNS if any(
             is_container(f.uri) for f in files) else ())
+    done = _nothing_to_do_after_complete_run(config, files, in_options, out_options)
+    if done is not None:  # before the model library is even imported (torch takes seconds)
+        done.seconds = time.perf_counter() - start
+        return done
+    from flamingo import image_preprocessing
+    from flamingo.factory import check_model
+    from media.decode import DecodeConfig
+
+    try:  # an unknown model, or one whose folder asks to run code, stops here rather than in every actor
+        check_model(config.model, trust_remote_code=config.trust_remote_code)
+    except ValueError as error:
+        raise JobError(str(error)) from None
+    image_size, mean, std = image_preprocessing(config.model)
     run_id = new_run_id()
     try:
         lease = Lease(config.output_uri, run_id, storage_options=out_options, force=config.force)
@@ -168,20 +191,34 @@ def run_job(config: JobConfig) -> JobSummary:
         raise JobError(str(held), EXIT_OUTPUT_BUSY) from None
     except Exception as exc:
         raise JobError(f"cannot write to output {config.output_uri}: {describe_error(exc)}") from None
+    record = runs.new_record(config, run_id, files)
+    seen: dict[str, Any] = {}  # what the run found out before it ended (runs.finish's keywords)
     try:
         decode = DecodeConfig(image_size, mean, std, num_frames=num_frames, fps=fps)
-        summary = _run_with_lease(config, run_id, lease, decode, files, in_options, out_options)
+        summary = _run_with_lease(config, run_id, lease, decode, files, in_options, out_options, seen)
+        summary.seconds = time.perf_counter() - start
+        if not summary.nothing_to_do:
+            _write_record(runs.finish(record, runs.COMPLETE, summary.seconds, summary=summary, **seen),
+                          config.output_uri, out_options)
+    except BaseException as error:
+        stopped = isinstance(error, KeyboardInterrupt)
+        reason = "interrupted" if stopped else str(error) if isinstance(error, JobError) else describe_error(error)
+        reason = (reason.splitlines() or [""])[0]
+        _write_record(runs.finish(record, runs.STOPPED if stopped else runs.FAILED, time.perf_counter() - start,
+                                  reason=reason), config.output_uri, out_options)
+        raise
     finally:
         lease.release()
-    summary.seconds = time.perf_counter() - start
     summary.sidecars = len(listing.sidecars)
     return summary
 
 
 def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: DecodeConfig, files: list[ListedFile],
-                    in_options: dict[str, Any], out_options: dict[str, Any]) -> JobSummary:
+                    in_options: dict[str, Any], out_options: dict[str, Any], seen: dict[str, Any]) -> JobSummary:
     import ray
+    from ray.util.annotations import RayDeprecationWarning
 
+    from media.files import is_container
     from pipeline.decode import decode_items
     from pipeline.encode import VisionEncoder
     from pipeline.generate import Annotator, AnnotatorSpec
@@ -197,6 +234,12 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
     except Exception as exc:  # unreadable files are skipped inside; this is the output not answering at all
         raise JobError(f"cannot read output {config.output_uri}: {describe_error(exc)}") from None
     done_everywhere = set.intersection(*scan.done.values()) if scan.done else set()
+    plan = _plan(config, files, in_options, scan.done, [item_id for _, item_id in scan.retry])
+    if plan_module.nothing_to_do(plan, runs.last_complete(runs.read_records(config.output_uri, out_options)),
+                                 runs.listing_digest(files), task_hashes):
+        return _nothing_to_do(config, plan)
+    if config.sample is not None:  # plain files outside the sample are not even read (their id is their URI)
+        files = [f for f in files if is_container(f.uri) or plan_module.in_sample(f.uri, config.sample)]
     annotator = AnnotatorSpec(
         model=config.model, trust_remote_code=config.trust_remote_code, tasks=tuple(tasks), device=config.device,
         storage_options={t.name: resolve_storage_options(t.path, config.storage_options) for t in tasks},
@@ -206,28 +249,45 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
     writer_options = {key: value for key, value in writer_options.items() if value is not None}
 
     started_ray = not ray.is_initialized()
+    quiet_ray(config.log_level)
     if started_ray:
         ray.init(address=config.address, include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True)
+                 ignore_reinit_error=True, logging_level=logging.getLevelName(config.log_level))
+    # Actors: a local one that dies stops the job (what was committed stays; a re-run resumes) rather than
+    # restart forever on the batch that killed it; on a cluster, where nodes come and go, a few restarts.
+    # (Ray logs an error line for every restartable actor pool: its constructor lives in the object store.)
+    restarts: dict[str, Any] = ({"max_restarts": 0} if config.address is None
+                                else {"max_restarts": 3, "max_task_retries": 3})
+    progress = ProgressLine(plan.to_do) if config.progress else None
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = config.progress
         read = read_items(config.input_uri, storage_options=in_options,
                           max_item_bytes=config.max_item_bytes, skip_ids=done_everywhere, files=files,
                           media_keys=config.media_keys, metadata_fields=config.keep_columns)
-        ds = decode_items(read.dataset, decode)
-        ds = ds.map_batches(
-            VisionEncoder, fn_constructor_kwargs={"model": config.model, "device": config.device,
-                                                  "trust_remote_code": config.trust_remote_code},
-            batch_format="pyarrow", batch_size=config.vision.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.vision.pool_size),
-            num_cpus=config.vision.num_cpus, num_gpus=config.vision.num_gpus)
-        ds = ds.map_batches(
-            Annotator, fn_constructor_args=(annotator,),
-            batch_format="pyarrow", batch_size=config.generation.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.generation.pool_size),
-            num_cpus=config.generation.num_cpus, num_gpus=config.generation.num_gpus)
+        ds = read.dataset
+        if config.sample is not None:
+            ds = ds.map_batches(partial(_sampled, fraction=config.sample), batch_format="pyarrow", batch_size=None)
+        if config.limit is not None:
+            ds = ds.limit(config.limit)
+        ds = decode_items(ds, decode)
+        with warnings.catch_warnings():  # Ray 2.60 has no named parameter for actor restarts, and warns
+            warnings.simplefilter("ignore", RayDeprecationWarning)
+            ds = ds.map_batches(
+                VisionEncoder, fn_constructor_kwargs={"model": config.model, "device": config.device,
+                                                      "trust_remote_code": config.trust_remote_code},
+                batch_format="pyarrow", batch_size=config.vision.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=config.vision.pool_size),
+                num_cpus=config.vision.num_cpus, num_gpus=config.vision.num_gpus, **restarts)
+            ds = ds.map_batches(
+                Annotator, fn_constructor_args=(annotator,),
+                batch_format="pyarrow", batch_size=config.generation.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=config.generation.pool_size),
+                num_cpus=config.generation.num_cpus, num_gpus=config.generation.num_gpus, **restarts)
         # The driver commits files as rows stream in: a job killed midway keeps what it committed (resume).
-        stats = write_rows(ds.iter_batches(batch_format="pyarrow", batch_size=None), config.output_uri, run_id,
+        batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
+        if progress is not None:
+            progress.start()
+            batches = _counted(batches, progress)
+        stats = write_rows(batches, config.output_uri, run_id,
                            storage_options=out_options, watch=scan.watch(), before_commit=lease.confirm,
                            **writer_options)
         superseded = drop_superseded(config.output_uri, scan, stats.written_keys, run_id, task_hashes,
@@ -235,8 +295,12 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
     except (LeaseLost, OutputWriteError) as exc:
         raise JobError(str(exc)) from None
     finally:
+        if progress is not None:
+            progress.close()
         if started_ray:
             ray.shutdown()
+    seen.update(items_seen=plan.done_everywhere + len(stats.items),
+                read_all=config.limit is None or len(stats.items) < config.limit)
     return JobSummary(items=len(stats.items), rows_ok=stats.rows_ok, rows_error=stats.rows_error,
                       skipped=read.skipped, seconds=0.0, output=config.output_uri, run_id=run_id,
                       rows_error_by_kind=dict(stats.rows_by_kind), transient_items=len(stats.transient_items),
@@ -255,3 +319,93 @@ def _list_input(uri: str, options: Mapping[str, Any], include_sidecars: bool = F
         raise JobError(f"no input files match {uri}") from None
     except Exception as exc:
         raise JobError(f"cannot list input {uri}: {describe_error(exc)}") from None
+
+
+def plan_job(config: JobConfig) -> plan_module.JobPlan:
+    """What `run_job(config)` would do, found without Ray, the model or the lease, writing nothing: the input
+    listed and its items counted, the output checked writable (a probe written and deleted) and scanned.
+    Raises JobError for what would stop the run (a bad model, input or output)."""
+    from flamingo.factory import check_model
+    from pipeline.write import scan_output
+
+    video_sampling(config.tasks, config)
+    try:
+        check_model(config.model, trust_remote_code=config.trust_remote_code)
+    except ValueError as error:
+        raise JobError(str(error)) from None
+    in_options = resolve_storage_options(config.input_uri, config.storage_options)
+    out_options = resolve_storage_options(config.output_uri, config.storage_options)
+    files = _list_input(config.input_uri, in_options, config.include_sidecars).files
+    try:
+        plan_module.check_writable(config.output_uri, out_options)
+    except Exception as exc:
+        raise JobError(f"cannot write to output {config.output_uri}: {describe_error(exc)}") from None
+    try:
+        scan = scan_output(config.output_uri, {t.name: t.sha256 for t in config.tasks},
+                           retry_errors=config.retry_errors, storage_options=out_options, finish_rewrites=False)
+    except Exception as exc:
+        raise JobError(f"cannot read output {config.output_uri}: {describe_error(exc)}") from None
+    return _plan(config, files, in_options, scan.done, [item_id for _, item_id in scan.retry])
+
+
+def _plan(config: JobConfig, files: Sequence[ListedFile], in_options: Mapping[str, Any],
+          done: Mapping[str, set[str]], retry_ids: Iterable[str]) -> plan_module.JobPlan:
+    from media.count import count_items
+
+    return plan_module.make_plan(config.input_uri, count_items(files, in_options), done, retry_ids,
+                                 sample=config.sample, limit=config.limit)
+
+
+def _nothing_to_do_after_complete_run(config: JobConfig, files: Sequence[ListedFile], in_options: Mapping[str, Any],
+                                      out_options: Mapping[str, Any]) -> JobSummary | None:
+    """The nothing-to-do summary, found before the model is checked and without the lease (a read-only look),
+    when the output's last complete run read this same listing with these same tasks; else None (the run
+    goes on, and checks again once it holds the lease)."""
+    from pipeline.write import scan_output
+
+    task_hashes = {t.name: t.sha256 for t in config.tasks}
+    digest = runs.listing_digest(files)
+    try:
+        last = runs.last_complete(runs.read_records(config.output_uri, out_options))
+    except Exception as exc:  # the output does not answer: the run could not write there either
+        raise JobError(f"cannot write to output {config.output_uri}: {describe_error(exc)}") from None
+    if last is None or last.get("task_hashes") != task_hashes or last.get("input", {}).get("listing_sha256") != digest:
+        return None
+    try:
+        scan = scan_output(config.output_uri, task_hashes, retry_errors=config.retry_errors,
+                           storage_options=out_options, finish_rewrites=False)
+    except Exception:  # the run itself reports what is wrong with the output, in one line
+        return None
+    plan = _plan(config, files, in_options, scan.done, [item_id for _, item_id in scan.retry])
+    return _nothing_to_do(config, plan) if plan_module.nothing_to_do(plan, last, digest, task_hashes) else None
+
+
+def _nothing_to_do(config: JobConfig, plan: plan_module.JobPlan) -> JobSummary:
+    what = f"all {plan.items} items" if plan.items is not None else f"every item of the {plan.files} files"
+    return JobSummary(items=0, rows_ok=0, rows_error=0, skipped=plan.done_everywhere, seconds=0.0,
+                      output=config.output_uri, nothing_to_do=(
+                          f"{what} of {config.input_uri} are in {config.output_uri} for every task "
+                          f"({', '.join(t.name for t in config.tasks)}), and no error rows to retry"))
+
+
+def _sampled(batch: pa.Table, *, fraction: float) -> pa.Table:
+    """Ray task body: the rows of `batch` whose id is in the sample (pipeline.plan.in_sample)."""
+    import pyarrow as pa
+
+    keep = [plan_module.in_sample(item_id, fraction) for item_id in batch.column("id").to_pylist()]
+    return batch.filter(pa.array(keep, pa.bool_()))
+
+
+def _counted(batches: Iterable[pa.Table], progress: ProgressLine) -> Iterator[pa.Table]:
+    """`batches` as they are, counting the items whose rows they hold."""
+    for batch in batches:
+        progress.update(len(set(batch.column("id").to_pylist())))
+        yield batch
+
+
+def _write_record(record: dict[str, Any], output_uri: str, options: Mapping[str, Any]) -> None:
+    """Write the run record; a failure to do so is a warning, never the run's failure."""
+    try:
+        runs.write_record(output_uri, record, options)
+    except Exception as exc:
+        logging.getLogger(__name__).warning("could not write the run record: %s", describe_error(exc))
