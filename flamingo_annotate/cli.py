@@ -24,6 +24,7 @@ from pipeline.task import MAX_FRAMES, Task, TaskError, check_tasks, is_uri
 
 if TYPE_CHECKING:  # pipeline.job imports the model library (torch)
     from pipeline.job import JobConfig, JobSummary
+    from pipeline.plan import JobPlan
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the repository root, which `submit` uploads
 JOBS_DIR = PROJECT_ROOT / "jobs"
@@ -33,6 +34,7 @@ ENTRYPOINT = "jobs/annotate.py"
 UPLOAD_EXCLUDES = ["/.venv/", "/.git/", "/out/", "/build/", "/.pytest_cache/", "/.mypy_cache/", "/.ruff_cache/",
                    "__pycache__/", "*.egg-info/"]
 TASK_ERROR_EXIT = 2  # as click's own usage errors: nothing was started
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _task_options(command: Callable) -> Callable:
@@ -112,6 +114,12 @@ def _job_options(command: Callable) -> Callable:
         click.option("--include-sidecars", is_flag=True,
                      help="Read img2dataset/video2dataset sidecar files (*_stats.json, .parquet beside a .tar, "
                           "...) as items too."),
+        click.option("--limit", type=count, help="Annotate at most N new items this run; a re-run continues."),
+        click.option("--sample", type=click.FloatRange(min=0, max=1, min_open=True), metavar="FRACTION",
+                     help="Only this fraction of the items, picked by a hash of their id: every run picks the same."),
+        click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
+                     help="Console log level (default WARNING); INFO or DEBUG also shows Ray's own output."),
+        click.option("-v", "--verbose", is_flag=True, help="Same as --log-level INFO."),
     ]):
         command = option(command)
     return command
@@ -150,15 +158,28 @@ def validate(task_files: tuple[str, ...], s3_endpoint: str | None, no_remote_che
 @_task_options
 @_job_options
 @click.option("--address", metavar="ADDR", help="Ray cluster to join ('auto', ray://...); default: a local one.")
-def run(task_files: tuple[str, ...], address: str | None, no_remote_check: bool, **options: Any) -> None:
+@click.option("--dry-run", is_flag=True,
+              help="List and count the input, check the output, print the plan; start nothing, write nothing.")
+def run(task_files: tuple[str, ...], address: str | None, no_remote_check: bool, dry_run: bool,
+        **options: Any) -> None:
     """Annotate INPUT with the TASK files into OUTPUT.
 
-    Exit status: 0 done; 1 the job could not run or stopped (one line says why); 2 bad task files; 3 done, but
-    items failed with transient storage errors (run it again); 4 another run is writing OUTPUT."""
+    Exit status: 0 done (or nothing to do); 1 the job could not run or stopped (one line says why); 2 bad task
+    files; 3 done, but items failed with transient storage errors (run it again); 4 another run is writing
+    OUTPUT."""
     from pipeline import job
 
     tasks = _load_tasks_or_exit(task_files, s3_endpoint=options["s3_endpoint"], no_remote_check=no_remote_check)
     config = _job_config(tasks, address=address, **options)
+    logging.getLogger().setLevel(config.log_level)
+    if dry_run:
+        try:
+            plan = job.plan_job(config)
+        except job.JobError as error:
+            click.echo(f"Error: {error}", err=True)
+            click.get_current_context().exit(error.exit_code)
+        _print_plan(plan, config)
+        return
     summary = _run_job_or_exit(config)
     _print_summary(summary, options["s3_endpoint"])
     if summary.transient_items:
@@ -298,7 +319,8 @@ def _job_config(tasks: Sequence[Task], *, input_uri: str, output_uri: str, addre
                 generate_gpus: float | None, generate_cpus: float | None, num_frames: int | None,
                 fps: float | None, s3_endpoint: str | None, no_progress: bool, force: bool, retry_errors: bool,
                 flush_rows: int | None, flush_seconds: float | None, trust_remote_code: bool,
-                keep_columns: str | None, media_key: str | None, include_sidecars: bool) -> JobConfig:
+                keep_columns: str | None, media_key: str | None, include_sidecars: bool, limit: int | None,
+                sample: float | None, log_level: str | None, verbose: bool) -> JobConfig:
     """A pipeline.job.JobConfig from the command line; options not given keep JobConfig's defaults."""
     from media.files import parse_media_keys
     from pipeline.job import JobConfig, StageResources, default_generation_resources
@@ -315,6 +337,8 @@ def _job_config(tasks: Sequence[Task], *, input_uri: str, output_uri: str, addre
                      trust_remote_code=trust_remote_code, include_sidecars=include_sidecars,
                      keep_columns=None if keep_columns is None else parse_keep_columns(keep_columns),
                      media_keys=None if media_key is None else parse_media_keys(media_key),
+                     limit=limit, sample=sample,
+                     log_level=(log_level or ("INFO" if verbose else "WARNING")).upper(),
                      **_given(model=model, address=address, num_frames=num_frames, fps=fps))
 
 
@@ -331,6 +355,9 @@ def _forwarded_options(ctx: click.Context, exclude: set[str], values: Mapping[st
 
 
 def _print_summary(summary: JobSummary, s3_endpoint: str | None) -> None:
+    if summary.nothing_to_do:
+        click.echo(f"Nothing to do: {summary.nothing_to_do}")
+        return
     endpoint = f" --s3-endpoint {shlex.quote(s3_endpoint)}" if s3_endpoint else ""
     click.echo(f"Annotated {summary.items} items in {summary.seconds:.1f} s "
                f"({summary.items_per_second:.2f} items/s)\n"
@@ -343,6 +370,34 @@ def _print_summary(summary: JobSummary, s3_endpoint: str | None) -> None:
                + f"Output: {summary.output}\n"
                f"Query it: flamingo-annotate query {shlex.quote(summary.output)}{endpoint} "
                "[\"SELECT ... FROM annotations\"]")
+
+
+def _print_plan(plan: JobPlan, config: JobConfig) -> None:
+    """The dry run's plan: what the input holds, what the output already has, what a run would do."""
+    kinds = ", ".join(f"{n} {_KIND_NAMES.get(kind, kind)}" for kind, n in sorted(plan.kinds().items()))
+    if plan.items is not None:
+        items = f"{plan.items} ({plan.done_everywhere} already in the output for every task, {plan.new} new)"
+    else:
+        items = (f"{sum(c.items or 0 for c in plan.counts)} counted, {plan.done_everywhere} already in the output; "
+                 f"{plan.uncounted} shards, items counted when read")
+    width = max(len(t.name) for t in config.tasks)
+    tasks = "\n         ".join(f"{t.name:<{width}}  sha256:{t.sha256[:12]}  {plan.done.get(t.name, 0)} done"
+                                for t in config.tasks)
+    to_do = plan.to_do
+    narrowed = "".join([f", --sample {config.sample}" if config.sample is not None else "",
+                        f", --limit {config.limit}" if config.limit is not None else ""])
+    click.echo(f"Input:   {config.input_uri}: {plan.files} files ({kinds})\n"
+               f"Items:   {items}\n"
+               f"Tasks:   {tasks}\n"
+               + (f"Retry:   {plan.retry} error rows\n" if plan.retry else "")
+               + f"To do:   {'unknown' if to_do is None else (('about ' if config.sample else '') + str(to_do))} "
+               f"items{narrowed}\n"
+               f"Model:   {config.model}\n"
+               f"Output:  {config.output_uri}: writable\n"
+               "Dry run: nothing started, nothing written.")
+
+
+_KIND_NAMES = {"file": "media files", "tar": "WebDataset shards", "parquet": "Parquet shards"}
 
 
 def _by_kind(rows_by_kind: Mapping[str, int]) -> str:
