@@ -33,7 +33,7 @@ from media.files import file_rows, list_input, parse_media_keys
 from pipeline import query
 from pipeline.job import JobConfig, JobError, run_job
 from pipeline.task import load_tasks
-from pipeline.write import OutputWriter
+from pipeline.write import OutputWriter, drop_superseded, scan_output
 
 IMAGES = 12
 PER_SHARD = 6
@@ -309,3 +309,28 @@ def test_media_keys_name_whole_extensions(tmp_path):
     assert seg["data"] == image_bytes()
     [none] = file_rows(str(tmp_path / "s.tar"), None, None, MAX_ITEM_BYTES, media_keys=("png",))
     assert none["error"] == "no member with extension png in this sample"
+
+
+def test_kept_columns_survive_the_rewrite_of_superseded_rows(tmp_path):
+    """A transient error row replaced by a later run: the file rewritten without it keeps its kept columns."""
+    def rows(item_id, error=None):
+        return pa.Table.from_pylist([{
+            "id": item_id, "source": "s.tar", "task": "t", "task_hash": "h", "model": "m",
+            "annotation": None if error else "a", "score": None, "label_scores": None, "seconds": 0.0,
+            "error": error, "error_kind": "transient" if error else None,
+            "metadata": json.dumps({"key": item_id, "url": f"http://x/{item_id}"})}])
+
+    first = OutputWriter(str(tmp_path), "20990101T000000Z-aaaaaa", keep_columns=("key", "url"))
+    first.write(rows("a"))
+    first.write(rows("b", "cannot read tar shard: timed out"))
+    first.flush()
+    scan = scan_output(str(tmp_path), {"t": "h"})
+    second = OutputWriter(str(tmp_path), "20990101T000001Z-bbbbbb", keep_columns=("key", "url"), watch=scan.watch())
+    second.write(rows("b"))
+    second.flush()
+    assert drop_superseded(str(tmp_path), scan, second.stats.written_keys, "20990101T000001Z-bbbbbb",
+                           {"t": "h"}) == 1
+    table = pq.read_table(tmp_path)
+    assert sorted(table.select(["id", "error", "key", "url"]).to_pylist(), key=str) == [
+        {"id": "a", "error": None, "key": "a", "url": "http://x/a"},
+        {"id": "b", "error": None, "key": "b", "url": "http://x/b"}]
