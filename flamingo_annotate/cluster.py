@@ -245,8 +245,9 @@ def _utc(milliseconds: int) -> str:
 def job_package(tasks: Sequence[Task], project_root: Path, excludes: Sequence[str] = ()) -> Iterator[JobPackage]:
     """A temporary working directory for the job: the project's entries (linked: Ray's upload reads through
     links and applies the project's .gitignore and `excludes` as usual; entries that `excludes` names whole,
-    `/NAME/`, are left out from the start) and `_tasks/N-FOLDER/`, one per folder of task files, with the task
-    files (their bytes as hashed) and their relative demonstration media."""
+    `/NAME/`, are left out from the start) and `_tasks/N/FOLDER/`, one per folder of task files, with the task
+    files (their bytes as hashed) and their relative demonstration media. FOLDER keeps the folder's own name, so
+    that a path written `../FOLDER/demo.png` still leads back into it."""
     with tempfile.TemporaryDirectory(prefix="flamingo-annotate-job-") as temporary:
         root = Path(temporary)
         for entry in sorted(project_root.iterdir()):
@@ -257,7 +258,7 @@ def job_package(tasks: Sequence[Task], project_root: Path, excludes: Sequence[st
         for task in tasks:
             source = Path(task.path)
             folder = folders.setdefault(source.parent,
-                                        root / TASKS_FOLDER / f"{len(folders)}-{source.parent.name or 'root'}")
+                                        root / TASKS_FOLDER / str(len(folders)) / (source.parent.name or "root"))
             folder.mkdir(parents=True, exist_ok=True)
             warnings += _stage_task(task, folder)
             task_paths.append((folder / source.name).relative_to(root).as_posix())
@@ -280,7 +281,10 @@ def _stage_task(task: Task, folder: Path) -> list[str]:
             warnings.append(f"{task.path}: {as_written} is an absolute path, which the job reads on the cluster's "
                             "nodes; write it relative to the task file to send it with the job")
             continue
-        target = folder / os.path.normpath(as_written)
+        target = Path(os.path.normpath(folder / as_written))
+        if not target.is_relative_to(folder):
+            raise ClusterError(f"{task.path}: {as_written} reaches outside the task's folder by name; write the "
+                               "path from the task's folder down, as it resolves")
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             target.symlink_to(demo.media)

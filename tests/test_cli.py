@@ -277,11 +277,11 @@ def test_submit_sends_the_entrypoint_with_the_same_options(
     assert job_client[0] == ("connect", "http://head:8265", {"Authorization": "Bearer the-token"})
     _, entrypoint, runtime_env = job_client[1]
     assert shlex.split(entrypoint) == [
-        "python", "jobs/annotate.py", "_tasks/0-tasks/caption.yaml", "_tasks/0-tasks/count.yaml",
+        "python", "jobs/annotate.py", "_tasks/0/tasks/caption.yaml", "_tasks/0/tasks/count.yaml",
         "--input", "s3://b/in", "--output", "s3://b/out", "--vision-actors", "2", "--generate-gpus", "0.5",
         "--no-progress", "--force", "--retry-errors", "--flush-rows", "100"]
     assert {"/.venv/", "/.git/", "/out/", "/.mypy_cache/"} <= set(runtime_env["excludes"])
-    staged = tmp_path / "cluster" / "_tasks" / "0-tasks"
+    staged = tmp_path / "cluster" / "_tasks" / "0" / "tasks"
     assert (staged / "count.yaml").read_bytes() == (TASKS / "count.yaml").read_bytes()
     assert (staged / "demos" / "two.png").read_bytes() == (TASKS / "demos" / "two.png").read_bytes()
     assert "raysubmit_123" in result.stdout
@@ -312,6 +312,7 @@ def test_submit_carries_task_files_from_anywhere_with_their_media(
     task = folder / "t.yaml"
     task.write_text("name: t\ndemonstrations:\n  - {media: demos/one.png, text: one}\n"
                     "  - {media: ./demos/more/../more/two.png, text: two}\n"
+                    "  - {media: ../elsewhere/demos/one.png, text: one}\n"
                     f"  - {{media: {TASKS / 'demos' / 'two.png'}, text: two}}\n")
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(main, ["submit", str(task), "--input", "in", "--output", "out", "--address", "h:8265"])
@@ -320,12 +321,20 @@ def test_submit_carries_task_files_from_anywhere_with_their_media(
     assert f"{TASKS / 'demos' / 'two.png'} is an absolute path, which the job reads on the cluster's" in result.stderr
     assert job_client[0][1] == "http://h:8265"
     entrypoint = shlex.split(job_client[1][1])
-    assert entrypoint[2:7] == ["_tasks/0-elsewhere/t.yaml", "--input", str(tmp_path / "in"),
+    assert entrypoint[2:7] == ["_tasks/0/elsewhere/t.yaml", "--input", str(tmp_path / "in"),
                                "--output", str(tmp_path / "out")]
-    staged = tmp_path / "cluster" / "_tasks" / "0-elsewhere"
+    staged = tmp_path / "cluster" / "_tasks" / "0" / "elsewhere"
     assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) == [
         "demos/more/two.png", "demos/one.png", "t.yaml"]
     assert load_tasks([staged / "t.yaml"])[0].sha256 == load_tasks([task])[0].sha256
+
+    roundabout = folder / "roundabout.yaml"  # valid here, but names folders above its own
+    roundabout.write_text(f"name: r\ndemonstrations:\n  - {{media: ../../{tmp_path.name}/elsewhere/demos/one.png, "
+                          "text: one}\n")
+    result = runner.invoke(main, ["submit", str(roundabout), "--input", "s3://b/i", "--output", "s3://b/o",
+                                  "--address", "h:8265"])
+    assert result.exit_code == 1 and "reaches outside the task's folder" in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and sum(call[0] == "submit" for call in job_client) == 1
 
 
 def test_submit_with_a_bad_task_submits_nothing(runner: CliRunner, job_client: list[tuple], bad_task: Path) -> None:

@@ -177,7 +177,7 @@ def test_a_job_submitted_from_outside_the_project_runs_to_the_end(
     lines = status.stdout.splitlines()
     assert lines[0] == f"{job_id}: SUCCEEDED (Job finished successfully.)"
     assert lines[1].startswith("  started:") and lines[2].startswith("  ended:")
-    assert lines[3].startswith("  entrypoint: python jobs/annotate.py '_tasks/0-my tasks/colour.yaml' --input ")
+    assert lines[3].startswith("  entrypoint: python jobs/annotate.py '_tasks/0/my tasks/colour.yaml' --input ")
 
     assert logs.exit_code == 0 and "Annotated 3 items" in logs.stdout
     assert f"Output: {work / 'annotations'}" in logs.stdout
