@@ -382,7 +382,7 @@ def _nothing_to_do_after_complete_run(config: JobConfig, files: Sequence[ListedF
 
 def _nothing_to_do(config: JobConfig, plan: plan_module.JobPlan) -> JobSummary:
     what = f"all {plan.items} items" if plan.items is not None else f"every item of the {plan.files} files"
-    return JobSummary(items=0, rows_ok=0, rows_error=0, skipped=plan.done_everywhere, seconds=0.0,
+    return JobSummary(items=0, rows_ok=0, rows_error=0, skipped=plan.done_ids, seconds=0.0,
                       output=config.output_uri, nothing_to_do=(
                           f"{what} of {config.input_uri} are in {config.output_uri} for every task "
                           f"({', '.join(t.name for t in config.tasks)}), and no error rows to retry"))

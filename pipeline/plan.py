@@ -45,6 +45,7 @@ class JobPlan:
     retry: int                      # error rows of listed files the run re-attempts
     sample: float | None = None
     limit: int | None = None
+    done_ids: int = 0               # ids done for every task that belong to listed files (a resume skips them)
 
     @property
     def files(self) -> int:
@@ -95,7 +96,8 @@ def make_plan(input_uri: str, counts: Sequence[FileCount], done: Mapping[str, se
                           for c in counts for n in [by_file.get(c.uri, 0)])
     per_task = {task: sum(owners.count(ids).values()) for task, ids in done.items()}
     retry = sum(owners.count(set(retry_ids)).values())
-    return JobPlan(input_uri, tuple(counts), per_task, done_everywhere, retry, sample, limit)
+    return JobPlan(input_uri, tuple(counts), per_task, done_everywhere, retry, sample, limit,
+                   done_ids=sum(by_file.values()))
 
 
 def nothing_to_do(plan: JobPlan, last_complete: Mapping[str, Any] | None, listing_sha256: str,

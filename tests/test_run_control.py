@@ -17,11 +17,11 @@ from click.testing import CliRunner
 from sample_media import image_bytes, img2dataset_parquet_bytes, tar_bytes
 
 from flamingo_annotate.cli import main
-from media.count import count_items
+from media.count import FileCount, count_items
 from media.files import list_files
 from pipeline import runs
 from pipeline.job import JobConfig, JobError, plan_job, run_job
-from pipeline.plan import in_sample
+from pipeline.plan import in_sample, make_plan, nothing_to_do
 from pipeline.progress import ProgressLine
 from pipeline.task import load_tasks
 from pipeline.write import OutputWriteError
@@ -97,8 +97,6 @@ def test_items_are_counted_from_listing_footers_and_tar_headers(input_dir: Path,
 
 
 def plan_items(counts: list) -> int | None:
-    from pipeline.plan import make_plan
-
     return make_plan("x", counts, {"t": set()}, []).items
 
 
@@ -220,6 +218,21 @@ def test_a_sample_is_the_same_items_on_every_run(ray_session: None, task_files: 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))
     again = run_job(config(task_files, str(input_dir), str(out), sample=0.5, progress=False))
     assert again.nothing_to_do and set(rows(out).id) == ids
+
+
+def test_uncounted_shards_are_judged_by_the_last_complete_run() -> None:
+    counts = [FileCount("s3://b/a.tar", "tar", None), FileCount("s3://b/x.png", "file", 1)]
+    done = {"t": {"s3://b/a.tar::k1", "s3://b/a.tar::k2", "s3://b/x.png", "s3://elsewhere/y.png"}}
+    plan = make_plan("s3://b", counts, done, [])
+    assert (plan.items, plan.done_everywhere, plan.to_do) == (None, 3, None)
+    record = {"status": "complete", "task_hashes": {"t": "h"}, "read_all": True, "settings": {"sample": None},
+              "input": {"listing_sha256": "d", "items_seen": 3}}
+    assert nothing_to_do(plan, record, "d", {"t": "h"})
+    assert not nothing_to_do(plan, {**record, "input": {"listing_sha256": "d", "items_seen": 4}}, "d", {"t": "h"})
+    assert not nothing_to_do(plan, record, "another listing", {"t": "h"})
+    assert not nothing_to_do(plan, {**record, "read_all": False}, "d", {"t": "h"})  # a --limit run stopped early
+    assert not nothing_to_do(plan, None, "d", {"t": "h"})
+    assert not nothing_to_do(make_plan("s3://b", counts, done, ["s3://b/a.tar::k3"]), record, "d", {"t": "h"})
 
 
 # --- the progress line ----------------------------------------------------------------------------------------------
