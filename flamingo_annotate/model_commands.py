@@ -47,37 +47,56 @@ def recipe(config: str, local: bool) -> None:
 @click.command("eval")
 @click.option("--model", metavar="NAME_OR_PATH",
               help="A preset, a bundled model or a saved model folder [default: miniature].")
-@click.option("--scenes", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Held-out scenes to caption and question.")
-@click.option("--clips", type=click.IntRange(min=0), default=32, show_default=True,
-              help="Held-out clips to caption and question.")
-@click.option("--episodes", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Binding episodes per point of the few-shot curve.")
+@click.option("--scenes", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Held-out scenes to caption (0-shot).")
+@click.option("--clips", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Held-out clips to caption (0-shot).")
+@click.option("--questions", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Questions per attribute, each on its own held-out scene or clip.")
+@click.option("--episodes", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Binding episodes per point of each few-shot curve.")
 @click.option("--ways", type=click.IntRange(min=2), default=2, show_default=True,
               help="Nonsense words per binding episode (chance = 1/ways).")
 @click.option("--shots", default="0,1,2,4,8", show_default=True, help="Shots per word on the binding curve.")
 @click.option("--categories", default="colour_shape,shape", show_default=True,
               help="What the binding words name, one curve each: colour_shape ('red circle'), shape.")
+@click.option("--words", default="train,wide", show_default=True,
+              help="Nonsense words, one row each: train (training's generator), wide (a wider one).")
+@click.option("--task-items", type=click.IntRange(min=0), default=240, show_default=True,
+              help="Held-out scenes for each example task file.")
+@click.option("--tasks", "task_files", default="jobs/tasks/caption.yaml,jobs/tasks/count.yaml", show_default=True,
+              help="Example task files to score on held-out scenes ('' to skip).")
+@click.option("--parts", default="caption,qa,binding,tasks", show_default=True, help="What to measure.")
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads [default: torch's].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
 @trust_remote_code_option
-def evaluate(model: str | None, scenes: int, clips: int, episodes: int, ways: int, shots: str, categories: str,
+def evaluate(model: str | None, scenes: int, clips: int, questions: int, episodes: int, ways: int, shots: str,
+             categories: str, words: str, task_items: int, task_files: str, parts: str, threads: int | None,
              seed: int, json_path: str | None, trust_remote_code: bool) -> None:
-    """Caption, question-answering and few-shot binding accuracy on held-out scenes of the synthetic world,
-    with the binding curve repeated with every gate at 0 (no vision) as the control."""
+    """Accuracy with Wilson 95% intervals and chance, on held-out draws of the synthetic world: 0-shot
+    captions, question answering per attribute, the few-shot binding curves (training-like and wider
+    nonsense words, each with every gate at 0 as the no-vision control) and the example task files."""
+    import torch
+
     from flamingo import DEFAULT_MODEL, load_model
     from training.evaluate import EvalConfig
     from training.evaluate import evaluate as run_evaluation
 
+    def listed(text: str) -> tuple[str, ...]:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+
     try:
-        settings = EvalConfig(seed=seed, scenes=scenes, clips=clips, episodes=episodes, ways=ways,
-                              shots=tuple(int(s) for s in shots.split(",") if s.strip()),
-                              categories=tuple(c.strip() for c in categories.split(",") if c.strip()))
+        settings = EvalConfig(seed=seed, scenes=scenes, clips=clips, questions=questions, episodes=episodes,
+                              ways=ways, shots=tuple(int(s) for s in listed(shots)), categories=listed(categories),
+                              words=listed(words), task_items=task_items, tasks=listed(task_files))
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
+    if threads:
+        torch.set_num_threads(threads)
     with refused_models():
         loaded = load_model(model or DEFAULT_MODEL, trust_remote_code=trust_remote_code)
-    report = run_evaluation(loaded, settings)
+    report = run_evaluation(loaded, settings, parts=listed(parts))
     click.echo(report.table())
     if json_path:
         report.save(json_path)

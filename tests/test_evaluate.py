@@ -1,17 +1,105 @@
-"""The evaluation: its scoring rules on known answers, the no-vision control, and the command."""
+"""The evaluation: its statistics, what it draws, that the draws are held out, its scoring rules on known
+answers, the no-vision control, and the command."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from scipy.stats import binomtest
 
 import flamingo
 from flamingo_annotate.cli import main
-from training.evaluate import caption_scores, gates_closed, object_phrases, qa_scores
-from training.synthetic import QA, make_scene
+from training.evaluate import (
+    CLIP_ATTRIBUTES,
+    EVAL_STREAM,
+    SCENE_ATTRIBUTES,
+    EvalConfig,
+    binding_episodes,
+    caption_scores,
+    caption_task_scores,
+    count_task_scores,
+    eval_seed,
+    gates_closed,
+    is_training_word,
+    object_phrases,
+    proportion,
+    qa_items,
+    qa_scores,
+    wide_nonsense_words,
+    wilson_interval,
+)
+from training.synthetic import QA, make_scene, nonsense_words
+
+
+@pytest.mark.parametrize("k, n", [(0, 10), (5, 10), (10, 10), (200, 200), (37, 200), (1, 3)])
+def test_wilson_interval_matches_scipy(k, n):
+    expected = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    low, high = wilson_interval(k, n)
+    assert low == pytest.approx(expected.low, abs=1e-9) and high == pytest.approx(expected.high, abs=1e-9)
+
+
+def test_wilson_interval_known_values():
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(200, 200) == pytest.approx((0.9812, 1.0), abs=1e-4)
+    figure = proportion(150, 200, 0.5)
+    assert figure["accuracy"] == 0.75 and figure["n"] == 200 and figure["chance"] == 0.5
+    assert figure["ci95"][0] < 0.75 < figure["ci95"][1]
+
+
+def test_defaults_draw_at_least_200_per_figure():
+    config = EvalConfig()
+    items = qa_items(config)
+    assert set(items) == set(SCENE_ATTRIBUTES + CLIP_ATTRIBUTES)
+    for attribute, asked in items.items():
+        assert len(asked) >= 200 and all(qa.attribute == attribute for _, qa in asked)
+        assert len({id(sample) for sample, _ in asked}) == len(asked)      # one question per sample
+    assert config.episodes >= 200 and config.task_items >= 200 and config.scenes >= 200
+    assert set(config.words) == {"train", "wide"} and 0 in config.shots and max(config.shots) >= 8
+    few = EvalConfig(episodes=5)
+    assert len(binding_episodes(few, "shape", 4, "wide")) == 5
+
+
+def test_wide_words_are_outside_the_training_distribution_on_the_same_images():
+    rng = np.random.default_rng(0)
+    trained = nonsense_words(rng, 500)
+    assert all(is_training_word(w) for w in trained)
+    wide = wide_nonsense_words(rng, 500)
+    assert not any(is_training_word(w) for w in wide)
+    assert len({len(w) for w in wide}) > len({len(w) for w in trained})
+    assert set("".join(wide)) - set("".join(trained))          # letters training never used
+    config = EvalConfig(episodes=3)
+    for a, b in zip(binding_episodes(config, "colour_shape", 2, "train"),
+                    binding_episodes(config, "colour_shape", 2, "wide")):
+        assert a.support == b.support and a.query == b.query and a.categories == b.categories
+        assert not set(a.words) & set(b.words)
+        assert b.answer == b.words[a.words.index(a.answer)]
+        assert [b.words[a.words.index(w)] for w in a.support_words] == list(b.support_words)
+
+
+def _training_seed_states(seed: int = 0, streams: int = 8, indices: int = 3000) -> set[tuple[int, ...]]:
+    """The seed-sequence states training draws from: (seed, stream, index), stream 0/1 in stages 1-2,
+    the data-parallel rank in stage 3, index a batch or document number."""
+    return {tuple(np.random.SeedSequence((seed, s, i)).generate_state(4)) for s in range(streams)
+            for i in range(indices)}
+
+
+def test_held_out_draws_never_share_a_seed_sequence_with_training():
+    assert eval_seed(0, 1, 2) == (0, EVAL_STREAM, 1, 2) and EVAL_STREAM > 1000
+    training = _training_seed_states(indices=1000)
+    # Every kind of evaluation draw, first few of each (QA and tasks: attribute / task index first).
+    drawn = ([eval_seed(0, part, i) for part in range(5) for i in range(200)]
+             + [eval_seed(0, 2, a, i) for a in range(8) for i in range(200)]
+             + [eval_seed(0, 3, c, s, i) for c in range(2) for s in (0, 1, 2, 4, 8) for i in range(50)])
+    states = {tuple(np.random.SeedSequence(seed).generate_state(4)) for seed in drawn}
+    assert len(states) == len(drawn) and not states & training
+    # and the draws differ from training's where it matters: not one scene of training's first stream
+    train_scenes = {make_scene((0, 0, i)).objects for i in range(300)}
+    assert not train_scenes & {make_scene(eval_seed(0, 0, i)).objects for i in range(300)}
 
 
 def test_caption_scores_count_whole_object_phrases():
@@ -20,15 +108,32 @@ def test_caption_scores_count_whole_object_phrases():
     assert scene.caption() == f"{first} and {second}."
     wrong_colour = second.replace(scene.objects[1].colour, "green" if scene.objects[1].colour != "green" else "red")
     scores = caption_scores([(scene, scene.caption().upper()), (scene, f"{first} and {wrong_colour}.")])
-    assert scores == {"exact": 0.5, "object_recall": 0.75, "count": 2.0}
+    assert scores["exact"]["correct"] == 1 and scores["exact"]["n"] == 2
+    assert scores["object_recall"]["correct"] == 3 and scores["object_recall"]["n"] == 4
+    task = caption_task_scores([scene, scene], [scene.caption(), f"{first} and {wrong_colour}."])
+    assert task["exact"]["correct"] == 1 and task["object_count"]["correct"] == 2
+    assert task["colours_in_scene"]["correct"] == (1 if {"green", "red"} - {o.colour for o in scene.objects} else 2)
 
 
-def test_qa_scores_are_exact_matches_per_attribute():
+def test_qa_scores_are_exact_matches_per_attribute_with_baselines():
     questions = [QA("What colour is the circle?", "red", "colour"), QA("What colour is the star?", "blue", "colour"),
-                 QA("How many shapes are there?", "two", "count")]
-    scores = qa_scores(questions, ["Red.", "red", "two"])
-    assert scores["colour"] == {"accuracy": 0.5, "count": 2.0}
-    assert scores["count"]["accuracy"] == 1.0 and scores["all"]["accuracy"] == pytest.approx(2 / 3)
+                 QA("What colour is the square?", "red", "colour"), QA("How many shapes are there?", "two", "count")]
+    scores = qa_scores(questions, ["Red.", "red", "red", "two"])
+    colour = scores["colour"]
+    assert (colour["correct"], colour["n"], colour["chance"]) == (2, 3, 0.2)
+    assert colour["majority"] == pytest.approx(2 / 3, abs=1e-4)
+    assert colour["top_answer"] == "red" and colour["top_answer_share"] == 1.0
+    assert scores["count"]["accuracy"] == 1.0 and scores["all"]["accuracy"] == 0.75
+
+
+def test_count_task_scores_per_class_and_label_bias():
+    scenes = [make_scene(i) for i in range(30)]
+    answers = ["one"] * 30                       # a model that always says 'one'
+    scores = count_task_scores(scenes, answers, ["one", "two", "three"])
+    ones = sum(len(s.objects) == 1 for s in scenes)
+    assert scores["accuracy"]["correct"] == ones and scores["accuracy"]["answers"] == {"one": 30}
+    assert scores["true_one"]["accuracy"] == 1.0
+    assert scores["true_two"]["correct"] == 0 and scores["true_three"]["correct"] == 0
 
 
 def test_gates_closed_gives_the_bare_lm_and_restores_the_gates():
@@ -43,13 +148,18 @@ def test_gates_closed_gives_the_bare_lm_and_restores_the_gates():
     assert all(torch.equal(b.attn_gate, g) for b, g in zip(model.gated_cross_attn_layers(), before))
 
 
-def test_eval_command_prints_the_table_and_writes_json(tmp_path):
+def test_eval_command_prints_intervals_and_writes_json(tmp_path):
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(main, ["eval", "--model", "tiny-random", "--scenes", "2", "--clips", "1",
-                                       "--episodes", "2", "--shots", "0,2", "--json", str(out)])
+                                       "--questions", "2", "--episodes", "2", "--shots", "0,2", "--task-items", "3",
+                                       "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert "binding shapes, any colour, 2-way (chance 0.50)" in result.output
-    assert "binding colour + shape pairs" in result.output and "gates forced to 0" in result.output
+    assert "train words, gates at 0" in result.output and "wide words, with vision" in result.output
+    assert "95% interval" in result.output and "chance" in result.output and "true three" in result.output
     report = json.loads(out.read_text())
     assert set(report["binding"]) == {"shape", "colour_shape"} and report["binding_chance"] == 0.5
-    assert set(report["binding"]["shape"]["gates_closed"]) == {"0", "2"}
+    point = report["binding"]["shape"]["wide"]["gates_closed"]["2"]
+    assert point["n"] == 2 and len(point["ci95"]) == 2 and point["chance"] == 0.5
+    assert report["qa"]["position"]["n"] == 2 and report["qa"]["position"]["chance"] == pytest.approx(1 / 9, abs=1e-4)
+    assert set(report["tasks"]) == {"caption", "count"} and report["tasks"]["count"]["accuracy"]["n"] == 3
