@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import secrets
 import time
 import warnings
@@ -249,15 +250,17 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
     writer_options = {key: value for key, value in writer_options.items() if value is not None}
 
     started_ray = not ray.is_initialized()
+    # A fresh local instance that this process starts (no address given, none in RAY_ADDRESS) is one machine:
+    # an actor that dies there stops the job (what was committed stays; a re-run resumes) rather than restart
+    # forever on the batch that killed it. Anywhere else nodes come and go, and Ray Data's own fault tolerance
+    # stays (bounded task retries there fail a job that loses a node: the restarting actor is "unavailable").
+    # Ray logs an error line for every restartable actor pool, as its constructor lives in the object store.
+    local = started_ray and config.address is None and not os.environ.get("RAY_ADDRESS")
     quiet_ray(config.log_level)
     if started_ray:
         ray.init(address=config.address, include_dashboard=False, log_to_driver=False,
                  ignore_reinit_error=True, logging_level=logging.getLevelName(config.log_level))
-    # Actors: a local one that dies stops the job (what was committed stays; a re-run resumes) rather than
-    # restart forever on the batch that killed it; on a cluster, where nodes come and go, a few restarts.
-    # (Ray logs an error line for every restartable actor pool: its constructor lives in the object store.)
-    restarts: dict[str, Any] = ({"max_restarts": 0} if config.address is None
-                                else {"max_restarts": 3, "max_task_retries": 3})
+    restarts: dict[str, Any] = {"max_restarts": 0} if local else {}
     progress = ProgressLine(plan.to_do) if config.progress else None
     try:
         read = read_items(config.input_uri, storage_options=in_options,
