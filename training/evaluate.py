@@ -472,6 +472,8 @@ def score_task(model: Flamingo, path: str | Path, scenes: Sequence[Scene], confi
     from pipeline.generate import load_demonstration_pixels
     from pipeline.task import load_task
 
+    if not Path(path).is_absolute() and not Path(path).exists():
+        path = Path(__file__).resolve().parents[1] / path      # the repository's own jobs/tasks
     task = load_task(path, check_remote_media=False)
     decode = DecodeConfig.for_model(model.config)
     with torch.inference_mode():
