@@ -225,11 +225,16 @@ def submit(ctx: click.Context, task_files: tuple[str, ...], address: str, token_
 @click.argument("job_id")
 @_dashboard_option
 def status(job_id: str, address: str, token_file: str | None) -> None:
-    """Show a submitted job's status, when it started and ended, and its command line."""
+    """Show a submitted job's status, when it started and ended, and its command line.
+
+    Exit status: 0 pending, running or succeeded; 1 failed or stopped (so scripts can wait on it)."""
     from flamingo_annotate import cluster
 
     server = cluster.JobServer(address, token_file)
-    click.echo(cluster.describe(job_id, server.info(job_id)))
+    info = server.info(job_id)
+    click.echo(cluster.describe(job_id, info))
+    if str(info.status).rsplit(".", 1)[-1] in ("FAILED", "STOPPED"):
+        click.get_current_context().exit(1)
 
 
 @main.command()

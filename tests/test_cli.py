@@ -249,7 +249,8 @@ def job_client(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple]:
 
         def get_job_info(self, job_id: str):
             calls.append(("info", job_id))
-            return SimpleNamespace(status="RUNNING", message="Job is currently running.", start_time=1_700_000_000_000,
+            state = "FAILED" if job_id.endswith("failed") else "RUNNING"
+            return SimpleNamespace(status=state, message="Job is currently running.", start_time=1_700_000_000_000,
                                    end_time=None, entrypoint="python jobs/annotate.py t.yaml")
 
         def get_job_logs(self, job_id: str) -> str:
@@ -348,6 +349,8 @@ def test_status_and_logs(runner: CliRunner, job_client: list[tuple]) -> None:
     assert status.stdout.splitlines() == ["raysubmit_123: RUNNING (Job is currently running.)",
                                           "  started:    2023-11-14 22:13:20 UTC",
                                           "  entrypoint: python jobs/annotate.py t.yaml"]
+    failed_status = runner.invoke(main, ["status", "raysubmit_failed", "--address", "http://h:8265"])
+    assert failed_status.exit_code == 1 and failed_status.stdout.startswith("raysubmit_failed: FAILED")
     logs = runner.invoke(main, ["logs", "raysubmit_123", "--address", "http://h:8265"])
     assert logs.stdout == "line 1\nline 2\n"
     failed = SimpleNamespace(status="FAILED", start_time=1_700_000_000_000, end_time=1_700_000_042_000,
