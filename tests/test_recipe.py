@@ -28,7 +28,8 @@ SMALL = {
                 "steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1},
                {"data": {"image_size": 32, "max_media": 2, "max_length": 160, "num_frames": 4, "binding_shots": 2},
                 "steps": 3, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 3, "log_every": 1}],
-    "eval": {"scenes": 2, "clips": 1, "episodes": 2, "shots": [0, 1], "image_size": 32, "max_new_tokens": 4},
+    "eval": {"scenes": 2, "clips": 1, "episodes": 2, "questions": 2, "task_items": 3, "shots": [0, 1],
+             "image_size": 32, "max_new_tokens": 4},
 }
 
 
@@ -50,8 +51,8 @@ def test_recipe_runs_every_stage_then_skips_them(tmp_path: Path, capsys):
     assert 0 <= record["stages"]["stage 1: vision tower"]["retrieval_top1"] <= 1
     assert 0 <= record["stages"]["stage 2: language model"]["text_binding"] <= 1
     report = json.loads((model_dir / "eval.json").read_text())
-    assert set(report["binding"]["shape"]) == {"model", "gates_closed"}
-    assert set(report["binding"]["colour_shape"]["model"]) == {"0", "1"}
+    assert set(report["binding"]["shape"]["train"]) == {"model", "gates_closed"}
+    assert set(report["binding"]["colour_shape"]["train"]["model"]) == {"0", "1"}
     model = flamingo.load_model(str(model_dir))
     assert model.config.num_latents == 4 and model.config.vis_dim == 32
     assert any(b.attn_gate.item() != 0 for b in model.gated_cross_attn_layers())   # stage 3 trained the gates
