@@ -96,6 +96,10 @@ def _job_options(command: Callable) -> Callable:
                      help="Frames per video item (overrides the task files)."),
         click.option("--fps", type=click.FloatRange(min=0, min_open=True),
                      help="Sample video frames at this rate instead of evenly (overrides the task files)."),
+        click.option("--max-pixels", type=count,
+                     help="Largest picture decoded (width x height; default 50000000): larger ones are error rows."),
+        click.option("--decode-timeout", type=click.FloatRange(min=0, min_open=True),
+                     help="Seconds one item may take to decode before it is an error row (default 60)."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
         click.option("--force", is_flag=True,
                      help="Take over the output even while another run holds its lease (_lease.json)."),
@@ -322,7 +326,8 @@ def _job_config(tasks: Sequence[Task], *, input_uri: str, output_uri: str, addre
                 vision_actors: int | None, vision_batch_size: int | None, vision_gpus: float | None,
                 vision_cpus: float | None, generate_actors: int | None, generate_batch_size: int | None,
                 generate_gpus: float | None, generate_cpus: float | None, num_frames: int | None,
-                fps: float | None, s3_endpoint: str | None, no_progress: bool, force: bool, retry_errors: bool,
+                fps: float | None, max_pixels: int | None, decode_timeout: float | None, s3_endpoint: str | None,
+                no_progress: bool, force: bool, retry_errors: bool,
                 flush_rows: int | None, flush_seconds: float | None, trust_remote_code: bool,
                 keep_columns: str | None, media_key: str | None, include_sidecars: bool, limit: int | None,
                 sample: float | None, log_level: str | None, verbose: bool) -> JobConfig:
@@ -344,7 +349,8 @@ def _job_config(tasks: Sequence[Task], *, input_uri: str, output_uri: str, addre
                      media_keys=None if media_key is None else parse_media_keys(media_key),
                      limit=limit, sample=sample,
                      log_level=(log_level or ("INFO" if verbose else "WARNING")).upper(),
-                     **_given(model=model, address=address, num_frames=num_frames, fps=fps))
+                     **_given(model=model, address=address, num_frames=num_frames, fps=fps, max_pixels=max_pixels,
+                              decode_timeout_s=decode_timeout))
 
 
 def _forwarded_options(ctx: click.Context, exclude: set[str], values: Mapping[str, str] | None = None) -> list[str]:

@@ -128,6 +128,9 @@ class JobConfig:
     keep_columns: tuple[str, ...] | None = None  # input metadata kept as output columns (None: `key` for shards)
     media_keys: tuple[str, ...] | None = None    # WebDataset media extensions by preference (None: first member)
     include_sidecars: bool = False           # list producers' sidecar files (`_stats.json`, ...) as items too
+    # As media.decode.DecodeConfig's defaults (not imported here: it loads the decoders).
+    max_pixels: int = 50_000_000             # larger pictures (width x height) are error rows, read from headers
+    decode_timeout_s: float = 60.0           # an item that takes longer to decode is an error row
 
 
 def new_run_id() -> str:
@@ -195,7 +198,8 @@ def run_job(config: JobConfig) -> JobSummary:
     record = runs.new_record(config, run_id, files)
     seen: dict[str, Any] = {}  # what the run found out before it ended (runs.finish's keywords)
     try:
-        decode = DecodeConfig(image_size, mean, std, num_frames=num_frames, fps=fps)
+        decode = DecodeConfig(image_size, mean, std, num_frames=num_frames, fps=fps, max_pixels=config.max_pixels,
+                              timeout_s=config.decode_timeout_s)
         summary = _run_with_lease(config, run_id, lease, decode, files, in_options, out_options, seen)
         summary.seconds = time.perf_counter() - start
         if not summary.nothing_to_do:

@@ -184,6 +184,18 @@ def test_run_passes_the_output_options(runner: CliRunner, run_job_calls: list[Jo
     assert (config.force, config.retry_errors, config.flush_rows, config.flush_seconds) == (True, True, 500, 5.0)
 
 
+def test_run_passes_the_decoding_limits(runner: CliRunner, run_job_calls: list[JobConfig]) -> None:
+    result = runner.invoke(main, ["run", CAPTION, "--input", "s3://b/in", "--output", "s3://b/out",
+                                  "--max-pixels", "1000000", "--decode-timeout", "5"])
+    assert result.exit_code == 0, result.output
+    (config,) = run_job_calls
+    assert (config.max_pixels, config.decode_timeout_s) == (1_000_000, 5.0)
+    from media.decode import DecodeConfig
+
+    defaults = JobConfig(tasks=(), input_uri="", output_uri="")   # the job's defaults are the decoder's
+    assert (defaults.max_pixels, defaults.decode_timeout_s) == (DecodeConfig.max_pixels, DecodeConfig.timeout_s)
+
+
 def test_run_reports_job_errors_in_one_line(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
     def refused(config: JobConfig) -> JobSummary:
         raise job.JobError("s3://b/out is being written by run R (host h, pid 1, heartbeat 2 s ago); "
