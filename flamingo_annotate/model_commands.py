@@ -96,7 +96,9 @@ def evaluate(model: str | None, scenes: int, clips: int, questions: int, episode
         torch.set_num_threads(threads)
     with refused_models():
         loaded = load_model(model or DEFAULT_MODEL, trust_remote_code=trust_remote_code)
-    report = run_evaluation(loaded, settings, parts=listed(parts))
+    from flamingo_annotate.task_scoring import score_task
+
+    report = run_evaluation(loaded, settings, parts=listed(parts), score_task=score_task)
     click.echo(report.table())
     if json_path:
         report.save(json_path)

@@ -88,3 +88,19 @@ def s3() -> Iterator[S3Server]:
         patch.delenv("AWS_SESSION_TOKEN", raising=False)
         yield info
     server.stop()
+
+
+@pytest.fixture
+def run_job_calls(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Replaces pipeline.job.run_job (the commands' boundary) with a recorder of the JobConfigs it is given,
+    returning a fixed summary: 10 items, 28 rows ok, 2 with errors, 4 skipped, in 4 s."""
+    from pipeline import job
+
+    calls: list[Any] = []
+
+    def fake_run_job(config: job.JobConfig) -> job.JobSummary:
+        calls.append(config)
+        return job.JobSummary(items=10, rows_ok=28, rows_error=2, skipped=4, seconds=4.0, output=config.output_uri)
+
+    monkeypatch.setattr(job, "run_job", fake_run_job)
+    return calls

@@ -11,6 +11,7 @@ import pytest
 
 import flamingo
 from flamingo.presets import BUNDLED_DIR
+from flamingo_annotate.task_scoring import score_task
 from training.evaluate import EvalConfig, evaluate
 
 CARD = BUNDLED_DIR / flamingo.DEFAULT_MODEL
@@ -20,7 +21,7 @@ CARD = BUNDLED_DIR / flamingo.DEFAULT_MODEL
 # the default run) still runs this model end to end against true captions.
 @pytest.fixture(scope="module")
 def report():
-    return evaluate(flamingo.load_model(flamingo.DEFAULT_MODEL), EvalConfig())
+    return evaluate(flamingo.load_model(flamingo.DEFAULT_MODEL), EvalConfig(), score_task=score_task)
 
 
 def test_the_default_model_is_bundled_small_and_documented():

@@ -41,19 +41,6 @@ def bad_task(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def run_job_calls(monkeypatch: pytest.MonkeyPatch) -> list[JobConfig]:
-    """Replaces pipeline.job.run_job (the CLI's boundary) with a recorder returning a fixed summary."""
-    calls: list[JobConfig] = []
-
-    def fake_run_job(config: JobConfig) -> JobSummary:
-        calls.append(config)
-        return JobSummary(items=10, rows_ok=28, rows_error=2, skipped=4, seconds=4.0, output=config.output_uri)
-
-    monkeypatch.setattr(job, "run_job", fake_run_job)
-    return calls
-
-
 def output_rows() -> pa.Table:
     """Six rows (3 items x 2 tasks, one failed) in pipeline/write.py's output schema."""
     items = ["/in/a.png", "/in/b.png", "/in/c.mp4"]

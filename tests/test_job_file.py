@@ -11,23 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from flamingo_annotate.cli import PROJECT_ROOT, main
-from pipeline import job
-from pipeline.job import JobConfig, JobSummary
+from pipeline.job import JobConfig
 
 TASKS = PROJECT_ROOT / "jobs" / "tasks"
-
-
-@pytest.fixture
-def run_job_calls(monkeypatch: pytest.MonkeyPatch) -> list[JobConfig]:
-    """pipeline.job.run_job (the CLI's boundary) replaced with a recorder."""
-    calls: list[JobConfig] = []
-
-    def fake_run_job(config: JobConfig) -> JobSummary:
-        calls.append(config)
-        return JobSummary(items=1, rows_ok=1, rows_error=0, skipped=0, seconds=1.0, output=config.output_uri)
-
-    monkeypatch.setattr(job, "run_job", fake_run_job)
-    return calls
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ import platform
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -227,8 +227,16 @@ class EvalReport:
         return "\n".join(lines)
 
 
+# Runs one task file on held-out scenes and scores it: (task name, scores). Task files and their decoding belong to
+# the annotation pipeline, which this package does not import; the eval command passes
+# `flamingo_annotate.task_scoring.score_task`.
+TaskScorer = Callable[[Flamingo, "str | Path", Sequence[Scene], "EvalConfig"], tuple[str, dict[str, Any]]]
+
+
 def evaluate(model: Flamingo, config: EvalConfig = EvalConfig(),
-             parts: Sequence[str] = ("caption", "qa", "binding", "tasks")) -> EvalReport:
+             parts: Sequence[str] = ("caption", "qa", "binding", "tasks"),
+             score_task: TaskScorer | None = None) -> EvalReport:
+    """The held-out evaluation of `parts`; the example tasks ("tasks") are scored only with a `score_task`."""
     start = time.perf_counter()
     model.eval()
     report = EvalReport(config, machine=machine())
@@ -256,7 +264,7 @@ def evaluate(model: Flamingo, config: EvalConfig = EvalConfig(),
                     "model": binding_curve(model, transform, config, category, words)}
                 with gates_closed(model):
                     curves["gates_closed"] = binding_curve(model, transform, config, category, words)
-    if "tasks" in parts:
+    if "tasks" in parts and score_task is not None:
         for index, path in enumerate(config.tasks):
             name, scores = score_task(model, path, task_scenes(config, index), config)
             report.tasks[name] = scores
@@ -460,51 +468,6 @@ def gates_closed(model: Flamingo) -> Iterator[None]:
 
 
 # --- the example task files ----------------------------------------------------------------------
-
-
-def score_task(model: Flamingo, path: str | Path, scenes: Sequence[Scene], config: EvalConfig
-               ) -> tuple[str, dict[str, Any]]:
-    """Run one task file on `scenes` as the annotation pipeline does (pipeline.generate.Annotator: the
-    demonstrations as a few-shot prefix, the query after each item's `<image>`, labels scored with their
-    end-of-chunk) and score the answers against the scenes' truth. Classify tasks whose labels are
-    number words (count.yaml) are scored as object counts; generate tasks (caption.yaml) as captions."""
-    from media.decode import DecodeConfig
-    from pipeline.generate import load_demonstration_pixels
-    from pipeline.task import load_task
-
-    if not Path(path).is_absolute() and not Path(path).exists():
-        path = Path(__file__).resolve().parents[1] / path      # the repository's own jobs/tasks
-    task = load_task(path, check_remote_media=False)
-    decode = DecodeConfig.for_model(model.config)
-    with torch.inference_mode():
-        prefix_ids, _ = model.tokenize([task.prefix_text()])
-        demos = load_demonstration_pixels(task, decode, {}) if task.demonstrations else None
-        prefix = model.prepare_prefix(prefix_ids, vision_x=None if demos is None else demos.to(model.device))
-        query_ids, _ = model.tokenize([task.query_text()])
-        transform = image_transform(model)
-        outputs: list[str] = []
-        for start in range(0, len(scenes), config.batch_size):
-            batch = scenes[start:start + config.batch_size]
-            pixels = torch.stack([transform(Image.fromarray(s.image()))[None] for s in batch])[:, None]
-            visual = model.encode_vision(pixels.to(model.device, model.dtype))
-            query = query_ids.expand(len(batch), -1)
-            if task.kind == "classify":
-                candidates = [model.tokenizer.encode(c, add_special_tokens=False) for c in task.candidates()]
-                scores = model.score(query, candidates, visual_tokens=visual, prefix=prefix,
-                                     length_normalize=task.generation.length_normalize)
-                labels = [label.strip() for label in task.labels]
-                outputs += [labels[int(np.argmax(row))] for row in scores.tolist()]
-            else:
-                g = task.generation
-                out = model.generate(lang_x=query, visual_tokens=visual, prefix=prefix, max_new_tokens=g.max_new_tokens,
-                                     num_beams=g.num_beams, do_sample=False, return_dict=True)
-                outputs += model.decode(out.new_tokens)
-    labels = [label.strip() for label in task.labels]
-    if task.kind == "classify" and set(labels) <= set(NUMBER_WORDS):
-        return task.name, count_task_scores(scenes, outputs, labels)
-    if task.kind == "classify":
-        raise ValueError(f"{path}: no truth in the synthetic world for labels {labels}")
-    return task.name, caption_task_scores(scenes, outputs)
 
 
 def count_task_scores(scenes: Sequence[Scene], answers: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:

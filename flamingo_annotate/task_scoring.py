@@ -1,0 +1,65 @@
+"""The example task files scored on held-out scenes of the synthetic world, as the annotation pipeline runs them.
+
+Here, above both, because it needs the pipeline's task files and demonstration decoding (pipeline.task,
+pipeline.generate) and the evaluation's world and scores (training.evaluate), and neither of those packages
+imports the other. `flamingo-annotate eval` passes `score_task` to `training.evaluate.evaluate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from flamingo import Flamingo
+from media.decode import DecodeConfig
+from pipeline.generate import load_demonstration_pixels
+from pipeline.task import load_task
+from training.evaluate import NUMBER_WORDS, EvalConfig, caption_task_scores, count_task_scores
+from training.sequences import image_transform
+from training.synthetic import Scene
+
+
+def score_task(model: Flamingo, path: str | Path, scenes: Sequence[Scene], config: EvalConfig
+               ) -> tuple[str, dict[str, Any]]:
+    """Run one task file on `scenes` as the annotation pipeline does (pipeline.generate.Annotator: the
+    demonstrations as a few-shot prefix, the query after each item's `<image>`, labels scored with their
+    end-of-chunk) and score the answers against the scenes' truth. Classify tasks whose labels are
+    number words (count.yaml) are scored as object counts; generate tasks (caption.yaml) as captions."""
+    if not Path(path).is_absolute() and not Path(path).exists():
+        path = Path(__file__).resolve().parents[1] / path      # the repository's own jobs/tasks
+    task = load_task(path, check_remote_media=False)
+    decode = DecodeConfig.for_model(model.config)
+    with torch.inference_mode():
+        prefix_ids, _ = model.tokenize([task.prefix_text()])
+        demos = load_demonstration_pixels(task, decode, {}) if task.demonstrations else None
+        prefix = model.prepare_prefix(prefix_ids, vision_x=None if demos is None else demos.to(model.device))
+        query_ids, _ = model.tokenize([task.query_text()])
+        transform = image_transform(model)
+        outputs: list[str] = []
+        for start in range(0, len(scenes), config.batch_size):
+            batch = scenes[start:start + config.batch_size]
+            pixels = torch.stack([transform(Image.fromarray(s.image()))[None] for s in batch])[:, None]
+            visual = model.encode_vision(pixels.to(model.device, model.dtype))
+            query = query_ids.expand(len(batch), -1)
+            if task.kind == "classify":
+                candidates = [model.tokenizer.encode(c, add_special_tokens=False) for c in task.candidates()]
+                scores = model.score(query, candidates, visual_tokens=visual, prefix=prefix,
+                                     length_normalize=task.generation.length_normalize)
+                labels = [label.strip() for label in task.labels]
+                outputs += [labels[int(np.argmax(row))] for row in scores.tolist()]
+            else:
+                g = task.generation
+                out = model.generate(lang_x=query, visual_tokens=visual, prefix=prefix, max_new_tokens=g.max_new_tokens,
+                                     num_beams=g.num_beams, do_sample=False, return_dict=True)
+                outputs += model.decode(out.new_tokens)
+    labels = [label.strip() for label in task.labels]
+    if task.kind == "classify" and set(labels) <= set(NUMBER_WORDS):
+        return task.name, count_task_scores(scenes, outputs, labels)
+    if task.kind == "classify":
+        raise ValueError(f"{path}: no truth in the synthetic world for labels {labels}")
+    return task.name, caption_task_scores(scenes, outputs)
