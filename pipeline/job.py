@@ -154,19 +154,14 @@ def video_sampling(tasks: Sequence[Task], config: JobConfig) -> tuple[int, float
 
 def run_job(config: JobConfig) -> JobSummary:
     """Run the job; raises JobError for what is reported as one line (see the module docstring)."""
-    from media.files import is_container, parse_media_keys
-    from pipeline.kept_columns import DEFAULT_KEEP_COLUMNS, check_keep_columns
+    from media.files import is_container
+    from pipeline.kept_columns import DEFAULT_KEEP_COLUMNS
     from pipeline.lease import Lease, LeaseHeld
 
     start = time.perf_counter()
     tasks = config.tasks
     num_frames, fps = video_sampling(tasks, config)  # before any work
-    try:
-        check_keep_columns(config.keep_columns or (), [t.output_column for t in tasks])
-        if config.media_keys is not None:
-            parse_media_keys(";".join(config.media_keys))
-    except ValueError as error:
-        raise JobError(str(error)) from None
+    _check_options(config)
     in_options = resolve_storage_options(config.input_uri, config.storage_options)
     out_options = resolve_storage_options(config.output_uri, config.storage_options)
     listing = _list_input(config.input_uri, in_options, config.include_sidecars)
@@ -328,6 +323,19 @@ def _list_input(uri: str, options: Mapping[str, Any], include_sidecars: bool = F
         raise JobError(f"cannot list input {uri}: {describe_error(exc)}") from None
 
 
+def _check_options(config: JobConfig) -> None:
+    """The options that can clash with the tasks, checked the same way by a run and by its dry run."""
+    from media.files import parse_media_keys
+    from pipeline.kept_columns import check_keep_columns
+
+    try:
+        check_keep_columns(config.keep_columns or (), [t.output_column for t in config.tasks])
+        if config.media_keys is not None:
+            parse_media_keys(";".join(config.media_keys))
+    except ValueError as error:
+        raise JobError(str(error)) from None
+
+
 def plan_job(config: JobConfig) -> plan_module.JobPlan:
     """What `run_job(config)` would do, found without Ray, the model or the lease, writing nothing: the input
     listed and its items counted, the output checked writable (a probe written and deleted) and scanned.
@@ -336,6 +344,7 @@ def plan_job(config: JobConfig) -> plan_module.JobPlan:
     from pipeline.write import scan_output
 
     video_sampling(config.tasks, config)
+    _check_options(config)
     try:
         check_model(config.model, trust_remote_code=config.trust_remote_code)
     except ValueError as error:

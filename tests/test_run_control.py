@@ -5,6 +5,7 @@ credentials). The job runs for real with the tiny model on the session's local R
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -111,6 +112,14 @@ def test_dry_run_prints_the_plan_and_starts_and_writes_nothing(task_files: list[
     assert "To do:   5 items, --limit 5" in result.output
     assert "Dry run: nothing started, nothing written." in result.output
     assert not (tmp_path / "not-yet").exists()
+
+
+def test_dry_run_refuses_what_the_run_would_refuse(task_files: list[str], input_dir: Path, tmp_path: Path,
+                                                  no_ray: None) -> None:
+    column = load_tasks(task_files)[0].output_column
+    clashing = dataclasses.replace(config(task_files, str(input_dir), str(tmp_path / "out")), keep_columns=(column,))
+    with pytest.raises(JobError, match=f"--keep-columns: {column} is also a task's output column"):
+        plan_job(clashing)
 
 
 def test_dry_run_on_s3_counts_and_leaves_the_output_empty(task_files: list[str], input_dir: Path, s3,
