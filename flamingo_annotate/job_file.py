@@ -29,6 +29,8 @@ from typing import Any
 import click
 import yaml
 
+from pipeline.task import is_uri
+
 TASKS_KEY = "tasks"
 PATH_KEYS = ("input", "output")  # relative local paths among the options, resolved against the file's folder
 MAX_FILE_BYTES = 1024 * 1024     # a job file is a few lines; anything this large is not one
@@ -114,6 +116,6 @@ def _params_by_key(command: click.Command) -> dict[str, click.Parameter]:
 def _relative_to(base: Path, value: str) -> str:
     """A local relative path read from the file, as a path from the file's folder; URIs and absolute paths as
     they are."""
-    if "://" in value or Path(value).is_absolute():
+    if is_uri(value) or Path(value).is_absolute():
         return value
     return str(base / value)
