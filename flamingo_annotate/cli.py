@@ -269,11 +269,13 @@ def query(output: str, sql: str | None, s3_endpoint: str | None, max_rows: int) 
     import duckdb
 
     from pipeline import query as output_query
+    from pipeline.runs import read_records
 
+    options = _storage_options(s3_endpoint)
     try:
-        con = output_query.connect(output, _storage_options(s3_endpoint))
+        con = output_query.connect(output, options)
         text = (output_query.run_sql(con, sql, max_rows) if sql
-                else output_query.summarize(con, output).format())
+                else output_query.summarize(con, output, records=read_records(output, options)).format())
     except (OSError, ValueError, duckdb.Error) as error:
         raise click.ClickException(str(error)) from None
     click.echo(text)

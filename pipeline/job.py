@@ -224,6 +224,7 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
     from pipeline.generate import Annotator, AnnotatorSpec
     from pipeline.lease import LeaseLost
     from pipeline.read import read_items
+    from pipeline.stage_stats import stage_rates
     from pipeline.write import OutputWriteError, drop_superseded, scan_output, write_rows
 
     tasks = config.tasks
@@ -294,6 +295,7 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
                            **writer_options)
         superseded = drop_superseded(config.output_uri, scan, stats.written_keys, run_id, task_hashes,
                                      storage_options=out_options)
+        seen["stages"] = stage_rates(ds)
     except (LeaseLost, OutputWriteError) as exc:
         raise JobError(str(exc)) from None
     finally:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from media.storage import arrow_filesystem, filesystem, is_local
 from pipeline.kept_columns import KEPT_COLUMNS_KEY, kept_columns
+from pipeline.runs import format_record
 from pipeline.schema import (
     ANNOTATION_COLUMN,
     CREATED_AT_COLUMN,
@@ -73,10 +74,16 @@ class OutputSummary:
     error_rows: int
     tasks: tuple[TaskCounts, ...]
     samples: tuple[dict[str, Any], ...]  # a few ok rows: item id, task, annotation
+    runs: tuple[str, ...] = ()           # the last runs' records, one line each (pipeline.runs.format_record)
+    run_count: int = 0                   # how many runs wrote a record
 
     def format(self) -> str:
         lines = [f"{self.output}: {self.rows} rows, {self.error_rows} with errors"]
         lines += [f"  {t.task:<24} {t.rows:>8} rows {t.errors:>6} errors" for t in self.tasks]
+        if self.runs:
+            older = self.run_count - len(self.runs)
+            lines.append(f"Runs ({self.run_count}, newest last{f'; {older} older not shown' if older else ''}):")
+            lines += [f"  {_printable(line)}" for line in self.runs]
         if self.samples:
             lines.append("Sample annotations:")
             lines += ["  " + " | ".join(_printable(str(value)) for value in row.values()) for row in self.samples]
@@ -139,8 +146,9 @@ def connect(output: str, storage_options: Mapping[str, Any] | None = None) -> du
     return con
 
 
-def summarize(con: duckdb.DuckDBPyConnection, output: str, samples: int = 5) -> OutputSummary:
-    """Row and error counts, per task, and a few ok rows."""
+def summarize(con: duckdb.DuckDBPyConnection, output: str, samples: int = 5,
+              records: Sequence[Mapping[str, Any]] = (), last_runs: int = 3) -> OutputSummary:
+    """Row and error counts, per task, a few ok rows, and the last runs (`records`: pipeline.runs.read_records)."""
     columns = con.table(ANNOTATIONS_VIEW).columns
     missing = [c for c in (TASK_COLUMN, ERROR_COLUMN) if c not in columns]
     if missing:
@@ -153,7 +161,8 @@ def summarize(con: duckdb.DuckDBPyConnection, output: str, samples: int = 5) -> 
                           f"ORDER BY ALL LIMIT {int(samples)}").to_dicts()
     tasks = tuple(TaskCounts(str(name), rows, errors) for name, rows, errors in per_task)
     return OutputSummary(output=output, rows=sum(t.rows for t in tasks), error_rows=sum(t.errors for t in tasks),
-                         tasks=tasks, samples=tuple(sample_rows))
+                         tasks=tasks, samples=tuple(sample_rows),
+                         runs=tuple(format_record(r) for r in records[-last_runs:]), run_count=len(records))
 
 
 def run_sql(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int = 40) -> str:

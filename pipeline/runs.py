@@ -2,10 +2,11 @@
 
 A run that took the output's lease writes its record when it ends: `complete`, `stopped` (interrupted) or
 `failed` (with the one-line reason). It holds the run id, start and end time, wall seconds, the counts of the
-rows it wrote (by status and error kind), items/s, the model, the tasks (name, file hash), the input URI with
-its number of files and a digest of the listing, the settings (no storage credentials: only the endpoint is
-kept), and the versions of flamingo-annotate, torch, ray, transformers and Python. A record is written like
-the output files: a local one under a hidden name, then renamed; an S3 one in one PUT.
+rows it wrote (by status and error kind), items/s, items/s per stage (pipeline/stage_stats.py), the model, the
+tasks (name, file hash), the input URI with its number of files and a digest of the listing, the settings (no
+storage credentials: only the endpoint is kept), and the versions of flamingo-annotate, torch, ray,
+transformers and Python. A record is written like the output files: a local one under a hidden name, then
+renamed; an S3 one in one PUT.
 
 The next run reads the records back: when the last complete run read the same listing with the same tasks
 and the output holds as many done items as it saw, there is nothing left to do (pipeline/plan.py).
@@ -152,15 +153,19 @@ def new_record(config: Any, run_id: str, files: Sequence[ListedFile]) -> dict[st
         "read_all": False,
         "counts": {},
         "items_per_second": None,
+        "stages": [],
         "settings": settings(config),
         "versions": versions(),
     }
 
 
 def finish(record: dict[str, Any], status: str, seconds: float, *, summary: Any = None, reason: str | None = None,
-           items_seen: int | None = None, read_all: bool = False) -> dict[str, Any]:
-    """`record` ended with `status`; `summary`: the run's pipeline.job.JobSummary when it got that far."""
-    record.update(status=status, reason=reason, ended_at=utc_now(), seconds=round(seconds, 3), read_all=read_all)
+           items_seen: int | None = None, read_all: bool = False,
+           stages: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """`record` ended with `status`; `summary`: the run's pipeline.job.JobSummary when it got that far;
+    `stages`: items/s per stage (pipeline/stage_stats.py)."""
+    record.update(status=status, reason=reason, ended_at=utc_now(), seconds=round(seconds, 3), read_all=read_all,
+                  stages=list(stages))
     record["input"]["items_seen"] = items_seen
     if summary is not None:
         record["counts"] = {"items": summary.items, "rows_ok": summary.rows_ok, "rows_error": summary.rows_error,

@@ -6,6 +6,7 @@ replace disappear; the summary counts the run's own rows; a bad input or endpoin
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -124,6 +125,14 @@ def test_the_summary_counts_only_the_rows_this_run_wrote(ray_session: None, task
     first = run(*command(task_file, str(source), str(out)))
     assert first.exit_code == 0, first.output
     assert "Annotated 3 items" in first.stdout and "rows ok:           3\n" in first.stdout
+    # the run's record has items/s per stage, and `query` shows the run
+    (record,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    stages = {stage["stage"].split("(")[-1].rstrip(")"): stage for stage in record["stages"]}
+    for name in ("VisionEncoder", "Annotator"):  # each took the 3 items and spent time on them
+        assert stages[name]["rows_in"] == 3 and stages[name]["busy_s"] > 0, record["stages"]
+        assert stages[name]["items_per_busy_second"] == pytest.approx(3 / stages[name]["busy_s"], rel=1e-2)
+    summary = run("query", str(out))
+    assert f"Runs (1, newest last):\n  {record['run_id']} complete 3 items (3 ok, 0 errors)" in summary.stdout
     again = run(*command(task_file, str(source), str(out)))
     assert again.exit_code == 0, again.output
     assert again.stdout.startswith(f"Nothing to do: all 3 items of {source} are in {out}")  # not the other 5
