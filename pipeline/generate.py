@@ -54,7 +54,7 @@ class AnnotatorSpec:
 @dataclass
 class _PreparedTask:
     task: Task
-    prefix: FewShotPrefix
+    prefix: FewShotPrefix | None        # None: a zero-shot task without instruction (nothing before the query)
     query_ids: torch.Tensor             # (1, Lq): every item's prompt after the prefix is the same
     candidates: list[list[int]]         # classify: token ids of each label's continuation
 
@@ -100,7 +100,9 @@ class Annotator:
         model = self.model
         prefix_ids, _ = model.tokenize([task.prefix_text()])
         demos = load_demonstration_pixels(task, decode, storage_options) if task.demonstrations else None
-        prefix = model.prepare_prefix(prefix_ids, vision_x=None if demos is None else demos.to(self.device))
+        # A zero-shot task with no instruction has no prefix at all: each query is the whole prompt.
+        prefix = (model.prepare_prefix(prefix_ids, vision_x=None if demos is None else demos.to(self.device))
+                  if prefix_ids.shape[1] else None)
         query_ids, _ = model.tokenize([task.query_text()])
         candidates = [model.tokenizer.encode(c, add_special_tokens=False) for c in task.candidates()]
         return _PreparedTask(task, prefix, query_ids, candidates)
