@@ -143,8 +143,12 @@ def _repeat_conditioning(cond: MediaConditioning, n: int) -> MediaConditioning:
 
 
 def prepare_prefix(lm: ConditionedLM, lang_x: torch.Tensor, visual_tokens: torch.Tensor | None) -> FewShotPrefix:
+    """Run the prefix once; an empty one (a zero-shot task without instruction) runs nothing and holds no
+    keys/values, and `run_prompt` then runs the prompt as it would without a prefix."""
     if lang_x.shape[0] != 1:
         raise ValueError(f"a prefix is one prompt (batch 1), got batch {lang_x.shape[0]}")
+    if lang_x.shape[1] == 0:
+        return FewShotPrefix(lang_x, DynamicCache(), None)
     mask = torch.ones_like(lang_x)
     cond = lm.conditioning(lang_x, visual_tokens)
     cache = DynamicCache()
@@ -165,7 +169,7 @@ def run_prompt(lm: ConditionedLM, lang_x: torch.Tensor, attention_mask: torch.Te
     prefix_kv: list | None = None
     position_offset = 0
     media, media_offset = visual_tokens, 0
-    if prefix is not None:
+    if prefix is not None and prefix.length:   # an empty prefix is no prefix
         if prefix.last_media is not None:  # text before the query's first image still sees the prefix's last
             last = prefix.last_media.expand(b, -1, -1, -1)
             media = last if visual_tokens is None else torch.cat([last, visual_tokens], dim=1)
