@@ -10,6 +10,7 @@ import torch
 
 from .builder import build, checked_saved_config, load_pretrained
 from .config import FlamingoConfig
+from .dtypes import resolve_dtype
 from .guards import UntrustedCodeError, check_fits
 from .model import Flamingo
 from .presets import PRESETS, bundled_models, from_name, is_preset, saved_folder
@@ -55,7 +56,7 @@ def _unknown_model(name_or_path: str) -> str:
             f"nor a preset ({', '.join(sorted(PRESETS))})")
 
 
-def load_model(name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+def load_model(name_or_path: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                trust_remote_code: bool = False, max_bytes: float | None = None) -> Flamingo:
     """The one way the pipeline gets a model: a `save_pretrained` folder, a bundled model's name
     ('miniature'), or a preset name or hub id.
@@ -63,7 +64,10 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
     No code that comes with a model runs unless the caller passes `trust_remote_code=True`: a folder that
     asks for it is refused (`flamingo.guards.UntrustedCodeError`), whatever its config says. A model that
     would need more than `max_bytes` to build (None: the memory available now, in the dtype it is built in,
-    float32 unless its LM config says otherwise) is refused before allocation (`ModelTooLargeError`)."""
+    float32 unless its LM config says otherwise) is refused before allocation (`ModelTooLargeError`).
+
+    `dtype` is a torch dtype or a name of `flamingo.dtypes.DTYPES` (`auto`: `resolve_dtype` for `device`);
+    None keeps the dtype the model was built in."""
     folder = saved_folder(name_or_path)
     if folder is not None:
         model = load_pretrained(folder, trust_remote_code=trust_remote_code, max_bytes=max_bytes)
@@ -71,7 +75,7 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
         model = from_preset(name_or_path, trust_remote_code=trust_remote_code, max_bytes=max_bytes)
     else:
         raise ValueError(_unknown_model(name_or_path))
-    return model.to(device=device, dtype=dtype)
+    return model.to(device=device, dtype=None if dtype is None else resolve_dtype(dtype, device))
 
 
 def create_model_and_transforms(clip_vision_encoder_path: str, clip_vision_encoder_pretrained: str | None,

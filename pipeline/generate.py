@@ -2,8 +2,9 @@
 
 Each task's demonstrations are encoded and run through the LM once, when the actor starts
 (`Flamingo.prepare_prefix`); every query item then pays only for its own tokens. Open-ended tasks
-generate, closed-ended ones score every label in one batched pass. Every input row gives exactly one
-output row per task, with `error` set when the item could not be annotated.
+generate, closed-ended ones score every label in one batched pass (and, with `calibrate: true`, divide out the
+label prior the prompt gives content-free images, measured once per task: flamingo/calibration.py). Every input
+row gives exactly one output row per task, with `error` set when the item could not be annotated.
 
 The actor is built from one `AnnotatorSpec`: Ray pickles it to every actor of the pool, so it holds the
 loaded tasks themselves, never paths to load again.
@@ -24,7 +25,7 @@ import torch
 
 from media.decode import DecodeConfig, frames_to_pixels, image_transform
 from media.isolation import IsolatedDecoder
-from pipeline.encode import pick_device, visual_array
+from pipeline.encode import pick_device, visual_tensor
 from pipeline.schema import CREATED_AT_COLUMN, OUTPUT_SCHEMA, RUN_ID_COLUMN, infer_error_kind
 from pipeline.task import Task
 
@@ -45,6 +46,7 @@ class AnnotatorSpec:
     trust_remote_code: bool                           # the model's own code may run (the caller said so)
     tasks: tuple[Task, ...]                           # loaded and validated
     device: str | None = None                         # None: cuda when the actor got a GPU, else cpu
+    dtype: str = "auto"                               # flamingo.dtypes: auto is bfloat16 on CUDA, else float32
     # task name -> fsspec options for reading that task's demonstration media
     storage_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # task name -> ids already in the output for that task (resume): no row is written for them again
@@ -57,6 +59,7 @@ class _PreparedTask:
     prefix: FewShotPrefix | None        # None: a zero-shot task without instruction (nothing before the query)
     query_ids: torch.Tensor             # (1, Lq): every item's prompt after the prefix is the same
     candidates: list[list[int]]         # classify: token ids of each label's continuation
+    prior: torch.Tensor | None = None   # classify with `calibrate`: p_cf, the labels' content-free prior (K,)
 
 
 def load_demonstration_pixels(task: Task, decode: DecodeConfig, storage_options: Mapping[str, Any]) -> torch.Tensor:
@@ -91,7 +94,8 @@ class Annotator:
 
         self.spec = spec
         self.device = pick_device(spec.device)
-        self.model = load_model(spec.model, device=self.device, trust_remote_code=spec.trust_remote_code)
+        self.model = load_model(spec.model, device=self.device, dtype=spec.dtype,
+                                trust_remote_code=spec.trust_remote_code)
         decode = DecodeConfig.for_model(self.model.config)
         self.tasks = [self._prepare(t, decode, spec.storage_options.get(t.name, {})) for t in spec.tasks]
 
@@ -101,11 +105,16 @@ class Annotator:
         prefix_ids, _ = model.tokenize([task.prefix_text()])
         demos = load_demonstration_pixels(task, decode, storage_options) if task.demonstrations else None
         # A zero-shot task with no instruction has no prefix at all: each query is the whole prompt.
-        prefix = (model.prepare_prefix(prefix_ids, vision_x=None if demos is None else demos.to(self.device))
-                  if prefix_ids.shape[1] else None)
+        vision_x = None if demos is None else demos.to(self.device, model.dtype)
+        prefix = model.prepare_prefix(prefix_ids, vision_x=vision_x) if prefix_ids.shape[1] else None
         query_ids, _ = model.tokenize([task.query_text()])
         candidates = [model.tokenizer.encode(c, add_special_tokens=False) for c in task.candidates()]
-        return _PreparedTask(task, prefix, query_ids, candidates)
+        prior = None
+        if task.calibrate:
+            from flamingo.calibration import label_prior
+
+            prior = label_prior(model, query_ids, candidates, prefix, task.generation.length_normalize)
+        return _PreparedTask(task, prefix, query_ids, candidates, prior)
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -133,7 +142,7 @@ class Annotator:
     def _annotate(self, prepared: _PreparedTask, rows: list[dict]) -> list[dict]:
         start = time.perf_counter()
         model, task = self.model, prepared.task
-        visual = torch.from_numpy(np.stack([visual_array(r["visual"], r["visual_shape"]) for r in rows]))
+        visual = torch.stack([visual_tensor(r["visual"], r["visual_shape"], r["visual_dtype"]) for r in rows])
         visual = visual[:, None].to(self.device, model.dtype)                        # (B, 1, n, D)
         query = prepared.query_ids.expand(len(rows), -1)
         try:
@@ -158,10 +167,19 @@ class Annotator:
         task = prepared.task
         scores = self.model.score(query, prepared.candidates, visual_tokens=visual, prefix=prepared.prefix,
                                   length_normalize=task.generation.length_normalize)
+        labels = [label.strip() for label in task.labels]   # " two" is scored; "two" is the annotation
+        raw = scores.tolist()
+        if prepared.prior is None:
+            calibrated: list[list[float | None]] = [[None] * len(labels) for _ in raw]
+            chosen = raw
+        else:
+            from flamingo.calibration import calibrate
+
+            calibrated = chosen = calibrate(scores, prepared.prior).tolist()
         results = []
-        for row in scores.tolist():
-            best = int(np.argmax(row))
-            labels = [label.strip() for label in task.labels]   # " two" is scored; "two" is the annotation
-            results.append({"annotation": labels[best], "score": row[best],
-                            "label_scores": [{"label": lb, "score": s} for lb, s in zip(labels, row)]})
+        for row, cal, by in zip(raw, calibrated, chosen):
+            best = int(np.argmax(by))
+            results.append({"annotation": labels[best], "score": by[best],
+                            "label_scores": [{"label": lb, "score": s, "calibrated": c}
+                                             for lb, s, c in zip(labels, row, cal)]})
         return results

@@ -66,9 +66,11 @@ class JobError(Exception):
 @dataclass
 class StageResources:
     """Ray resources for one actor pool. Fractional CPUs by default: on small machines actors that
-    claim whole cores starve the read tasks and the job stalls at 'backpressured'."""
+    claim whole cores starve the read tasks and the job stalls at 'backpressured'. With `max_pool_size`
+    the pool autoscales between `pool_size` and it (Ray Data adds actors while their input queues up)."""
 
     pool_size: int = 1
+    max_pool_size: int | None = None  # None: a fixed pool of `pool_size` actors
     batch_size: int = 16
     num_cpus: float = 0.5
     num_gpus: float = 0.0
@@ -118,6 +120,7 @@ class JobConfig:
     storage_options: dict = field(default_factory=dict)  # fsspec options (endpoint_url, key, secret, ...)
     progress: bool = True
     device: str | None = None                # None: cuda when the actor got a GPU, else cpu
+    dtype: str = "auto"                      # both pools' model dtype (flamingo.dtypes): auto is bf16 on CUDA
     force: bool = False                      # take the output's lease even from a live run
     retry_errors: bool = False               # re-attempt every error row, not only transient ones
     flush_rows: int | None = None            # commit an output file every N rows (None: pipeline.write's default)
@@ -131,6 +134,15 @@ class JobConfig:
     # As media.decode.DecodeConfig's defaults (not imported here: it loads the decoders).
     max_pixels: int = 50_000_000             # larger pictures (width x height) are error rows, read from headers
     decode_timeout_s: float = 60.0           # an item that takes longer to decode is an error row
+
+
+def actor_pool(resources: StageResources) -> Any:
+    """The Ray Data compute strategy of a pool: fixed, or autoscaling from `pool_size` to `max_pool_size`."""
+    import ray.data
+
+    if resources.max_pool_size is None or resources.max_pool_size == resources.pool_size:
+        return ray.data.ActorPoolStrategy(size=resources.pool_size)
+    return ray.data.ActorPoolStrategy(min_size=resources.pool_size, max_size=resources.max_pool_size)
 
 
 def new_run_id() -> str:
@@ -174,11 +186,13 @@ def run_job(config: JobConfig) -> JobSummary:
         done.seconds = time.perf_counter() - start
         return done
     from flamingo import image_preprocessing
+    from flamingo.dtypes import check_dtype
     from flamingo.factory import check_model
     from media.decode import DecodeConfig
 
     try:  # an unknown model, or one whose folder asks to run code, stops here rather than in every actor
         check_model(config.model, trust_remote_code=config.trust_remote_code)
+        check_dtype(config.dtype)
     except ValueError as error:
         raise JobError(str(error)) from None
     image_size, mean, std = image_preprocessing(config.model)
@@ -243,6 +257,7 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
         files = [f for f in files if is_container(f.uri) or plan_module.in_sample(f.uri, config.sample)]
     annotator = AnnotatorSpec(
         model=config.model, trust_remote_code=config.trust_remote_code, tasks=tuple(tasks), device=config.device,
+        dtype=config.dtype,
         storage_options={t.name: resolve_storage_options(t.path, config.storage_options) for t in tasks},
         done={name: frozenset(ids - done_everywhere) for name, ids in scan.done.items()})
     writer_options: dict[str, Any] = {"flush_rows": config.flush_rows, "flush_seconds": config.flush_seconds,
@@ -276,14 +291,15 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
             warnings.simplefilter("ignore", RayDeprecationWarning)
             ds = ds.map_batches(
                 VisionEncoder, fn_constructor_kwargs={"model": config.model, "device": config.device,
-                                                      "trust_remote_code": config.trust_remote_code},
+                                                      "trust_remote_code": config.trust_remote_code,
+                                                      "dtype": config.dtype},
                 batch_format="pyarrow", batch_size=config.vision.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=config.vision.pool_size),
+                compute=actor_pool(config.vision),
                 num_cpus=config.vision.num_cpus, num_gpus=config.vision.num_gpus, **restarts)
             ds = ds.map_batches(
                 Annotator, fn_constructor_args=(annotator,),
                 batch_format="pyarrow", batch_size=config.generation.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=config.generation.pool_size),
+                compute=actor_pool(config.generation),
                 num_cpus=config.generation.num_cpus, num_gpus=config.generation.num_gpus, **restarts)
         # The driver commits files as rows stream in: a job killed midway keeps what it committed (resume).
         batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
@@ -342,6 +358,7 @@ def plan_job(config: JobConfig) -> plan_module.JobPlan:
     """What `run_job(config)` would do, found without Ray, the model or the lease, writing nothing: the input
     listed and its items counted, the output checked writable (a probe written and deleted) and scanned.
     Raises JobError for what would stop the run (a bad model, input or output)."""
+    from flamingo.dtypes import check_dtype
     from flamingo.factory import check_model
     from pipeline.write import scan_output
 
@@ -349,6 +366,7 @@ def plan_job(config: JobConfig) -> plan_module.JobPlan:
     _check_options(config)
     try:
         check_model(config.model, trust_remote_code=config.trust_remote_code)
+        check_dtype(config.dtype)
     except ValueError as error:
         raise JobError(str(error)) from None
     in_options = resolve_storage_options(config.input_uri, config.storage_options)

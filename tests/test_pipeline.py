@@ -131,8 +131,8 @@ def test_rows_equal_the_model_called_directly(tasks, tmp_path):
     for task in tasks:
         demos = torch.stack([pixels(open(d.media, "rb").read()) for d in task.demonstrations])[None]
         with torch.no_grad():
-            # The pipeline ships visual tokens as float16: round the same way.
-            query_tokens = model.encode_vision(pixels(item)[None, None]).half().float()
+            # The pipeline ships visual tokens in the model's dtype, float32 here: exactly.
+            query_tokens = model.encode_vision(pixels(item)[None, None])
             visual = torch.cat([model.encode_vision(demos), query_tokens], 1)
         ids, _ = model.tokenize([task.prefix_text() + task.query_text()])
         if task.kind == "generate":
