@@ -30,10 +30,11 @@ class BenchConfig:
     openflamingo_batch_size: int = 8  # OpenFlamingo's evaluation harness
     items: int = 128
     device: str = "cpu"
-    dtype: str = "float32"          # bfloat16 / float16 on GPUs
+    dtype: str = "auto"             # flamingo.dtypes: auto is bfloat16 on CUDA, float32 on the CPU
     shots_sweep: tuple[int, ...] = (0, 4, 16, 32)
     compare_openflamingo: bool = False
     pipeline: bool = False          # also run the workload as a real Ray job (read, decode, both actor pools, write)
+    pipeline_items: int = 2000      # items of that job (tiny images: the job's own costs show)
     seed: int = 0
 
 
@@ -57,7 +58,7 @@ class BenchResult:
     peak_memory_bytes: int
     shots_sweep: dict[int, float] = field(default_factory=dict)  # shots -> seconds per item (generation)
     openflamingo: dict | None = None
-    pipeline: dict | None = None    # the same workload as a Ray job (start-up and model loading included)
+    pipeline: dict | None = None    # the same workload as a Ray job: steady items/s, start-up apart (run_pipeline)
 
 
 def measure_matmul_rate(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
@@ -118,8 +119,9 @@ class Workload:
 
 def run_benchmark(config: BenchConfig) -> BenchResult:
     from flamingo import load_model
+    from flamingo.dtypes import resolve_dtype
 
-    dtype = getattr(torch, config.dtype)
+    dtype = resolve_dtype(config.dtype, config.device)
     torch.manual_seed(config.seed)
     model = load_model(config.model, device=config.device, dtype=dtype,
                        trust_remote_code=config.trust_remote_code).requires_grad_(False)   # inference only
@@ -170,20 +172,29 @@ def run_benchmark(config: BenchConfig) -> BenchResult:
         prefix_seconds=prefix_seconds, peak_memory_bytes=_peak_memory(dev), shots_sweep=sweep,
     )
     if config.pipeline:
-        result.pipeline = run_pipeline(config)
+        result.pipeline = run_pipeline(config, result.end_to_end.items_per_second)
     if config.compare_openflamingo:
         ours = torch.cat(tokens)
         result.openflamingo = compare_openflamingo(model, work, config, ours, result.end_to_end.items_per_second)
     return result
 
 
-def run_pipeline(config: BenchConfig) -> dict:
-    """The workload as files and a task file, annotated by `run_job` on a local Ray instance. Caption and
-    query lengths are in characters, which are tokens for the byte-level tokenizer of the random presets."""
+def run_pipeline(config: BenchConfig, in_process_items_per_second: float) -> dict:
+    """The workload as image files and a task file, annotated by `run_job` on a local Ray instance started
+    beforehand (its start-up is timed apart).
+
+    Two jobs run on the same instance: a short one of `batch_size` items, then `pipeline_items` items. Both pay
+    the same start-up (actors created, models loaded, the prefix computed, the output scanned), so the steady
+    rate is the difference of items over the difference of seconds, and the start-up is what the short job
+    took beyond its items at that rate. Images are tiny (32 x 32 PNG; the decoder resizes them to the model's
+    size) so that thousands fit in a temp folder. Caption and query lengths are in characters, which are
+    tokens for the byte-level tokenizer of the random presets."""
+    import shutil
     import tempfile
     from pathlib import Path
 
     import numpy as np
+    import ray
     from PIL import Image
 
     from pipeline.job import JobConfig, StageResources, run_job
@@ -191,14 +202,18 @@ def run_pipeline(config: BenchConfig) -> dict:
 
     rng = np.random.default_rng(config.seed)
 
-    def write_image(path: Path) -> None:
-        Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(path)
+    def write_image(path: Path, size: int = 32) -> None:
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
 
+    short = min(config.batch_size, config.pipeline_items - 1)
     with tempfile.TemporaryDirectory(prefix="flamingo-bench-") as tmp:
         root = Path(tmp)
-        (root / "in").mkdir()
-        for i in range(config.items):
+        for folder in ("in", "short"):
+            (root / folder).mkdir()
+        for i in range(config.pipeline_items):
             write_image(root / "in" / f"{i:05d}.png")
+            if i < short:
+                shutil.copy(root / "in" / f"{i:05d}.png", root / "short")
         demos = []
         for i in range(config.shots):
             write_image(root / f"demo{i}.png")
@@ -207,10 +222,29 @@ def run_pipeline(config: BenchConfig) -> dict:
             "name: bench\nkind: generate\n" + ("demonstrations:\n" + "\n".join(demos) + "\n" if demos else "")
             + f"query: '{'Out:'[:max(config.query_tokens - 1, 0)]}'\n"
             + f"generation: {{max_new_tokens: {config.new_tokens}}}\n")
-        resources = StageResources(batch_size=config.batch_size)
-        summary = run_job(JobConfig((load_task(root / "task.yaml"),), str(root / "in"), str(root / "out"),
-                                    model=config.model, vision=resources, generation=resources, progress=False))
-    return {"items_per_second": summary.items_per_second, "seconds": summary.seconds, "rows_ok": summary.rows_ok}
+        task = load_task(root / "task.yaml")
+        # On a GPU both pools share it (half each); Ray makes it the actors' "cuda".
+        gpu = str(config.device).startswith("cuda")
+        resources = StageResources(batch_size=config.batch_size, num_gpus=0.5 if gpu else 0.0)
+        device = None if gpu else config.device
+
+        def job(folder: str):
+            return run_job(JobConfig((task,), str(root / folder), str(root / f"out-{folder}"), model=config.model,
+                                     trust_remote_code=config.trust_remote_code, dtype=config.dtype, device=device,
+                                     vision=resources, generation=resources, progress=False))
+
+        start = time.perf_counter()
+        ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        ray_start = time.perf_counter() - start
+        try:
+            small, full = job("short"), job("in")
+        finally:
+            ray.shutdown()
+    seconds = full.seconds - small.seconds
+    rate = (full.items - small.items) / seconds if seconds > 0 else float("nan")
+    return {"items": full.items, "rows_ok": full.rows_ok, "ray_start_seconds": ray_start,
+            "job_start_seconds": small.seconds - small.items / rate, "job_seconds": full.seconds,
+            "items_per_second": rate, "ratio_to_in_process": rate / in_process_items_per_second}
 
 
 def compare_openflamingo(model, work: Workload, config: BenchConfig, our_tokens: torch.Tensor,
@@ -223,7 +257,9 @@ def compare_openflamingo(model, work: Workload, config: BenchConfig, our_tokens:
     from flamingo_annotate.reference import reference_copy
 
     reference = reference_copy(model)
-    dev, dtype = config.device, getattr(torch, config.dtype)
+    from flamingo.dtypes import resolve_dtype
+
+    dev, dtype = config.device, resolve_dtype(config.dtype, config.device)
     prompt = torch.cat([work.prefix_ids(config.shots)[0], work.query])
     demos = work.demo_images[:config.shots]
     batch_size = config.openflamingo_batch_size
@@ -283,8 +319,10 @@ def format_result(result: BenchResult) -> str:
         lines.append("generation ms/item by shots: " + ", ".join(f"{k}: {v * 1e3:.1f}" for k, v in sweep.items())
                      + f" (max/min {max(sweep.values()) / min(sweep.values()):.2f}x)")
     if result.pipeline:
-        lines.append(f"Ray job end to end (start-up and model loading included): "
-                     f"{result.pipeline['items_per_second']:.2f} items/s over {result.config['items']} items")
+        p = result.pipeline
+        lines.append(f"Ray job over {p['items']} images (read, decode, both actor pools, write): "
+                     f"{p['items_per_second']:.2f} items/s = {p['ratio_to_in_process']:.2f}x in-process end to end; "
+                     f"start-up apart: Ray {p['ray_start_seconds']:.1f} s, each job {p['job_start_seconds']:.1f} s")
     if result.openflamingo:
         o = result.openflamingo
         lines.append(f"OpenFlamingo generate() (batch {o['batch_size']}, demonstrations re-encoded per query): "

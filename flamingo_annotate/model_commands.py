@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from flamingo_annotate.options import refused_models, trust_remote_code_option
+from flamingo_annotate.options import dtype_option, refused_models, trust_remote_code_option
 
 
 @click.command()
@@ -116,12 +116,14 @@ def evaluate(model: str | None, scenes: int, clips: int, questions: int, episode
 @click.option("--openflamingo-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--items", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@dtype_option
 @click.option("--shots-sweep", default="0,4,16,32", show_default=True,
               help="Comma-separated shot counts for the cost-per-item sweep ('' to skip).")
 @click.option("--compare-openflamingo", is_flag=True,
               help="Also run OpenFlamingo 2.0.1's generate() on the same items; report the ratio.")
-@click.option("--pipeline", "run_pipeline", is_flag=True, help="Also run the workload as a Ray job.")
+@click.option("--pipeline", "run_pipeline", is_flag=True,
+              help="Also run the workload as a Ray job over --pipeline-items images; report its ratio.")
+@click.option("--pipeline-items", type=click.IntRange(min=2), default=2000, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results here.")
 @trust_remote_code_option
 def bench(shots_sweep: str, run_pipeline: bool, json_path: str | None, **options: Any) -> None:
