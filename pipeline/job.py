@@ -134,6 +134,9 @@ class JobConfig:
     # As media.decode.DecodeConfig's defaults (not imported here: it loads the decoders).
     max_pixels: int = 50_000_000             # larger pictures (width x height) are error rows, read from headers
     decode_timeout_s: float = 60.0           # an item that takes longer to decode is an error row
+    # These files (URIs, as `input_uri` would list them) are the input instead of listing `input_uri`: a gold
+    # set names its items one by one (flamingo_annotate/gold.py).
+    input_files: tuple[str, ...] = ()
 
 
 def actor_pool(resources: StageResources) -> Any:
@@ -176,7 +179,7 @@ def run_job(config: JobConfig) -> JobSummary:
     _check_options(config)
     in_options = resolve_storage_options(config.input_uri, config.storage_options)
     out_options = resolve_storage_options(config.output_uri, config.storage_options)
-    listing = _list_input(config.input_uri, in_options, config.include_sidecars)
+    listing = _list_input(config.input_uri, in_options, config.include_sidecars, config.input_files)
     files = listing.files
     if config.keep_columns is None:  # the producer's key, when the input has shards that have keys
         config = dataclasses.replace(config, keep_columns=DEFAULT_KEEP_COLUMNS if any(
@@ -327,10 +330,14 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
                       superseded=superseded)
 
 
-def _list_input(uri: str, options: Mapping[str, Any], include_sidecars: bool = False) -> Listing:
-    """List the input once, before anything starts: a typo or unreachable storage becomes one line."""
+def _list_input(uri: str, options: Mapping[str, Any], include_sidecars: bool = False,
+                files: Sequence[str] = ()) -> Listing:
+    """List the input once, before anything starts: a typo or unreachable storage becomes one line. Explicit
+    `files` are taken as they are (a missing one becomes an error row when it is read)."""
     from media.files import NoInputFiles, list_input
 
+    if files:
+        return Listing([ListedFile(f, None) for f in sorted(set(files))], [])
     try:
         return list_input(uri, options, include_sidecars=include_sidecars)
     except NoInputFiles as error:
@@ -371,7 +378,7 @@ def plan_job(config: JobConfig) -> plan_module.JobPlan:
         raise JobError(str(error)) from None
     in_options = resolve_storage_options(config.input_uri, config.storage_options)
     out_options = resolve_storage_options(config.output_uri, config.storage_options)
-    files = _list_input(config.input_uri, in_options, config.include_sidecars).files
+    files = _list_input(config.input_uri, in_options, config.include_sidecars, config.input_files).files
     try:
         plan_module.check_writable(config.output_uri, out_options)
     except Exception as exc:
