@@ -144,3 +144,20 @@ def test_a_bfloat16_run_with_an_autoscaling_pool(task_file, tmp_path):
     settings = record["settings"]
     assert settings["dtype"] == "bfloat16"
     assert (settings["vision"]["pool_size"], settings["vision"]["max_pool_size"]) == (1, 2)
+
+
+@pytest.mark.slow   # ~1.5 min on 2 cores: the GPU check's own steps, run on the CPU so it is known to run
+def test_gpu_check_runs_on_the_cpu(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3: this venv's
+    done = subprocess.run(["bash", "jobs/gpu_check.sh", str(tmp_path), "--cpu"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert results["fp32_tokens_equal"] and results["stages_bf16_tokens_equal_whole_model"]
+    assert results["stages_bf16_token_dtype"] == "torch.bfloat16"
