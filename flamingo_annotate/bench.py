@@ -30,7 +30,7 @@ class BenchConfig:
     openflamingo_batch_size: int = 8  # OpenFlamingo's evaluation harness
     items: int = 128
     device: str = "cpu"
-    dtype: str = "auto"             # flamingo.dtypes: auto is bfloat16 on CUDA, float32 on the CPU
+    dtype: str | None = "auto"      # flamingo.dtypes (None: auto): bfloat16 on CUDA, float32 on the CPU
     shots_sweep: tuple[int, ...] = (0, 4, 16, 32)
     compare_openflamingo: bool = False
     pipeline: bool = False          # also run the workload as a real Ray job (read, decode, both actor pools, write)
@@ -230,8 +230,8 @@ def run_pipeline(config: BenchConfig, in_process_items_per_second: float) -> dic
 
         def job(folder: str):
             return run_job(JobConfig((task,), str(root / folder), str(root / f"out-{folder}"), model=config.model,
-                                     trust_remote_code=config.trust_remote_code, dtype=config.dtype, device=device,
-                                     vision=resources, generation=resources, progress=False))
+                                     trust_remote_code=config.trust_remote_code, dtype=config.dtype or "auto",
+                                     device=device, vision=resources, generation=resources, progress=False))
 
         start = time.perf_counter()
         ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)

@@ -16,9 +16,9 @@ trust_remote_code_option = click.option(
          "repo's own files). Only for models you trust; never taken from a model's own files.")
 
 dtype_option = click.option(
-    "--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
-    help="Dtype the model runs in, in both actor pools (visual tokens travel between them in it too): "
-         "auto is bfloat16 on a GPU, float32 on the CPU.")
+    "--dtype", type=click.Choice(DTYPES),
+    help="Dtype the model runs in, in both actor pools (visual tokens travel between them in it too); "
+         "default auto: bfloat16 on a GPU, float32 on the CPU.")
 
 
 class PoolSize(NamedTuple):

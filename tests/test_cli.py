@@ -272,14 +272,16 @@ def test_submit_sends_the_entrypoint_with_the_same_options(
     result = runner.invoke(main, ["submit", CAPTION, str(TASKS / "count.yaml"),
                                   "--input", "s3://b/in", "--output", "s3://b/out", "--address", "http://head:8265",
                                   "--generate-gpus", "0.5", "--vision-actors", "2", "--no-progress", "--force",
-                                  "--retry-errors", "--flush-rows", "100"])
+                                  "--retry-errors", "--flush-rows", "100", "--dtype", "bfloat16",
+                                  "--generate-actors", "1-4"])
     assert result.exit_code == 0, result.output
     assert job_client[0] == ("connect", "http://head:8265", {"Authorization": "Bearer the-token"})
     _, entrypoint, runtime_env = job_client[1]
     assert shlex.split(entrypoint) == [
         "python", "jobs/annotate.py", "_tasks/0/tasks/caption.yaml", "_tasks/0/tasks/count.yaml",
-        "--input", "s3://b/in", "--output", "s3://b/out", "--vision-actors", "2", "--generate-gpus", "0.5",
-        "--no-progress", "--force", "--retry-errors", "--flush-rows", "100"]
+        "--input", "s3://b/in", "--output", "s3://b/out", "--dtype", "bfloat16", "--vision-actors", "2",
+        "--generate-actors", "1-4", "--generate-gpus", "0.5", "--no-progress", "--force", "--retry-errors",
+        "--flush-rows", "100"]
     assert {"/.venv/", "/.git/", "/out/", "/.mypy_cache/"} <= set(runtime_env["excludes"])
     staged = tmp_path / "cluster" / "_tasks" / "0" / "tasks"
     assert (staged / "count.yaml").read_bytes() == (TASKS / "count.yaml").read_bytes()
