@@ -440,6 +440,16 @@ def item_id_in(file_uri: str, key: str) -> str:
     return encode_name(f"{decode_name(file_uri)}{ID_SEPARATOR}{key}")
 
 
+def file_prefixes(name: str) -> Iterator[str]:
+    """The names a shard item's id `name` (a `decode_name` text) could belong to: every text before an
+    ID_SEPARATOR, shortest first. A key may itself hold `::`, and so may a folder name, so the owning file
+    is whichever of these the caller knows (a listed file, a shard with an error row)."""
+    position = name.find(ID_SEPARATOR)
+    while position != -1:
+        yield name[:position]
+        position = name.find(ID_SEPARATOR, position + 1)
+
+
 class _ShardKeys:
     """The keys of one shard's items, made distinct. A key met again gets `@2`, `@3`, ... -- the first
     suffix that no item of the shard has taken yet, so even a real key `a@2` next to a repeated `a`

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from media.count import FileCount
-from media.files import ID_SEPARATOR
+from media.files import file_prefixes
 from media.storage import decode_name, filesystem, is_local
 
 _HASH_SPACE = 2**64
@@ -148,12 +148,7 @@ class _Owners:
         name = decode_name(item_id)
         if name in self._by_name:
             return self._by_name[name]
-        position = name.find(ID_SEPARATOR)
-        while position != -1:
-            if name[:position] in self._by_name:
-                return self._by_name[name[:position]]
-            position = name.find(ID_SEPARATOR, position + 1)
-        return None
+        return next((self._by_name[prefix] for prefix in file_prefixes(name) if prefix in self._by_name), None)
 
     def count(self, ids: Iterable[str]) -> dict[str, int]:
         """Listed file -> how many of `ids` belong to it."""

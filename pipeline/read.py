@@ -24,7 +24,7 @@ import pyarrow as pa
 import ray.data
 from ray.util.annotations import RayDeprecationWarning
 
-from media.files import DEFAULT_MAX_ITEM_BYTES, ID_SEPARATOR, ListedFile, file_rows, is_container, list_files
+from media.files import DEFAULT_MAX_ITEM_BYTES, ListedFile, file_prefixes, file_rows, is_container, list_files
 from media.storage import decode_name, resolve_storage_options
 from pipeline.schema import ITEM_SCHEMA
 
@@ -125,15 +125,9 @@ def _skip_ids_by_file(skip_ids: set[str], file_uris: set[str]) -> dict[str, list
     by_file: dict[str, list[str]] = {}
     for item_id in skip_ids:
         name = decode_name(item_id)
-        candidates = [name] + [name[:i] for i in _separator_positions(name)]
+        candidates = [name, *file_prefixes(name)]
         owner = next((file_by_name[c] for c in candidates if c in file_by_name), None)
         if owner is not None:
             by_file.setdefault(owner, []).append(item_id)
     return by_file
 
-
-def _separator_positions(name: str) -> Iterator[int]:
-    position = name.find(ID_SEPARATOR)
-    while position != -1:
-        yield position
-        position = name.find(ID_SEPARATOR, position + 1)

@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from media.errors import INPUT, MODEL, TRANSIENT, call_with_retries
-from media.files import ID_SEPARATOR, is_container
+from media.files import file_prefixes, is_container
 from media.storage import arrow_filesystem, decode_name, filesystem, is_local
 from pipeline.kept_columns import KEPT_COLUMNS_KEY, METADATA_COLUMN, kept_arrays, kept_columns
 from pipeline.schema import (
@@ -412,11 +412,8 @@ def _shards_with_done_items(scan: OutputScan) -> set[tuple[str, str]]:
     found = set()
     for task, ids in scan.done.items():
         for item_id in ids:
-            name = decode_name(item_id)
-            position = name.find(ID_SEPARATOR)
-            while position != -1:
-                key = shards.get((task, name[:position]))
+            for prefix in file_prefixes(decode_name(item_id)):
+                key = shards.get((task, prefix))
                 if key is not None:
                     found.add(key)
-                position = name.find(ID_SEPARATOR, position + 1)
     return found
