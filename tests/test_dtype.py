@@ -161,3 +161,17 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert results["fp32_tokens_equal"] and results["stages_bf16_tokens_equal_whole_model"]
     assert results["stages_bf16_token_dtype"] == "torch.bfloat16"
+
+
+def test_job_files_hold_the_dtype_and_pool_ranges(task_file, tmp_path):
+    from flamingo_annotate.job_file import read_job_file
+
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(f"tasks: [{task_file}]\ninput: in\noutput: out\ndtype: bfloat16\nvision-actors: 1-8\n"
+                        "generate_actors: 2\n")
+    defaults, problems = read_job_file(job_file, main.commands["run"])
+    assert problems == []
+    assert (defaults["dtype"], defaults["vision_actors"], defaults["generate_actors"]) == ("bfloat16", "1-8", 2)
+    job_file.write_text(f"tasks: [{task_file}]\ninput: in\noutput: out\nvision-actors: 8-1\n")
+    _, problems = read_job_file(job_file, main.commands["run"])
+    assert problems == [f"{job_file}: vision-actors: '8-1': actor counts are at least 1, and MIN is at most MAX"]
