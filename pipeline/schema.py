@@ -27,12 +27,21 @@ without loading Ray.
   output_column string     the task's column name in the `items` query view (the task name by default)
   model         string     model name (never null)
   annotation    string     the generated text / chosen label; null on error
-  score         float64    mean token log-probability of the annotation; null on error
-  label_scores  list<struct<label: string, score: float64>>
+  score         float64    generate: mean token log-probability of the annotation. classify: the chosen
+                           label's `label_scores.score`, or for a task with `calibrate: true` its
+                           `label_scores.calibrated`. Null on error
+  label_scores  list<struct<label: string, score: float64, calibrated: float64>>
                            one entry per candidate label, in the task's label order; null for
-                           open-ended tasks and on error. A list of structs rather than a map: pandas
-                           gives a list of {"label", "score"} dicts, DuckDB a LIST of STRUCTs
-                           (`UNNEST(label_scores)`), both without extra conversion.
+                           open-ended tasks and on error. `score`: the label's log-likelihood as the
+                           continuation of the prompt, the mean over its tokens (`length_normalize`, the
+                           default) or their sum, not normalised over the labels; the label with the
+                           highest is the uncalibrated answer. `calibrated`: with `calibrate: true`, the
+                           label's calibrated log-probability log q (flamingo/calibration.py), normalised
+                           over the labels (exp sums to 1), its argmax the annotation; null otherwise, and in
+                           outputs written before it existed (readers here cast those to this type). A list
+                           of structs rather than a map: pandas gives a list of {"label", "score",
+                           "calibrated"} dicts, DuckDB a LIST of STRUCTs (`UNNEST(label_scores)`), both
+                           without extra conversion.
   error         string     what went wrong for this item; null when it was annotated
   error_kind    string     null when annotated; else `transient` (storage unreachable, timed out or
                            throttled: re-attempted by the next run), `input` (the item itself is bad) or
@@ -86,7 +95,7 @@ ITEM_SCHEMA = pa.schema(
     ]
 )
 
-LABEL_SCORE_TYPE = pa.struct([("label", pa.string()), ("score", pa.float64())])
+LABEL_SCORE_TYPE = pa.struct([("label", pa.string()), ("score", pa.float64()), ("calibrated", pa.float64())])
 OUTPUT_SCHEMA = pa.schema(
     [
         (ID_COLUMN, pa.string()),

@@ -8,6 +8,7 @@
         text: "A red circle on a white background."
     query: "Output:"              # text after every <image> and before the answer
     labels: [circle, square]      # classify only (and required there): candidate answers, non-empty, unique
+    calibrate: false              # classify only: contextual calibration of the labels (flamingo/calibration.py)
     generation:                   # decoding; every key optional
       max_new_tokens: 20          # 1 to 1024
       num_beams: 1                # 1 to 16
@@ -57,8 +58,8 @@ if typing.TYPE_CHECKING:  # imported when a task has media to decode
 log = logging.getLogger(__name__)
 
 KINDS = ("generate", "classify")
-TOP_LEVEL_KEYS = ("name", "kind", "instruction", "demonstrations", "query", "labels", "generation", "video",
-                  "output_column")
+TOP_LEVEL_KEYS = ("name", "kind", "instruction", "demonstrations", "query", "labels", "calibrate", "generation",
+                  "video", "output_column")
 DEMONSTRATION_KEYS = ("media", "text")
 _NAME_PATTERN = re.compile(r"[a-z0-9_-]+")
 # A float written with an exponent but without a dot (1e9, 1e-3): YAML 1.1, which PyYAML reads, takes it as text.
@@ -158,6 +159,7 @@ class Task:
     demonstrations: tuple[Demonstration, ...] = ()
     query: str = ""
     labels: tuple[str, ...] = ()
+    calibrate: bool = False             # classify: answer argmax of the labels' calibrated probabilities
     generation: GenerationOptions = field(default_factory=GenerationOptions)
     video: VideoOptions = field(default_factory=VideoOptions)
 
@@ -244,6 +246,7 @@ def load_task(path: str | Path, *, check_remote_media: bool = True,
         demonstrations=tuple(demo for _, demo in demonstrations),
         query=check.prompt_text(doc, "query"),
         labels=_labels(check, doc.get("labels"), kind),
+        calibrate=_calibrate(check, doc.get("calibrate"), kind),
         generation=generation,
         video=video,
     )
@@ -462,6 +465,16 @@ def _labels(check: _Checker, value: Any, kind: str) -> tuple[str, ...]:
             first_index[label] = i
             labels.append(label)
     return tuple(labels)
+
+
+def _calibrate(check: _Checker, value: Any, kind: str) -> bool:
+    if value is None or not check.typed(value, "calibrate", bool):
+        return False
+    if value and kind != "classify":
+        check.problem("calibrate", f"only classify tasks are calibrated (their labels' probabilities are); this "
+                                   f"task's kind is {kind!r}")
+        return False
+    return bool(value)
 
 
 def _check_ranges(check: _Checker, gen: GenerationOptions, video: VideoOptions) -> None:

@@ -97,7 +97,8 @@ def test_output_schema_with_pyarrow(written: Path) -> None:
     table = pads.dataset(str(written), format="parquet").to_table()
     assert table.schema.equals(OUTPUT_SCHEMA)
     rows = {row["id"]: row for row in table.to_pylist()}
-    assert rows["/in/s.tar::1"]["label_scores"] == [{"label": "cat", "score": -0.1}, {"label": "dog", "score": -2.3}]
+    assert rows["/in/s.tar::1"]["label_scores"] == [{"label": "cat", "score": -0.1, "calibrated": None},
+                                                    {"label": "dog", "score": -2.3, "calibrated": None}]
     assert rows["/in/bad.jpg"]["annotation"] is None and rows["/in/bad.jpg"]["score"] is None
     created = rows["/in/a.jpg"]["created_at"]
     assert created.tzinfo is not None and abs((datetime.now(timezone.utc) - created).total_seconds()) < 600
@@ -125,7 +126,7 @@ def test_output_with_duckdb(written: Path) -> None:
     assert ok == [(4,)]
     types = dict(connection.sql("SELECT column_name, column_type FROM (DESCRIBE output)").fetchall())
     assert types["created_at"] == "TIMESTAMP WITH TIME ZONE" and types["score"] == "DOUBLE"
-    assert types["label_scores"] == 'STRUCT("label" VARCHAR, score DOUBLE)[]'
+    assert types["label_scores"] == 'STRUCT("label" VARCHAR, score DOUBLE, calibrated DOUBLE)[]'
 
 
 def test_broken_output_file_is_ignored_when_resuming(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

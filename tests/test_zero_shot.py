@@ -1,9 +1,11 @@
 """Zero-shot tasks: a task file with no demonstrations runs through `flamingo-annotate run`, for both kinds,
 with and without an instruction (one Ray run for all four), on the bundled `miniature` model: every item
-gets one row per task, without error, with a non-empty generation or a label of the task's own."""
+gets one row per task, without error, with a non-empty generation or a label of the task's own. The same run
+checks what a calibrated classify task (`calibrate: true`) writes."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -21,7 +23,7 @@ TASKS = {
               "labels: [\" red\", \" green\", \" blue\"]\n",
     "colour_told": "name: colour_told\nkind: classify\ninstruction: \"Answer with a colour.\"\n"
                    "query: \"Question: What colour is the shape? Answer:\"\n"
-                   "labels: [\" red\", \" green\", \" blue\"]\n",
+                   "labels: [\" red\", \" green\", \" blue\"]\ncalibrate: true\n",
 }
 
 
@@ -47,6 +49,16 @@ def test_zero_shot_tasks_of_both_kinds_run_end_to_end(ray_session: None, tmp_pat
     classified = rows[rows.task.str.startswith("colour")]
     assert set(classified.annotation) <= {"red", "green", "blue"}
     assert all(len(scores) == 3 for scores in classified.label_scores)
+    for row in classified.itertuples():  # raw log-likelihoods always; calibrated log-probabilities when asked
+        raw = {e["label"]: e["score"] for e in row.label_scores}
+        calibrated = {e["label"]: e["calibrated"] for e in row.label_scores}
+        if row.task == "colour":
+            assert set(calibrated.values()) == {None}
+            assert row.annotation == max(raw, key=raw.__getitem__) and row.score == raw[row.annotation]
+        else:
+            assert sum(math.exp(c) for c in calibrated.values()) == pytest.approx(1.0)
+            assert row.annotation == max(calibrated, key=calibrated.__getitem__)
+            assert row.score == calibrated[row.annotation]
 
 
 @pytest.mark.parametrize("instruction", ["", "Describe the scene."])
