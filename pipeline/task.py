@@ -179,6 +179,29 @@ class Task:
         ("cat", "caterpillar") must also be where the model stops."""
         return tuple(f"{label}{END_OF_CHUNK_TOKEN}" for label in self.labels)
 
+    def warnings(self) -> tuple[Problem, ...]:
+        """What is allowed but likely a mistake: a classify demonstration whose text is not one of the labels.
+
+        Compared as the scorer compares, verbatim: the prompt shows `{query}{text}<|endofchunk|>` for each
+        demonstration and scores `{query}{label}<|endofchunk|>` for the item, so " two" and "two" (or " Two")
+        are different answers to the model even though the annotation written is the stripped label."""
+        if self.kind != "classify":
+            return ()
+        loose = {label.strip().casefold(): label for label in self.labels}
+        found = []
+        for i, demo in enumerate(self.demonstrations):
+            if demo.text in self.labels:
+                continue
+            near = loose.get(demo.text.strip().casefold())
+            if near is not None:
+                why = (f"is not a label as written: the label is {near!r}; the model sees demonstration texts and "
+                       "scores labels verbatim, spaces and case included")
+            else:
+                why = (f"is not one of the labels ({_shorten(', '.join(map(repr, self.labels)))}): the demonstrations "
+                       "show the model answers it cannot give")
+            found.append(Problem(self.path, f"demonstrations[{i}].text", f"{_show(demo.text)} {why}"))
+        return tuple(found)
+
 
 def media_type(path_or_uri: str) -> str | None:
     """'image' or 'video' by file extension, None when unsupported."""

@@ -552,3 +552,27 @@ def test_check_tasks_returns_the_good_tasks_and_the_problems_of_all_files(tmp_pa
     tasks, problems = check_tasks([bad_one, good, bad_two])
     assert [t.name for t in tasks] == ["good"]
     assert [p.file for p in problems] == [str(bad_one), str(bad_two)]
+
+
+def test_validate_warns_of_classify_demonstrations_that_are_not_labels(tmp_path: Path) -> None:
+    """A warning, not an error (exit 0), compared verbatim as the labels are scored."""
+    shutil.copy(DEMO_IMAGE, tmp_path / "a.png")
+    path = write(tmp_path, """\
+        name: yn
+        kind: classify
+        demonstrations:
+          - {media: a.png, text: " yes"}
+          - {media: a.png, text: " nope"}
+          - {media: a.png, text: "No"}
+        query: " Answer:"
+        labels: [" yes", " no"]
+        """)
+    result = CliRunner().invoke(main, ["validate", str(path), str(JOBS / "tasks" / "count.yaml")])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("Warning:")]
+    assert len(warnings) == 2, result.output
+    assert warnings[0].startswith(f"Warning: {path}: demonstrations[1].text: ' nope' is not one of the labels")
+    assert warnings[1].startswith(f"Warning: {path}: demonstrations[2].text: 'No' is not a label as written: "
+                                  "the label is ' no'")
+    generate = write(tmp_path, "name: g\ndemonstrations: [{media: a.png, text: anything}]\n", "g.yaml")
+    assert load_task(generate).warnings() == ()
