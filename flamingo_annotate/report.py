@@ -295,9 +295,10 @@ def _row_html(row: Mapping[str, Any]) -> str:
     else:
         text = str(row[ANNOTATION_COLUMN] or "")
         score = row.get("score")
+        labels = _label_scores_html(row.get("label_scores"), text)  # the chosen label's score is among them
         content = (f'<p class="annotation">{_e(text)}</p>'
-                   + (f'<p class="score">score {score:.3f}</p>' if isinstance(score, float) else "")
-                   + _label_scores_html(row.get("label_scores"), text))
+                   + (f'<p class="score">score {score:.3f}</p>' if isinstance(score, float) and not labels else "")
+                   + labels)
     status = "error" if error is not None else "ok"
     return (f'<section class="row {status}" data-task="{_e(task)}" data-status="{status}" '
             f'data-text="{_e(text.lower())}" title="{_e(details)}">'
@@ -305,17 +306,18 @@ def _row_html(row: Mapping[str, Any]) -> str:
 
 
 def _label_scores_html(scores: Sequence[Mapping[str, Any]] | None, chosen: str) -> str:
-    """A table of the candidate labels: their score, and any further field the output has a value of (the
-    calibrated score of a task with `calibrate: true`, ...), the chosen label marked."""
+    """The candidate labels side by side, a row for their score and one for each further field the output has
+    a value of (the calibrated score of a task with `calibrate: true`, ...); the chosen label's column marked."""
     if not scores:
         return ""
     fields = [name for name in scores[0] if name != "label" and any(entry.get(name) is not None for entry in scores)]
-    head = "<tr><th>label</th>" + "".join(f"<th>{_e(name)}</th>" for name in fields) + "</tr>"
-    body = "".join(
-        f'<tr{" class=chosen" if entry.get("label") == chosen else ""}><td>{_e(str(entry.get("label")))}</td>'
-        + "".join(f"<td>{_number(entry.get(name))}</td>" for name in fields) + "</tr>"
-        for entry in scores)
-    return f'<table class="label-scores">{head}{body}</table>'
+    marks = [' class="chosen"' if entry.get("label") == chosen else "" for entry in scores]
+    head = "<tr><th>label</th>" + "".join(f"<th{mark}>{_e(str(entry.get('label')))}</th>"
+                                          for entry, mark in zip(scores, marks)) + "</tr>"
+    body = "".join(f"<tr><th>{_e(name)}</th>" + "".join(f"<td{mark}>{_number(entry.get(name))}</td>"
+                                                        for entry, mark in zip(scores, marks)) + "</tr>"
+                   for name in fields)
+    return f'<div class="scroll"><table class="label-scores">{head}{body}</table></div>'
 
 
 def _number(value: Any) -> str:
@@ -360,9 +362,11 @@ h3{font-size:12px;text-transform:uppercase;letter-spacing:.04em;color:#666;margi
 .annotation{margin:2px 0;font-size:15px}.score{margin:0;font-size:12px;color:#777}
 p.error{color:#a33;margin:2px 0;word-break:break-word}
 .kind{background:#a33;color:#fff;border-radius:3px;padding:0 4px;font-size:11px}
-table.label-scores{font-size:12px;border-collapse:collapse;margin-top:2px}
-table.label-scores td,table.label-scores th{padding:0 6px 0 0;text-align:left}
-tr.chosen{font-weight:bold}
+.scroll{overflow-x:auto}
+table.label-scores{font-size:12px;border-collapse:collapse;margin-top:2px;color:#555}
+table.label-scores td,table.label-scores th{padding:0 8px 0 0;text-align:left;font-weight:normal;white-space:nowrap}
+table.label-scores tr>th:first-child{color:#999}
+table.label-scores .chosen{font-weight:bold;color:#18181b}
 .empty{padding:24px;font-size:16px}
 [hidden]{display:none!important}
 """

@@ -243,15 +243,20 @@ def test_every_row_once_with_its_picture_or_the_reason_across_linked_pages(outpu
             else:
                 assert section.attrs["data-status"] == "ok"
                 assert section.one("p", "annotation").text() == row["annotation"]
-                if row["label_scores"]:
+                if not row["label_scores"]:
+                    assert section.one("p", "score").text() == f"score {row['score']:.3f}"
+                else:
                     table = section.one("table", "label-scores")
                     calibrated = ["calibrated"] if any(e.get("calibrated") is not None for e in row["label_scores"]) \
                         else []
-                    assert [th.text() for th in table.all("th")] == ["label", "score", *calibrated]
                     assert bool(calibrated) == (CALIBRATED and key == "red.png")
-                    assert [tr.all("td")[0].text() for tr in table.all("tr")[1:]] == ["one", "two", "three"]
-                    (chosen,) = [tr for tr in table.all("tr") if tr.attrs.get("class") == "chosen"]
-                    assert chosen.all("td")[0].text() == row["annotation"] and chosen.all("td")[1].text() == "-1.000"
+                    lines = [[cell.text() for cell in tr.children] for tr in table.all("tr")]
+                    assert lines[0] == ["label", "one", "two", "three"]
+                    assert lines[1] == ["score", *("-1.000" if label == row["annotation"] else "-2.000"
+                                                   for label in ("one", "two", "three"))]
+                    assert [line[0] for line in lines[2:]] == calibrated
+                    chosen = [cell.text() for cell in table.all("th", "chosen") + table.all("td", "chosen")]
+                    assert chosen == [row["annotation"], "-1.000", *(["-0.250"] if calibrated else [])]
 
     # Model output is text on the page, never markup: the only script is the page's own filter.
     assert all(len(page.all("script")) == 1 for page in pages)
