@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-slow lint typecheck install clean
+.PHONY: demo test test-slow lint typecheck install clean screenshot
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,12 @@ test: install
 # The bundled model's evaluation floors, the full training recipe and the OpenFlamingo benchmark.
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+# docs/report.png, the README's picture of `flamingo-annotate report`: the demo's output in headless Chromium
+# (Debian's package: apt-get install chromium).
+screenshot: install
+	test -d out/demo || $(BIN)/flamingo-annotate demo
+	$(BIN)/python jobs/report_screenshot.py out/demo docs/report.png
 
 lint: install
 	$(BIN)/ruff check .
