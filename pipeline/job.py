@@ -125,6 +125,7 @@ class JobConfig:
     retry_errors: bool = False               # re-attempt every error row, not only transient ones
     flush_rows: int | None = None            # commit an output file every N rows (None: pipeline.write's default)
     flush_seconds: float | None = None       # ... or every T seconds, whichever comes first
+    target_file_mb: float | None = None      # merge the run's files into files of ~N MB (None: pipeline.write's)
     limit: int | None = None                 # annotate at most this many new items (a re-run continues)
     sample: float | None = None              # only the items whose id hashes below this fraction (pipeline.plan)
     log_level: str = "WARNING"               # Ray's console output: INFO or DEBUG shows Ray's own (progress.py)
@@ -265,6 +266,8 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
         done={name: frozenset(ids - done_everywhere) for name, ids in scan.done.items()})
     writer_options: dict[str, Any] = {"flush_rows": config.flush_rows, "flush_seconds": config.flush_seconds,
                                       "keep_columns": config.keep_columns}
+    if config.target_file_mb is not None:
+        writer_options["target_file_bytes"] = int(config.target_file_mb * 1024 * 1024)
     writer_options = {key: value for key, value in writer_options.items() if value is not None}
 
     started_ray = not ray.is_initialized()

@@ -9,6 +9,17 @@ So a driver killed midway keeps every file it committed, no reader ever sees hal
 resumes from them. A failed commit is retried with backoff (`media.errors.call_with_retries`) before the job
 stops with `OutputWriteError`. Files of earlier runs are never appended to.
 
+File size. Durability wants frequent commits, readers want few large files (tens to hundreds of MB: each file
+opened costs a footer read, on S3 a request). The writer does both: it keeps the rows of its own small files
+in memory until they add up to `target_file_bytes` (default TARGET_FILE_MB) of Parquet, then commits them as
+one file `part-<run_id>-m<seq:05d>.parquet` that names them in its metadata (`REPLACES_KEY`) and deletes them
+-- and at the end of the run it merges what is left. A crash between the two steps shows no duplicates to the
+readers here (`read_files`, `pipeline.query`: they leave out a file that a committed file replaces), and the
+next lease holder deletes it; a plain pyarrow/Spark listing of the folder in that moment sees both. The cost is
+memory in the driver (up to the target's worth of rows, a few times that in Arrow) and writing each row twice;
+`target_file_bytes=None` turns merging off. `flamingo-annotate compact` (pipeline/compact.py) merges the small
+files of runs that were stopped, or written before this existed.
+
 Reading. `scan_output` reads the id, task and error columns of every file once, for resume. An unreadable
 file (not ours, or damaged by hand) is skipped with a warning; its items are simply done again.
 
@@ -71,6 +82,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_ROWS = 10_000
 FLUSH_SECONDS = 30.0
+TARGET_FILE_MB = 128
 _SCAN_COLUMNS = [ID_COLUMN, SOURCE_COLUMN, TASK_COLUMN, TASK_HASH_COLUMN, ERROR_COLUMN, ERROR_KIND_COLUMN]
 
 
@@ -101,7 +113,7 @@ class OutputWriter:
     def __init__(self, output_uri: str, run_id: str, *, storage_options: Mapping[str, Any] | None = None,
                  flush_rows: int = FLUSH_ROWS, flush_seconds: float = FLUSH_SECONDS,
                  watch: Iterable[tuple[str, str]] = (), before_commit: Callable[[], None] | None = None,
-                 keep_columns: Sequence[str] = ()):
+                 keep_columns: Sequence[str] = (), target_file_bytes: int | None = TARGET_FILE_MB * 1024 * 1024):
         self.output_uri = output_uri
         self.keep_columns = tuple(keep_columns)
         self.run_id = run_id
@@ -115,6 +127,9 @@ class OutputWriter:
         self._buffered = 0
         self._last_commit = time.monotonic()
         self._seq = 0
+        self.target_file_bytes = target_file_bytes
+        self._small: list[tuple[str, pa.Table, int]] = []  # this run's committed files not merged yet
+        self._merges = 0
 
     def write(self, rows: pa.Table) -> None:
         """Add rows (OUTPUT_SCHEMA columns, and the kept ones or `metadata`; extra ones are dropped); commits
@@ -135,10 +150,36 @@ class OutputWriter:
         if self.before_commit is not None:
             self.before_commit()
         path = self._next_path()
-        commit_file(self.fs, path, table)
+        size = commit_file(self.fs, path, table)
         self._buffer, self._buffered = [], 0
         self.stats.files.append(path)
         self._count(table)
+        if self.target_file_bytes is not None:
+            self._small.append((path, table, size))
+            if sum(size for _, _, size in self._small) >= self.target_file_bytes:
+                self.merge()
+
+    def close(self) -> None:
+        """Commit what is buffered, then merge this run's small files that are left (see the module docstring)."""
+        self.flush()
+        self.merge()
+
+    def merge(self) -> None:
+        """Commit this run's small files not merged yet as one file, then delete them (nothing for fewer than
+        two)."""
+        small, self._small = self._small, []
+        if len(small) < 2:
+            return
+        if self.before_commit is not None:
+            self.before_commit()
+        self._merges += 1
+        path = f"{self.root.rstrip('/')}/part-{self.run_id}-m{self._merges:05d}.parquet"
+        metadata = {REPLACES_KEY: json.dumps([os.path.basename(p) for p, _, _ in small]).encode()}
+        commit_file(self.fs, path, pa.concat_tables([table for _, table, _ in small]), metadata)
+        for old, _, _ in small:
+            self.fs.rm_file(old)
+        gone = {p for p, _, _ in small}
+        self.stats.files = [p for p in self.stats.files if p not in gone] + [path]
 
     def _next_path(self) -> str:
         self._seq += 1
@@ -175,13 +216,14 @@ def write_rows(batches: Iterable[pa.Table], output_uri: str, run_id: str, **writ
         except Exception as exc:
             log.warning("could not commit the last rows before stopping: %s: %s", type(exc).__name__, exc)
         raise
-    writer.flush()
+    writer.close()
     return writer.stats
 
 
 def commit_file(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table,
-                metadata: Mapping[bytes, bytes] | None = None) -> None:
-    """Write `table` to `path` atomically (see the module docstring), retrying transient failures."""
+                metadata: Mapping[bytes, bytes] | None = None) -> int:
+    """Write `table` to `path` atomically (see the module docstring), retrying transient failures. Returns the
+    file's size in bytes."""
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     sink = io.BytesIO()
@@ -205,6 +247,7 @@ def commit_file(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table,
         call_with_retries(put)
     except Exception as exc:
         raise OutputWriteError(f"cannot write {path}: {type(exc).__name__}: {exc}") from exc
+    return len(data)
 
 
 def to_output_table(batch: pa.Table, run_id: str | None = None, keep_columns: Sequence[str] = ()) -> pa.Table:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from flamingo_annotate.cli import main
+from flamingo_annotate.cli import PROJECT_ROOT, main
 from media.storage import filesystem
 from pipeline.compact import compact_output
 from pipeline.lease import Lease, LeaseHeld
@@ -90,3 +90,31 @@ def test_files_at_the_target_size_stay_and_a_held_lease_refuses(tmp_path: Path) 
     result = CliRunner().invoke(main, ["compact", output, "--target-file-mb", "16"])
     assert result.exit_code == 0, result.output
     assert "merged 2 files into 1" in result.output and len(list((tmp_path / "out").iterdir())) == 1
+
+
+def test_a_run_merges_its_own_small_files_at_the_target_size_and_at_the_end(tmp_path: Path) -> None:
+    output = str(tmp_path / "out")
+    probe = OutputWriter(str(tmp_path / "probe"), "20261201T000000Z-pppppp", flush_rows=3, flush_seconds=3600)
+    probe.write(rows(3, "/in/p"))
+    file_bytes = (tmp_path / "probe").joinpath(Path(probe.stats.files[0]).name).stat().st_size
+    # Merge once two small files are committed: 11 rows in files of 3 -> merged (3+3), (3+2 at the end).
+    writer = OutputWriter(output, "20261201T000000Z-aaaaaa", flush_rows=3, flush_seconds=3600,
+                          target_file_bytes=2 * file_bytes - 1)
+    table = rows(11, "/in/a")
+    for start in range(0, 11):
+        writer.write(table.slice(start, 1))
+        if start == 5:  # 2 small files committed and merged: the durability of each commit is kept
+            assert [p.name for p in (tmp_path / "out").iterdir()] == ["part-20261201T000000Z-aaaaaa-m00001.parquet"]
+    writer.close()
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["part-20261201T000000Z-aaaaaa-m00001.parquet", "part-20261201T000000Z-aaaaaa-m00002.parquet"]
+    assert sorted(writer.stats.files) == [str(tmp_path / "out" / n) for n in names]
+    assert sorted(pq.read_table(tmp_path / "out").column("id").to_pylist()) == sorted(table.column("id").to_pylist())
+
+
+def test_run_passes_the_target_file_size(run_job_calls: list[Any]) -> None:
+    caption = str(PROJECT_ROOT / "jobs" / "tasks" / "caption.yaml")
+    result = CliRunner().invoke(main, ["run", caption, "--input", "s3://b/in", "--output", "s3://b/out",
+                                       "--target-file-mb", "64"])
+    assert result.exit_code == 0, result.output
+    assert run_job_calls[0].target_file_mb == 64.0
