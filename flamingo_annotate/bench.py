@@ -234,17 +234,22 @@ def run_pipeline(config: BenchConfig, in_process_items_per_second: float) -> dic
                                      device=device, vision=resources, generation=resources, progress=False))
 
         start = time.perf_counter()
-        ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        started = not ray.is_initialized()  # a caller's instance (a cluster, a test's) is used as it is
+        if started:
+            ray.init(include_dashboard=False, log_to_driver=False)
         ray_start = time.perf_counter() - start
         try:
             small, full = job("short"), job("in")
         finally:
-            ray.shutdown()
+            if started:
+                ray.shutdown()
+        record = json.loads((root / "out-in" / "_runs" / f"{full.run_id}.json").read_text())
     seconds = full.seconds - small.seconds
     rate = (full.items - small.items) / seconds if seconds > 0 else float("nan")
     return {"items": full.items, "rows_ok": full.rows_ok, "ray_start_seconds": ray_start,
             "job_start_seconds": small.seconds - small.items / rate, "job_seconds": full.seconds,
-            "items_per_second": rate, "ratio_to_in_process": rate / in_process_items_per_second}
+            "items_per_second": rate, "ratio_to_in_process": rate / in_process_items_per_second,
+            "stages": record.get("stages", [])}   # where the job's time went (pipeline/stage_stats.py)
 
 
 def compare_openflamingo(model, work: Workload, config: BenchConfig, our_tokens: torch.Tensor,
@@ -323,6 +328,9 @@ def format_result(result: BenchResult) -> str:
         lines.append(f"Ray job over {p['items']} images (read, decode, both actor pools, write): "
                      f"{p['items_per_second']:.2f} items/s = {p['ratio_to_in_process']:.2f}x in-process end to end; "
                      f"start-up apart: Ray {p['ray_start_seconds']:.1f} s, each job {p['job_start_seconds']:.1f} s")
+        for st in p["stages"]:
+            lines.append(f"  {st.get('stage')}: {st.get('items_per_second') or 0:.2f} items/s, "
+                         f"{st.get('items_per_busy_second') or 0:.2f} per busy worker-second")
     if result.openflamingo:
         o = result.openflamingo
         lines.append(f"OpenFlamingo generate() (batch {o['batch_size']}, demonstrations re-encoded per query): "
