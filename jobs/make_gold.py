@@ -5,7 +5,8 @@ evaluate`; with `--demos`, draw the demonstration images of `has_red.yaml` and `
     flamingo-annotate evaluate jobs/tasks/*.yaml --gold out/gold/gold.csv --json out/gold/report.json
 
 The scenes are PNG files under DIR/images/, and DIR/gold.csv (and gold.parquet, the same rows) has one row
-per (item, task): `item` (the file, relative to the gold file), `task` and `answer`:
+per (item, task): `item` (the file, relative to the gold file), `task` and `answer` (and DIR/gold_TASK.csv
+holds one task's rows, without the task column):
   count     the number of shapes as a word (one, two, three);
   caption   the scene's caption as training.synthetic writes it;
   has_red   yes when a red shape is in the scene, else no;
@@ -95,6 +96,11 @@ def write_gold(folder: Path, items: int, seed: int = 0) -> list[dict[str, str]]:
         writer.writeheader()
         writer.writerows(rows)
     pq.write_table(pa.Table.from_pylist(rows), folder / "gold.parquet")
+    for task in dict.fromkeys(row["task"] for row in rows):   # one task's rows, to evaluate it on its own
+        with open(folder / f"gold_{task}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["item", "answer"])
+            writer.writeheader()
+            writer.writerows({"item": r["item"], "answer": r["answer"]} for r in rows if r["task"] == task)
     return rows
 
 
