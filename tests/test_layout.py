@@ -155,7 +155,7 @@ def test_task_files_and_the_model_config_load_without_torch():
     need no deep-learning import."""
     code = ("import glob, sys, flamingo.config, flamingo.tokens, pipeline.task, pipeline.schema\n"
             "tasks, problems = pipeline.task.check_tasks(sorted(glob.glob('jobs/tasks/*.yaml')))\n"
-            "assert len(tasks) == 2 and not problems, problems   # demonstrations decoded, too\n"
+            "assert len(tasks) == len(glob.glob('jobs/tasks/*.yaml')) >= 2 and not problems, problems\n"
             "print(sorted({'torch', 'ray', 'transformers', 'open_clip'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
