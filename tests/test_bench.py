@@ -34,3 +34,19 @@ def test_models_openflamingo_cannot_represent_are_refused():
     result = CliRunner().invoke(main, ["bench", "--model", "tiny-random", "--items", "2", "--batch-size", "2",
                                        "--new-tokens", "2", "--shots-sweep", "", "--compare-openflamingo"])
     assert result.exit_code != 0 and "OpenFlamingo's fixed sizes" in str(result.exception)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_bench_pipeline_reports_a_steady_rate_as_a_ratio(tmp_path):
+    """A smoke test at tiny sizes: the figures' meaning is in bench.run_pipeline, not asserted here."""
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, [
+        "bench", "--model", "tiny-random", "--items", "4", "--batch-size", "2", "--shots", "1",
+        "--caption-tokens", "2", "--new-tokens", "2", "--shots-sweep", "", "--pipeline", "--pipeline-items", "6",
+        "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    pipeline = json.loads(out.read_text())["pipeline"]
+    assert (pipeline["items"], pipeline["rows_ok"]) == (6, 6)
+    # 6 items against 2 time nothing steady: only that the figures are there
+    assert {"ratio_to_in_process", "job_start_seconds"} <= set(pipeline) and "in-process end to end" in result.output
+    assert {"MapBatches(VisionEncoder)", "MapBatches(Annotator)"} <= {s["stage"] for s in pipeline["stages"]}
