@@ -19,7 +19,7 @@ import click
 
 from flamingo_annotate.job_file import job_file_option
 from flamingo_annotate.model_commands import MODEL_COMMANDS
-from flamingo_annotate.options import trust_remote_code_option
+from flamingo_annotate.options import PoolSize, PoolSizeType, dtype_option, trust_remote_code_option
 from pipeline.task import MAX_FRAMES, Task, TaskError, check_tasks, is_uri
 
 if TYPE_CHECKING:  # pipeline.job imports the model library (torch)
@@ -84,11 +84,14 @@ def _job_options(command: Callable) -> Callable:
                      help="Folder for the Parquet output; a re-run resumes, skipping items already there."),
         click.option("--model", metavar="NAME_OR_PATH", help="Model name or checkpoint folder."),
         trust_remote_code_option,
-        click.option("--vision-actors", type=count, help="Vision encoder actors."),
+        dtype_option,
+        click.option("--vision-actors", type=PoolSizeType(),
+                     help="Vision encoder actors: N, or MIN-MAX to autoscale (e.g. 1-8)."),
         click.option("--vision-batch-size", type=count, help="Items per vision encoder batch."),
         click.option("--vision-gpus", type=fraction, help="GPUs per vision encoder actor (fractions share one)."),
         click.option("--vision-cpus", type=fraction, help="CPUs per vision encoder actor."),
-        click.option("--generate-actors", type=count, help="Language model actors."),
+        click.option("--generate-actors", type=PoolSizeType(),
+                     help="Language model actors: N, or MIN-MAX to autoscale."),
         click.option("--generate-batch-size", type=count, help="Items per language model batch."),
         click.option("--generate-gpus", type=fraction, help="GPUs per language model actor."),
         click.option("--generate-cpus", type=fraction, help="CPUs per language model actor."),
@@ -108,6 +111,8 @@ def _job_options(command: Callable) -> Callable:
         click.option("--flush-rows", type=count, help="Commit an output file every N rows (default 10000)."),
         click.option("--flush-seconds", type=click.FloatRange(min=0, min_open=True),
                      help="... or every S seconds, whichever comes first (default 30)."),
+        click.option("--target-file-mb", type=click.FloatRange(min=0, min_open=True),
+                     help="Merge the run's committed files into files of about N MB (default 128)."),
         click.option("--keep-columns", metavar="NAMES", callback=_check_keep_columns,
                      help="Input metadata to copy into output columns of the same name, e.g. url,caption,key "
                           "(Parquet columns, WebDataset .json fields, .txt as caption); default: key for "
@@ -154,6 +159,8 @@ def validate(task_files: tuple[str, ...], s3_endpoint: str | None, no_remote_che
     for task in tasks:
         click.echo(f"ok  {task.name:<20} {task.kind:<9} {len(task.demonstrations)} demos  "
                    f"sha256:{task.sha256[:12]}  {task.path}")
+        for warning in task.warnings():  # allowed, so the exit status stays 0
+            click.echo(f"Warning: {warning}", err=True)
     if problems:
         _exit_with_problems(TaskError(problems))
 
@@ -282,8 +289,80 @@ def query(output: str, sql: str | None, s3_endpoint: str | None, max_rows: int) 
 
 
 @main.command()
+@click.argument("output", metavar="OUTPUT")
+@click.option("--target-file-mb", type=click.FloatRange(min=0, min_open=True), default=128, show_default=True,
+              help="Merge files smaller than this into files of about this size.")
+@click.option("--s3-endpoint", metavar="URL", help="S3-compatible endpoint for an s3:// OUTPUT.")
+@click.option("--force", is_flag=True, help="Take over the output even while a run holds its lease (_lease.json).")
+def compact(output: str, target_file_mb: float, s3_endpoint: str | None, force: bool) -> None:
+    """Merge OUTPUT's small Parquet files into large ones, every row kept once (under the output's lease)."""
+    from media.errors import describe_error
+    from pipeline.compact import compact_output
+    from pipeline.lease import LeaseHeld, LeaseLost
+
+    try:
+        stats = compact_output(output, target_file_mb=target_file_mb, storage_options=_storage_options(s3_endpoint),
+                               force=force)
+    except (LeaseHeld, LeaseLost) as error:
+        raise click.ClickException(str(error)) from None
+    except Exception as error:
+        raise click.ClickException(f"cannot compact {output}: {describe_error(error)}") from None
+    unreadable = f"; {stats.unreadable} unreadable files left as they are" if stats.unreadable else ""
+    click.echo(f"{output}: merged {stats.files_merged} files into {stats.files_written} ({stats.rows} rows); "
+               f"{stats.files_before - stats.files_merged + stats.files_written} data files now{unreadable}")
+
+
+@main.command()
+@click.argument("output", metavar="OUTPUT")
+@click.option("--html", "html_file", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="The page to write; further pages go beside it as FILE-2.html, FILE-3.html, ...")
+@click.option("--task", "tasks", multiple=True, metavar="NAME", help="Only this task's rows (repeat for several).")
+@click.option("--errors-only", is_flag=True, help="Only error rows.")
+@click.option("--where", metavar="SQL", help="Only rows where this condition over the `annotations` columns holds, "
+                                             "e.g. \"annotation LIKE '%red%'\".")
+@click.option("--limit", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="At most N items, in id order (0: all).")
+@click.option("--page-size", type=click.IntRange(min=1), default=200, show_default=True, help="Items per page.")
+@click.option("--thumbnail-size", type=click.IntRange(min=16, max=1024), default=192, show_default=True,
+              help="Pictures (and each frame of a video's strip) fit in this many pixels square.")
+@click.option("--video-frames", type=click.IntRange(min=1, max=16), default=4, show_default=True,
+              help="Frames in a video's strip.")
+@click.option("--workers", type=click.IntRange(min=1, max=64), default=8, show_default=True,
+              help="Sources read and decoded at once.")
+@click.option("--media-key", metavar="EXTS", callback=_check_media_keys,
+              help="WebDataset: the members that are a sample's media (default: as the last run read them).")
+@click.option("--s3-endpoint", metavar="URL", help="S3-compatible endpoint for s3:// outputs and sources.")
+def report(output: str, html_file: str, tasks: tuple[str, ...], errors_only: bool, where: str | None, limit: int,
+           page_size: int, thumbnail_size: int, video_frames: int, workers: int, media_key: str | None,
+           s3_endpoint: str | None) -> None:
+    """Write OUTPUT as static HTML pages: each item's picture (a strip of frames for a video) with every
+    task's annotation, score, label scores or error; filter by task, text and errors in the page.
+
+    Example: flamingo-annotate report out/demo --html out/demo.html
+    """
+    import duckdb
+
+    from flamingo_annotate.report import ReportOptions, build_report
+    from media.files import parse_media_keys
+    from media.thumbnails import ThumbnailConfig
+
+    options = ReportOptions(
+        tasks=tasks, errors_only=errors_only, where=where, limit=limit or None, page_size=page_size,
+        storage_options=_storage_options(s3_endpoint),
+        thumbnail=ThumbnailConfig(size=thumbnail_size, video_frames=video_frames, workers=workers,
+                                  media_keys=None if media_key is None else parse_media_keys(media_key)))
+    try:
+        summary = build_report(output, html_file, options,
+                               on_page=lambda page, pages: click.echo(f"page {page}/{pages}", err=True))
+    except (OSError, ValueError, duckdb.Error) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(summary.format())
+
+
+@main.command()
 @click.option("--output", "output_uri", default="out/demo", show_default=True, help="Where to write the result.")
-def demo(output_uri: str) -> None:
+@dtype_option
+def demo(output_uri: str, dtype: str | None) -> None:
     """Annotate the bundled sample with the bundled example tasks and the default model."""
     from pipeline import job
     from pipeline import query as output_query
@@ -291,10 +370,64 @@ def demo(output_uri: str) -> None:
     task_files = sorted(str(path) for path in (JOBS_DIR / "tasks").glob("*.yaml"))
     tasks = _load_tasks_or_exit(task_files, s3_endpoint=None, no_remote_check=False)
     summary = _run_job_or_exit(job.JobConfig(tasks=tasks, input_uri=str(JOBS_DIR / "sample"),
-                                             output_uri=_absolute_if_local(output_uri)))
+                                             output_uri=_absolute_if_local(output_uri), dtype=dtype or "auto"))
     _print_summary(summary, None)
     con = output_query.connect(summary.output)
     click.echo(output_query.summarize(con, summary.output, samples=8).format())
+
+
+@main.command()
+@click.argument("task_files", nargs=-1, required=True, metavar="TASK...")
+@click.option("--gold", "gold_uri", required=True, metavar="URI",
+              help="Gold answers: Parquet, CSV or JSONL with columns item, answer and optionally task.")
+@click.option("--output", "output_uri", default=None, metavar="DIR",
+              help="Keep the job's output here (default: a temp dir).")
+@click.option("--json", "json_file", default=None, type=click.Path(dir_okay=False),
+              help="Also write the report as JSON.")
+@click.option("--shots", default="all", show_default=True, metavar="K,...",
+              help="Numbers of demonstrations to run each task with, e.g. 0,1,2,all: the shot curve.")
+@click.option("--model", default=None, help="Model name or folder (default: the bundled one).")
+@click.option("--item-column", default="item", show_default=True)
+@click.option("--answer-column", default="answer", show_default=True)
+@click.option("--task-column", default="task", show_default=True, help="Used when the gold file has it.")
+@click.option("--s3-endpoint", default=None, metavar="URL", help="S3-compatible endpoint for s3:// URIs.")
+@click.option("--no-progress", is_flag=True)
+@dtype_option
+def evaluate(task_files: tuple[str, ...], gold_uri: str, output_uri: str | None, json_file: str | None, shots: str,
+             model: str | None, item_column: str, answer_column: str, task_column: str, s3_endpoint: str | None,
+             no_progress: bool, dtype: str | None) -> None:
+    """Run the TASK files on the items of a gold set, as `run` does, and score their answers (see
+    flamingo_annotate/gold.py for the gold file's columns and the scores)."""
+    import json
+
+    from flamingo_annotate import gold
+    from pipeline import job
+
+    try:
+        shot_list = gold.parse_shots(shots)
+        rows = gold.read_gold(gold_uri, _storage_options(s3_endpoint), item_column=item_column,
+                              answer_column=answer_column, task_column=task_column)
+    except (ValueError, gold.GoldError) as error:
+        raise click.ClickException(str(error)) from None
+    tasks = _load_tasks_or_exit(task_files, s3_endpoint=s3_endpoint, no_remote_check=False)
+    try:
+        gold.check_tasks_against_gold(tasks, rows, gold_uri)
+    except gold.GoldError as error:
+        raise click.ClickException(str(error)) from None
+
+    def config_for(job_tasks: tuple[Task, ...], files: tuple[str, ...], out: str) -> JobConfig:
+        return job.JobConfig(tasks=job_tasks, input_uri=gold_uri, output_uri=_absolute_if_local(out), input_files=files,
+                             storage_options=_storage_options(s3_endpoint), progress=not no_progress,
+                             **_given(model=model, dtype=dtype))
+    try:
+        report = gold.evaluate_tasks(tasks, rows, config_for, output=output_uri, shots=shot_list,
+                                     storage_options=_storage_options(s3_endpoint))
+    except job.JobError as error:
+        click.echo(f"Error: {error}", err=True)
+        click.get_current_context().exit(error.exit_code)
+    click.echo(gold.format_report(report))
+    if json_file:
+        Path(json_file).write_text(json.dumps(report, indent=1) + "\n")
 
 
 def _load_tasks_or_exit(task_files: Sequence[str], *, s3_endpoint: str | None,
@@ -325,34 +458,37 @@ def _exit_with_problems(error: TaskError) -> NoReturn:
 
 
 def _job_config(tasks: Sequence[Task], *, input_uri: str, output_uri: str, address: str | None, model: str | None,
-                vision_actors: int | None, vision_batch_size: int | None, vision_gpus: float | None,
-                vision_cpus: float | None, generate_actors: int | None, generate_batch_size: int | None,
+                dtype: str | None, vision_actors: PoolSize | None, vision_batch_size: int | None,
+                vision_gpus: float | None, vision_cpus: float | None, generate_actors: PoolSize | None,
+                generate_batch_size: int | None,
                 generate_gpus: float | None, generate_cpus: float | None, num_frames: int | None,
                 fps: float | None, max_pixels: int | None, decode_timeout: float | None, s3_endpoint: str | None,
                 no_progress: bool, force: bool, retry_errors: bool,
-                flush_rows: int | None, flush_seconds: float | None, trust_remote_code: bool,
-                keep_columns: str | None, media_key: str | None, include_sidecars: bool, limit: int | None,
+                flush_rows: int | None, flush_seconds: float | None, target_file_mb: float | None,
+                trust_remote_code: bool, keep_columns: str | None, media_key: str | None, include_sidecars: bool,
+                limit: int | None,
                 sample: float | None, log_level: str | None, verbose: bool) -> JobConfig:
     """A pipeline.job.JobConfig from the command line; options not given keep JobConfig's defaults."""
     from media.files import parse_media_keys
     from pipeline.job import JobConfig, StageResources, default_generation_resources
     from pipeline.kept_columns import parse_keep_columns
 
-    vision = StageResources(**_given(pool_size=vision_actors, batch_size=vision_batch_size,
-                                     num_gpus=vision_gpus, num_cpus=vision_cpus))
+    vision = StageResources(**_given(batch_size=vision_batch_size, num_gpus=vision_gpus, num_cpus=vision_cpus),
+                            **_pool(vision_actors))
     generation = dataclasses.replace(default_generation_resources(), **_given(
-        pool_size=generate_actors, batch_size=generate_batch_size, num_gpus=generate_gpus, num_cpus=generate_cpus))
+        batch_size=generate_batch_size, num_gpus=generate_gpus, num_cpus=generate_cpus), **_pool(generate_actors))
     return JobConfig(tasks=tuple(tasks), input_uri=_absolute_if_local(input_uri),
                      output_uri=_absolute_if_local(output_uri), vision=vision, generation=generation,
                      storage_options=_storage_options(s3_endpoint), progress=not no_progress, force=force,
                      retry_errors=retry_errors, flush_rows=flush_rows, flush_seconds=flush_seconds,
-                     trust_remote_code=trust_remote_code, include_sidecars=include_sidecars,
+                     target_file_mb=target_file_mb, trust_remote_code=trust_remote_code,
+                     include_sidecars=include_sidecars,
                      keep_columns=None if keep_columns is None else parse_keep_columns(keep_columns),
                      media_keys=None if media_key is None else parse_media_keys(media_key),
                      limit=limit, sample=sample,
                      log_level=(log_level or ("INFO" if verbose else "WARNING")).upper(),
-                     **_given(model=model, address=address, num_frames=num_frames, fps=fps, max_pixels=max_pixels,
-                              decode_timeout_s=decode_timeout))
+                     **_given(model=model, dtype=dtype, address=address, num_frames=num_frames, fps=fps,
+                              max_pixels=max_pixels, decode_timeout_s=decode_timeout))
 
 
 def _forwarded_options(ctx: click.Context, exclude: set[str], values: Mapping[str, str] | None = None) -> list[str]:
@@ -420,6 +556,13 @@ def _by_kind(rows_by_kind: Mapping[str, int]) -> str:
 
 def _storage_options(s3_endpoint: str | None) -> dict[str, Any]:
     return {"endpoint_url": s3_endpoint} if s3_endpoint else {}
+
+
+def _pool(size: PoolSize | None) -> dict[str, Any]:
+    """StageResources' pool fields for `--vision-actors` / `--generate-actors` (None: the defaults)."""
+    if size is None:
+        return {}
+    return {"pool_size": size.minimum, "max_pool_size": None if size.maximum == size.minimum else size.maximum}
 
 
 def _given(**values: Any) -> dict[str, Any]:
