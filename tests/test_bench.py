@@ -36,6 +36,7 @@ def test_models_openflamingo_cannot_represent_are_refused():
     assert result.exit_code != 0 and "OpenFlamingo's fixed sizes" in str(result.exception)
 
 
+@pytest.mark.slow  # two Ray jobs back to back (~1-2 min); `make test-slow` runs it
 @pytest.mark.usefixtures("ray_session")
 def test_bench_pipeline_reports_a_steady_rate_as_a_ratio(tmp_path):
     """A smoke test at tiny sizes: the figures' meaning is in bench.run_pipeline, not asserted here."""
