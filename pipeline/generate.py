@@ -56,7 +56,7 @@ class AnnotatorSpec:
 @dataclass
 class _PreparedTask:
     task: Task
-    prefix: FewShotPrefix | None        # None: a zero-shot task without instruction (nothing before the query)
+    prefix: FewShotPrefix               # empty for a zero-shot task without instruction
     query_ids: torch.Tensor             # (1, Lq): every item's prompt after the prefix is the same
     candidates: list[list[int]]         # classify: token ids of each label's continuation
     prior: torch.Tensor | None = None   # classify with `calibrate`: p_cf, the labels' content-free prior (K,)
@@ -104,9 +104,9 @@ class Annotator:
         model = self.model
         prefix_ids, _ = model.tokenize([task.prefix_text()])
         demos = load_demonstration_pixels(task, decode, storage_options) if task.demonstrations else None
-        # A zero-shot task with no instruction has no prefix at all: each query is the whole prompt.
+        # A zero-shot task without instruction has an empty prefix: each query is then the whole prompt.
         vision_x = None if demos is None else demos.to(self.device, model.dtype)
-        prefix = model.prepare_prefix(prefix_ids, vision_x=vision_x) if prefix_ids.shape[1] else None
+        prefix = model.prepare_prefix(prefix_ids, vision_x=vision_x)
         query_ids, _ = model.tokenize([task.query_text()])
         candidates = [model.tokenizer.encode(c, add_special_tokens=False) for c in task.candidates()]
         prior = None

@@ -90,7 +90,7 @@ def test_calibration_moves_answers_away_from_the_labels_the_prompt_favours(calib
     """On a prompt with a strong label bias, dividing by p_cf takes answers from the labels it favours to those
     it favours less, never the other way: the favourite loses answers, the least favoured gains some."""
     prepared, rows = calibrated[2][1]                            # the zero-shot count
-    assert prepared.prefix is None
+    assert prepared.prefix.length == 0
     labels = [label.strip() for label in prepared.task.labels]
     prior = dict(zip(labels, prepared.prior.tolist()))
     raw = [max(row["label_scores"], key=lambda e: e["score"])["label"] for row in rows]
