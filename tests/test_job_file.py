@@ -96,7 +96,7 @@ def test_every_problem_of_a_bad_job_file_is_listed_and_nothing_runs(
     lines = output.splitlines()
     assert lines[0] == "4 problems in the job file:"
     assert f"{job_file}: ouput: not an option of `run` (did you mean output?)" in lines
-    assert f"{job_file}: vision-actors: 0 is not in the range x>=1." in lines
+    assert f"{job_file}: vision-actors: '0': actor counts are at least 1, and MIN is at most MAX" in lines
     assert any(line.startswith(f"{job_file}: generate-gpus: 'lots' is not a valid float") for line in lines)
     assert f"{job_file}: fps: -1.0 is not in the range x>0." in lines
 
