@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from flamingo import Flamingo
+from flamingo.calibration import calibrate, label_prior
 from media.decode import DecodeConfig
 from pipeline.generate import load_demonstration_pixels
 from pipeline.task import load_task
@@ -28,8 +29,9 @@ def score_task(model: Flamingo, path: str | Path, scenes: Sequence[Scene], confi
                ) -> tuple[str, dict[str, Any]]:
     """Run one task file on `scenes` as the annotation pipeline does (pipeline.generate.Annotator: the
     demonstrations as a few-shot prefix, the query after each item's `<image>`, labels scored with their
-    end-of-chunk) and score the answers against the scenes' truth. Classify tasks whose labels are
-    number words (count.yaml) are scored as object counts; generate tasks (caption.yaml) as captions."""
+    end-of-chunk, calibrated when the task says `calibrate: true`) and score the answers against the scenes'
+    truth. Classify tasks whose labels are number words (count.yaml) are scored as object counts; generate
+    tasks (caption.yaml) as captions."""
     if not Path(path).is_absolute() and not Path(path).exists():
         path = Path(__file__).resolve().parents[1] / path      # the repository's own jobs/tasks
     task = load_task(path, check_remote_media=False)
@@ -40,6 +42,10 @@ def score_task(model: Flamingo, path: str | Path, scenes: Sequence[Scene], confi
         prefix = model.prepare_prefix(prefix_ids, vision_x=None if demos is None else demos.to(model.device))
         query_ids, _ = model.tokenize([task.query_text()])
         transform = image_transform(model)
+        candidates = [model.tokenizer.encode(c, add_special_tokens=False) for c in task.candidates()]
+        prior = None        # `calibrate: true`: the labels' content-free prior, measured once as the pipeline does
+        if task.kind == "classify" and task.calibrate:
+            prior = label_prior(model, query_ids, candidates, prefix, task.generation.length_normalize)
         outputs: list[str] = []
         for start in range(0, len(scenes), config.batch_size):
             batch = scenes[start:start + config.batch_size]
@@ -47,9 +53,10 @@ def score_task(model: Flamingo, path: str | Path, scenes: Sequence[Scene], confi
             visual = model.encode_vision(pixels.to(model.device, model.dtype))
             query = query_ids.expand(len(batch), -1)
             if task.kind == "classify":
-                candidates = [model.tokenizer.encode(c, add_special_tokens=False) for c in task.candidates()]
                 scores = model.score(query, candidates, visual_tokens=visual, prefix=prefix,
                                      length_normalize=task.generation.length_normalize)
+                if prior is not None:
+                    scores = calibrate(scores, prior)
                 labels = [label.strip() for label in task.labels]
                 outputs += [labels[int(np.argmax(row))] for row in scores.tolist()]
             else:
