@@ -45,7 +45,7 @@ def count_items(files: Sequence[ListedFile], storage_options: Mapping[str, Any] 
     remote_tar_bytes = 0
     jobs: list[tuple[ListedFile, str, bool]] = []
     for f in files:
-        kind = _kind(f.uri)
+        kind = file_kind(f.uri)
         count_it = True
         if kind == TAR_EXTENSION and not _is_local_uri(f.uri, storage_options):
             remote_tar_bytes += f.size or 0
@@ -68,7 +68,8 @@ def count_items(files: Sequence[ListedFile], storage_options: Mapping[str, Any] 
         return list(pool.map(count, jobs))
 
 
-def _kind(uri: str) -> str:
+def file_kind(uri: str) -> str:
+    """`tar`, `parquet` or `file`, from the name."""
     extension = uri.rsplit("/", 1)[-1].rpartition(".")[2].lower()
     return extension if extension in (TAR_EXTENSION, PARQUET_EXTENSION) else "file"
 

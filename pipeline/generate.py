@@ -49,8 +49,6 @@ class AnnotatorSpec:
     dtype: str = "auto"                               # flamingo.dtypes: auto is bfloat16 on CUDA, else float32
     # task name -> fsspec options for reading that task's demonstration media
     storage_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    # task name -> ids already in the output for that task (resume): no row is written for them again
-    done: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,7 +120,8 @@ class Annotator:
         out: list[dict] = []
         for prepared in self.tasks:
             task = prepared.task
-            todo = [r for r in rows if r["id"] not in self.spec.done.get(task.name, ())]
+            # Resume: the read task named the tasks an item is done for already (pipeline/read.py)
+            todo = [r for r in rows if task.name not in (r.get("done_tasks") or ())]
             ok = [r for r in todo if r["error"] is None and r["visual"] is not None]
             results = iter(self._annotate(prepared, ok) if ok else [])
             for r in todo:  # results come in the order of `ok`: matched by position, never by id

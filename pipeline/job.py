@@ -6,18 +6,21 @@ lease (pipeline/lease.py), so a typo, unreachable storage or a second run on the
 error (`JobError`) within seconds. Storage calls to S3 get bounded timeouts and retries
 (`media.storage.S3_CLIENT_CONFIG`) unless the options set their own.
 
-Resume (rules in pipeline/write.py): items done in the output for every task (same task name and file hash)
-are not read again; items done for only some tasks are annotated for the others only, so a re-run never writes
-a duplicate row. Error rows of kind `transient` (and with `retry_errors`, all error rows) are re-attempted,
-and the rows they supersede are removed at the end.
+Resume (pipeline/manifest.py; rules in pipeline/write.py): input files with a manifest for these tasks are not
+read again; the others are, and their read tasks leave out, on the workers, the items the output holds for
+every task (same task name and file hash); items done for only some tasks are annotated for the others only,
+so a re-run never writes a duplicate row. Error rows of kind `transient` (and with `retry_errors`, all error
+rows) are re-attempted, and the rows they supersede are removed at the end. The driver holds per-file state
+only, never item ids.
 
 The summary counts the rows this run wrote itself (`WriteStats`), never the output as a whole.
 
 Control and record (pipeline/plan.py, pipeline/progress.py, pipeline/runs.py): before Ray starts, the input's
-items are counted cheaply and compared with the output; when nothing is left the run returns at once, without
-Ray or the model (`JobSummary.nothing_to_do`). `plan_job` is that look alone (`--dry-run`). `sample` and
-`limit` narrow what a run reads; the progress line counts against the planned total; and a run that took the
-lease leaves `_runs/<run_id>.json` in the output, also when it fails or is stopped.
+unfinished files are counted cheaply and the finished ones taken from their manifests; when nothing is left the
+run returns at once, without Ray or the model (`JobSummary.nothing_to_do`). `plan_job` is that look alone
+(`--dry-run`). `sample` and `limit` narrow what a run reads; the progress line counts against the planned
+total; and a run that took the lease leaves `_runs/<run_id>.json` in the output, also when it fails or is
+stopped.
 """
 
 from __future__ import annotations
@@ -31,12 +34,11 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from flamingo import DEFAULT_MODEL
 from media.errors import describe_error
-from media.files import DEFAULT_MAX_ITEM_BYTES, ListedFile, Listing
+from media.files import DEFAULT_MAX_ITEM_BYTES, ListedFile, Listing, is_container
 from media.storage import resolve_storage_options
 from pipeline import plan as plan_module
 from pipeline import runs
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
 
     from media.decode import DecodeConfig
     from pipeline.lease import Lease
+    from pipeline.manifest import UnitState
 
 # botocore settings for S3 (s3fs `config_kwargs`): an unreachable endpoint fails in seconds, not minutes.
 EXIT_FAILED = 1           # the job could not start or stopped (one-line reason)
@@ -170,7 +173,6 @@ def video_sampling(tasks: Sequence[Task], config: JobConfig) -> tuple[int, float
 
 def run_job(config: JobConfig) -> JobSummary:
     """Run the job; raises JobError for what is reported as one line (see the module docstring)."""
-    from media.files import is_container
     from pipeline.kept_columns import DEFAULT_KEEP_COLUMNS
     from pipeline.lease import Lease, LeaseHeld
 
@@ -185,7 +187,7 @@ def run_job(config: JobConfig) -> JobSummary:
     if config.keep_columns is None:  # the producer's key, when the input has shards that have keys
         config = dataclasses.replace(config, keep_columns=DEFAULT_KEEP_COLUMNS if any(
             is_container(f.uri) for f in files) else ())
-    done = _nothing_to_do_after_complete_run(config, files, in_options, out_options)
+    done = _nothing_to_do_before_lease(config, files, in_options, out_options)
     if done is not None:  # before the model library is even imported (torch takes seconds)
         done.seconds = time.perf_counter() - start
         return done
@@ -236,34 +238,39 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
     import ray
     from ray.util.annotations import RayDeprecationWarning
 
-    from media.files import is_container
     from pipeline.decode import decode_items
     from pipeline.encode import VisionEncoder
     from pipeline.generate import Annotator, AnnotatorSpec
     from pipeline.lease import LeaseLost
-    from pipeline.read import read_items
+    from pipeline.manifest import ManifestTracker, UnitLedger, unit_uri
+    from pipeline.read import Resume, read_items
     from pipeline.stage_stats import stage_rates
-    from pipeline.write import OutputWriteError, drop_superseded, scan_output, write_rows
+    from pipeline.write import OutputWriteError, drop_rows, unit_files, write_rows
 
     tasks = config.tasks
     task_hashes = {t.name: t.sha256 for t in tasks}
     try:
-        scan = scan_output(config.output_uri, task_hashes, retry_errors=config.retry_errors,
-                           storage_options=out_options)
-    except Exception as exc:  # unreadable files are skipped inside; this is the output not answering at all
+        finished = _finished(config, files, out_options)
+    except Exception as exc:  # the output does not answer
         raise JobError(f"cannot read output {config.output_uri}: {describe_error(exc)}") from None
-    done_everywhere = set.intersection(*scan.done.values()) if scan.done else set()
-    plan = _plan(config, files, in_options, scan.done, [item_id for _, item_id in scan.retry])
-    if plan_module.nothing_to_do(plan, runs.last_complete(runs.read_records(config.output_uri, out_options)),
-                                 runs.listing_digest(files), task_hashes):
+    plan = _plan(config, files, in_options, finished)
+    if plan_module.nothing_to_do(plan):
         return _nothing_to_do(config, plan)
+    # Finished files are not read at all; the others are, and their read tasks leave out what the output holds.
+    reopened = {uri: state for uri, state in finished.items() if state.retryable(config.retry_errors)}
+    to_read = [f for f in files if f.uri not in finished or f.uri in reopened]
     if config.sample is not None:  # plain files outside the sample are not even read (their id is their URI)
-        files = [f for f in files if is_container(f.uri) or plan_module.in_sample(f.uri, config.sample)]
+        to_read = [f for f in to_read if is_container(f.uri) or plan_module.in_sample(f.uri, config.sample)]
+    skipped = sum(state.items for uri, state in finished.items() if uri not in reopened)
+    try:  # the output files that hold each file's rows, from their footers
+        by_unit, unknown = unit_files(config.output_uri, {unit_uri(f.uri) for f in to_read}, out_options,
+                                      finish_rewrites=True)
+    except Exception as exc:
+        raise JobError(f"cannot read output {config.output_uri}: {describe_error(exc)}") from None
     annotator = AnnotatorSpec(
         model=config.model, trust_remote_code=config.trust_remote_code, tasks=tuple(tasks), device=config.device,
         dtype=config.dtype,
-        storage_options={t.name: resolve_storage_options(t.path, config.storage_options) for t in tasks},
-        done={name: frozenset(ids - done_everywhere) for name, ids in scan.done.items()})
+        storage_options={t.name: resolve_storage_options(t.path, config.storage_options) for t in tasks})
     writer_options: dict[str, Any] = {"flush_rows": config.flush_rows, "flush_seconds": config.flush_seconds,
                                       "keep_columns": config.keep_columns}
     if config.target_file_mb is not None:
@@ -283,13 +290,15 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
                  ignore_reinit_error=True, logging_level=logging.getLevelName(config.log_level))
     restarts: dict[str, Any] = {"max_restarts": 0} if local else {}
     progress = ProgressLine(plan.to_do) if config.progress else None
+    ledger: Any = None
     try:
-        read = read_items(config.input_uri, storage_options=in_options,
-                          max_item_bytes=config.max_item_bytes, skip_ids=done_everywhere, files=files,
-                          media_keys=config.media_keys, metadata_fields=config.keep_columns)
-        ds = read.dataset
-        if config.sample is not None:
-            ds = ds.map_batches(partial(_sampled, fraction=config.sample), batch_format="pyarrow", batch_size=None)
+        ledger = ray.remote(UnitLedger).options(num_cpus=0, max_restarts=0).remote()
+        tracker = ManifestTracker(config.output_uri, task_hashes, config.sample, run_id, to_read, ledger=ledger,
+                                  previous=reopened, storage_options=out_options)
+        resume = Resume(config.output_uri, task_hashes, out_options, config.retry_errors, by_unit, unknown, ledger)
+        ds = read_items(config.input_uri, storage_options=in_options, max_item_bytes=config.max_item_bytes,
+                        files=to_read, media_keys=config.media_keys, metadata_fields=config.keep_columns,
+                        resume=resume, sample=config.sample).dataset
         if config.limit is not None:
             ds = ds.limit(config.limit)
         ds = decode_items(ds, decode)
@@ -312,23 +321,32 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
         if progress is not None:
             progress.start()
             batches = _counted(batches, progress)
-        stats = write_rows(batches, config.output_uri, run_id,
-                           storage_options=out_options, watch=scan.watch(), before_commit=lease.confirm,
-                           **writer_options)
-        superseded = drop_superseded(config.output_uri, scan, stats.written_keys, run_id, task_hashes,
-                                     storage_options=out_options)
+
+        def before_commit() -> None:  # the lease, then the read tasks' reports (pipeline/manifest.py)
+            lease.confirm()
+            tracker.pull()
+
+        stats = write_rows(batches, config.output_uri, run_id, storage_options=out_options, watch=tracker.watch,
+                           before_commit=before_commit, after_commit=tracker.committed, **writer_options)
+        tracker.finish()  # manifests of the files whose rows are all committed
+        superseded = drop_rows(config.output_uri, tracker.superseded(stats.written_keys), run_id, task_hashes,
+                               storage_options=out_options)
+        tracker.write_dirty()  # ... and of those whose superseded error rows are gone now
         seen["stages"] = stage_rates(ds)
     except (LeaseLost, OutputWriteError) as exc:
         raise JobError(str(exc)) from None
     finally:
         if progress is not None:
             progress.close()
+        if ledger is not None and not started_ray:
+            ray.kill(ledger)
         if started_ray:
             ray.shutdown()
-    seen.update(items_seen=plan.done_everywhere + len(stats.items),
+    skipped += tracker.skipped
+    seen.update(items_seen=skipped + len(stats.items),
                 read_all=config.limit is None or len(stats.items) < config.limit)
     return JobSummary(items=len(stats.items), rows_ok=stats.rows_ok, rows_error=stats.rows_error,
-                      skipped=read.skipped, seconds=0.0, output=config.output_uri, run_id=run_id,
+                      skipped=skipped, seconds=0.0, output=config.output_uri, run_id=run_id,
                       rows_error_by_kind=dict(stats.rows_by_kind), transient_items=len(stats.transient_items),
                       superseded=superseded)
 
@@ -370,7 +388,6 @@ def plan_job(config: JobConfig) -> plan_module.JobPlan:
     Raises JobError for what would stop the run (a bad model, input or output)."""
     from flamingo.dtypes import check_dtype
     from flamingo.factory import check_model
-    from pipeline.write import scan_output
 
     video_sampling(config.tasks, config)
     _check_options(config)
@@ -387,43 +404,46 @@ def plan_job(config: JobConfig) -> plan_module.JobPlan:
     except Exception as exc:
         raise JobError(f"cannot write to output {config.output_uri}: {describe_error(exc)}") from None
     try:
-        scan = scan_output(config.output_uri, {t.name: t.sha256 for t in config.tasks},
-                           retry_errors=config.retry_errors, storage_options=out_options, finish_rewrites=False)
+        finished = _finished(config, files, out_options)
     except Exception as exc:
         raise JobError(f"cannot read output {config.output_uri}: {describe_error(exc)}") from None
-    return _plan(config, files, in_options, scan.done, [item_id for _, item_id in scan.retry])
+    return _plan(config, files, in_options, finished)
+
+
+def _finished(config: JobConfig, files: Sequence[ListedFile], out_options: Mapping[str, Any]) -> dict[str, UnitState]:
+    """Listed URI -> manifest, for the listed files the output has a manifest of, for these tasks and sample."""
+    from pipeline.manifest import finished_units, list_manifests, manifest_folder
+
+    fs, folder = manifest_folder(config.output_uri, {t.name: t.sha256 for t in config.tasks}, config.sample,
+                                 out_options)
+    return finished_units(files, list_manifests(fs, folder))
 
 
 def _plan(config: JobConfig, files: Sequence[ListedFile], in_options: Mapping[str, Any],
-          done: Mapping[str, set[str]], retry_ids: Iterable[str]) -> plan_module.JobPlan:
-    from media.count import count_items
+          finished: Mapping[str, UnitState]) -> plan_module.JobPlan:
+    """The plan; only the files without a manifest are counted (a finished file's count is in its manifest)."""
+    from media.count import FileCount, count_items, file_kind
 
-    return plan_module.make_plan(config.input_uri, count_items(files, in_options), done, retry_ids,
-                                 sample=config.sample, limit=config.limit)
+    counted = {c.uri: c for c in count_items([f for f in files if f.uri not in finished], in_options)}
+    counts = [counted.get(f.uri) or FileCount(f.uri, file_kind(f.uri), finished[f.uri].items) for f in files]
+    return plan_module.make_plan(config.input_uri, counts, finished, [t.name for t in config.tasks],
+                                 retry_errors=config.retry_errors, sample=config.sample, limit=config.limit)
 
 
-def _nothing_to_do_after_complete_run(config: JobConfig, files: Sequence[ListedFile], in_options: Mapping[str, Any],
-                                      out_options: Mapping[str, Any]) -> JobSummary | None:
-    """The nothing-to-do summary, found before the model is checked and without the lease (a read-only look),
-    when the output's last complete run read this same listing with these same tasks; else None (the run
-    goes on, and checks again once it holds the lease)."""
-    from pipeline.write import scan_output
-
-    task_hashes = {t.name: t.sha256 for t in config.tasks}
-    digest = runs.listing_digest(files)
+def _nothing_to_do_before_lease(config: JobConfig, files: Sequence[ListedFile], in_options: Mapping[str, Any],
+                                out_options: Mapping[str, Any]) -> JobSummary | None:
+    """The nothing-to-do summary, found from the manifests before the model is checked and without the lease (a
+    read-only look); else None (the run goes on, and checks again once it holds the lease)."""
     try:
-        last = runs.last_complete(runs.read_records(config.output_uri, out_options))
+        finished = _finished(config, files, out_options)
     except Exception as exc:  # the output does not answer: the run could not write there either
         raise JobError(f"cannot write to output {config.output_uri}: {describe_error(exc)}") from None
-    if last is None or last.get("task_hashes") != task_hashes or last.get("input", {}).get("listing_sha256") != digest:
-        return None
-    try:
-        scan = scan_output(config.output_uri, task_hashes, retry_errors=config.retry_errors,
-                           storage_options=out_options, finish_rewrites=False)
-    except Exception:  # the run itself reports what is wrong with the output, in one line
-        return None
-    plan = _plan(config, files, in_options, scan.done, [item_id for _, item_id in scan.retry])
-    return _nothing_to_do(config, plan) if plan_module.nothing_to_do(plan, last, digest, task_hashes) else None
+    sample = config.sample
+    if any(f.uri not in finished for f in files if sample is None or is_container(f.uri)
+           or plan_module.in_sample(f.uri, sample)):
+        return None  # some file is left to read: no need to count anything here
+    plan = _plan(config, files, in_options, finished)
+    return _nothing_to_do(config, plan) if plan_module.nothing_to_do(plan) else None
 
 
 def _nothing_to_do(config: JobConfig, plan: plan_module.JobPlan) -> JobSummary:
@@ -432,14 +452,6 @@ def _nothing_to_do(config: JobConfig, plan: plan_module.JobPlan) -> JobSummary:
                       output=config.output_uri, nothing_to_do=(
                           f"{what} of {config.input_uri} are in {config.output_uri} for every task "
                           f"({', '.join(t.name for t in config.tasks)}), and no error rows to retry"))
-
-
-def _sampled(batch: pa.Table, *, fraction: float) -> pa.Table:
-    """Ray task body: the rows of `batch` whose id is in the sample (pipeline.plan.in_sample)."""
-    import pyarrow as pa
-
-    keep = [plan_module.in_sample(item_id, fraction) for item_id in batch.column("id").to_pylist()]
-    return batch.filter(pa.array(keep, pa.bool_()))
 
 
 def _counted(batches: Iterable[pa.Table], progress: ProgressLine) -> Iterator[pa.Table]:

@@ -1,14 +1,14 @@
 """What a run would do, known before Ray starts: items in the input, how many the output already holds, how
 many are left -- for `--dry-run`, for the progress line's total, and to stop at once when nothing is left.
 
-Items are counted cheaply (media/count.py: the listing, Parquet footers, tar member headers; remote tar shards
-only while that stays cheap). The output's state comes from `pipeline.write.scan_output`. An item is left to
-do unless the output holds a row for it for every task (same task hash) that is not an error to re-attempt.
+The output's state comes from its manifests (pipeline/manifest.py), one per finished input file, found by
+listing their folder: a finished file's items are done, less those with error rows to re-attempt, and its
+item count is in its manifest's name. The other files' items are counted cheaply (media/count.py: the listing,
+Parquet footers, tar member headers; remote tar shards only while that stays cheap); what the output holds of
+them (a run stopped midway) is found by the run's read tasks, so the plan counts them as new: a total that errs
+on the high side, never by reading item ids.
 
-Nothing to do: every listed file's items are done for every task and no error row of a listed file is to be
-re-attempted. When some shards could not be counted cheaply, the last complete run's record decides
-(pipeline/runs.py): the same listing (digest), the same tasks, it read its whole input, and the output holds
-at least as many done items of the listing as it saw.
+Nothing to do: every listed file has a manifest and none of them has error rows to re-attempt.
 
 Sampling (`--sample`) keeps an item when a hash of its id falls below the fraction, so every run picks the
 same items and resume works; `--limit` caps the items one run annotates.
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from media.count import FileCount
-from media.files import file_prefixes
-from media.storage import decode_name, filesystem, is_local
+from media.storage import filesystem, is_local
+from pipeline.manifest import UnitState
 
 _HASH_SPACE = 2**64
 
@@ -40,12 +40,13 @@ def in_sample(item_id: str, fraction: float) -> bool:
 class JobPlan:
     input_uri: str
     counts: tuple[FileCount, ...]   # per listed file
-    done: Mapping[str, int]         # task -> items of the listing done for that task
-    done_everywhere: int            # items of the listing done for every task
-    retry: int                      # error rows of listed files the run re-attempts
+    done: Mapping[str, int]         # task -> items of the finished files done for that task
+    done_everywhere: int            # items of the finished files done for every task
+    retry: int                      # error rows of finished files the run re-attempts
     sample: float | None = None
     limit: int | None = None
-    done_ids: int = 0               # ids done for every task that belong to listed files (a resume skips them)
+    done_ids: int = 0               # items of finished files done for every task (a resume skips them)
+    unfinished: int = 0             # listed files without a manifest (a run reads them)
 
     @property
     def files(self) -> int:
@@ -83,39 +84,29 @@ class JobPlan:
         return found
 
 
-def make_plan(input_uri: str, counts: Sequence[FileCount], done: Mapping[str, set[str]],
-              retry_ids: Iterable[str], *, sample: float | None = None, limit: int | None = None) -> JobPlan:
-    """The plan from the item counts and the output's scan (`done`: task -> ids; `retry_ids`: ids of error rows
-    to re-attempt). With `sample`, plain files outside the sample are left out (their id is their URI)."""
+def make_plan(input_uri: str, counts: Sequence[FileCount], finished: Mapping[str, UnitState],
+              tasks: Iterable[str], *, retry_errors: bool = False, sample: float | None = None,
+              limit: int | None = None) -> JobPlan:
+    """The plan from the item counts of the listed files (`counts`; a finished file's from its manifest) and
+    the manifests of the finished ones (`finished`: listed URI -> manifest). With `sample`, plain files outside
+    the sample are left out (their id is their URI)."""
     if sample is not None:
         counts = [c for c in counts if c.kind != "file" or in_sample(c.uri, sample)]
-    owners = _Owners(c.uri for c in counts)
-    everywhere = set.intersection(*map(set, done.values())) if done else set()
-    by_file = owners.count(everywhere)
-    done_everywhere = sum(min(n, c.items) if c.items is not None else n
-                          for c in counts for n in [by_file.get(c.uri, 0)])
-    per_task = {task: sum(owners.count(ids).values()) for task, ids in done.items()}
-    retry = sum(owners.count(set(retry_ids)).values())
-    return JobPlan(input_uri, tuple(counts), per_task, done_everywhere, retry, sample, limit,
-                   done_ids=sum(by_file.values()))
+    done = retry = unfinished = 0
+    for c in counts:
+        state = finished.get(c.uri)
+        if state is None:
+            unfinished += 1
+        else:
+            retry += state.retryable(retry_errors)
+            done += max(state.items - state.retryable(retry_errors), 0)
+    return JobPlan(input_uri, tuple(counts), {task: done for task in tasks}, done, retry, sample, limit,
+                   done_ids=done, unfinished=unfinished)
 
 
-def nothing_to_do(plan: JobPlan, last_complete: Mapping[str, Any] | None, listing_sha256: str,
-                  task_hashes: Mapping[str, str]) -> bool:
+def nothing_to_do(plan: JobPlan) -> bool:
     """Whether the output already holds everything this run would do (see the module docstring)."""
-    if plan.retry:
-        return False
-    if plan.new == 0:
-        return True
-    sampled_shards = plan.sample is not None and any(c.kind != "file" for c in plan.counts)
-    if (plan.new is not None and not sampled_shards) or last_complete is None:
-        return False  # counted and something is left; or nothing to tell from
-    same = (last_complete.get("input", {}).get("listing_sha256") == listing_sha256
-            and last_complete.get("task_hashes") == dict(task_hashes)
-            and last_complete.get("read_all") is True
-            and last_complete.get("settings", {}).get("sample") == plan.sample)
-    seen = last_complete.get("input", {}).get("items_seen")
-    return bool(same and isinstance(seen, int) and plan.done_everywhere >= seen)
+    return plan.unfinished == 0 and plan.retry == 0
 
 
 def check_writable(output_uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -135,26 +126,3 @@ def check_writable(output_uri: str, storage_options: Mapping[str, Any] | None = 
     probe = f"{root.rstrip('/')}/.write-check-{secrets.token_hex(4)}"
     fs.pipe_file(probe, b"")
     fs.rm_file(probe)
-
-
-class _Owners:
-    """Finds the listed file an item id belongs to: the file itself (a plain file, or a shard that failed as
-    a whole) or the shard before a `::` (ids are compared as names, as `decode_name` gives them)."""
-
-    def __init__(self, uris: Iterable[str]):
-        self._by_name = {decode_name(uri): uri for uri in uris}
-
-    def owner(self, item_id: str) -> str | None:
-        name = decode_name(item_id)
-        if name in self._by_name:
-            return self._by_name[name]
-        return next((self._by_name[prefix] for prefix in file_prefixes(name) if prefix in self._by_name), None)
-
-    def count(self, ids: Iterable[str]) -> dict[str, int]:
-        """Listed file -> how many of `ids` belong to it."""
-        found: dict[str, int] = {}
-        for item_id in ids:
-            owner = self.owner(item_id)
-            if owner is not None:
-                found[owner] = found.get(owner, 0) + 1
-        return found

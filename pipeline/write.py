@@ -46,7 +46,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -57,10 +57,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from media.errors import INPUT, MODEL, TRANSIENT, call_with_retries
+from media.errors import TRANSIENT, call_with_retries
 from media.files import file_prefixes, is_container
 from media.storage import arrow_filesystem, decode_name, filesystem, is_local
 from pipeline.kept_columns import KEPT_COLUMNS_KEY, METADATA_COLUMN, kept_arrays, kept_columns
+from pipeline.manifest import is_retried, row_status
 from pipeline.schema import (
     CREATED_AT_COLUMN,
     ERROR_COLUMN,
@@ -84,6 +85,10 @@ FLUSH_ROWS = 10_000
 FLUSH_SECONDS = 30.0
 TARGET_FILE_MB = 128
 _SCAN_COLUMNS = [ID_COLUMN, SOURCE_COLUMN, TASK_COLUMN, TASK_HASH_COLUMN, ERROR_COLUMN, ERROR_KIND_COLUMN]
+# Parquet key-value metadata of every committed file: a JSON list of the `source` values (input units) of its
+# rows, so a resumed run finds the files that hold an unfinished unit from the footers alone
+# (pipeline/manifest.py). Files written before it existed lack it, and may hold any unit.
+UNITS_KEY = b"flamingo_annotate.sources"
 
 
 class OutputWriteError(Exception):
@@ -108,19 +113,22 @@ class WriteStats:
 
 class OutputWriter:
     """Buffers output rows and commits them as Parquet files (see the module docstring). `before_commit` is
-    called before every commit (the lease check: a run that lost the output stops there)."""
+    called before every commit (the lease check: a run that lost the output stops there), `after_commit` with
+    the rows of every file committed (not again when files are merged): the manifests' row counts."""
 
     def __init__(self, output_uri: str, run_id: str, *, storage_options: Mapping[str, Any] | None = None,
                  flush_rows: int = FLUSH_ROWS, flush_seconds: float = FLUSH_SECONDS,
                  watch: Iterable[tuple[str, str]] = (), before_commit: Callable[[], None] | None = None,
-                 keep_columns: Sequence[str] = (), target_file_bytes: int | None = TARGET_FILE_MB * 1024 * 1024):
+                 keep_columns: Sequence[str] = (), target_file_bytes: int | None = TARGET_FILE_MB * 1024 * 1024,
+                 after_commit: Callable[[pa.Table], None] | None = None):
         self.output_uri = output_uri
+        self.after_commit = after_commit
         self.keep_columns = tuple(keep_columns)
         self.run_id = run_id
         self.fs, self.root = filesystem(output_uri, storage_options)
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
-        self.watch = set(watch)
+        self.watch = watch if isinstance(watch, set) else set(watch)  # a set the caller may add keys to
         self.before_commit = before_commit
         self.stats = WriteStats()
         self._buffer: list[pa.Table] = []
@@ -154,6 +162,8 @@ class OutputWriter:
         self._buffer, self._buffered = [], 0
         self.stats.files.append(path)
         self._count(table)
+        if self.after_commit is not None:
+            self.after_commit(table)
         if self.target_file_bytes is not None:
             self._small.append((path, table, size))
             if sum(size for _, _, size in self._small) >= self.target_file_bytes:
@@ -223,9 +233,10 @@ def write_rows(batches: Iterable[pa.Table], output_uri: str, run_id: str, **writ
 def commit_file(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table,
                 metadata: Mapping[bytes, bytes] | None = None) -> int:
     """Write `table` to `path` atomically (see the module docstring), retrying transient failures. Returns the
-    file's size in bytes."""
-    if metadata:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    file's size in bytes. The file's metadata names the input units its rows come from (UNITS_KEY)."""
+    units = sorted(pc.unique(table.column(SOURCE_COLUMN)).to_pylist()) if SOURCE_COLUMN in table.column_names else []
+    metadata = {**(metadata or {}), UNITS_KEY: json.dumps(units).encode()}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     sink = io.BytesIO()
     pq.write_table(table, sink)
     data = sink.getvalue()
@@ -321,8 +332,9 @@ class OutputScan:
 def scan_output(output_uri: str, task_hashes: Mapping[str, str], *, retry_errors: bool = False,
                 storage_options: Mapping[str, Any] | None = None, finish_rewrites: bool = True) -> OutputScan:
     """For each task (name -> task-file hash): the ids done, and the error rows to re-attempt, with their
-    files (the resume rules are in the module docstring). `finish_rewrites=False` (a look without the lease)
-    changes nothing in the output."""
+    files (the resume rules are in the module docstring), over the whole output. A look at a small output (tests,
+    tools): a run never calls it, as it holds every id in memory; a run resumes unit by unit (`scan_unit`).
+    `finish_rewrites=False` (a look without the lease) changes nothing in the output."""
     names = list(task_hashes)
     condition = pc.field(TASK_COLUMN).isin(names) if names else None
     files, tables, unreadable = read_files(output_uri, _SCAN_COLUMNS, condition, storage_options,
@@ -330,18 +342,97 @@ def scan_output(output_uri: str, task_hashes: Mapping[str, str], *, retry_errors
     done: dict[str, set[str]] = {name: set() for name in names}
     retryable: dict[tuple[str, str], set[str]] = {}
     for file, table in zip(files, tables):
-        if table is None:
-            continue
-        rows = zip(*(table.column(c).to_pylist() for c in (ID_COLUMN, TASK_COLUMN, TASK_HASH_COLUMN, ERROR_COLUMN,
-                                                           ERROR_KIND_COLUMN)))
-        for item_id, task, task_hash, error, kind in rows:
-            if task_hashes.get(task) != task_hash:
-                continue
-            if error is None or (not retry_errors and (kind or infer_error_kind(error)) in (INPUT, MODEL)):
-                done[task].add(item_id)
-            else:
+        for item_id, task, status in _statuses(table, task_hashes):
+            if is_retried(status, retry_errors):
                 retryable.setdefault((task, item_id), set()).add(file)
+            else:
+                done[task].add(item_id)
     return OutputScan(done=done, retry=retryable, unreadable=unreadable)
+
+
+def _statuses(table: pa.Table | None, task_hashes: Mapping[str, str]) -> Iterator[tuple[str, str, str]]:
+    """(id, task, status) of the rows of `table` (_SCAN_COLUMNS) for the tasks as they are now (same hash)."""
+    if table is None:
+        return
+    rows = zip(*(table.column(c).to_pylist() for c in (ID_COLUMN, TASK_COLUMN, TASK_HASH_COLUMN, ERROR_COLUMN,
+                                                       ERROR_KIND_COLUMN)))
+    for item_id, task, task_hash, error, kind in rows:
+        if task_hashes.get(task) == task_hash:
+            yield item_id, task, row_status(error, kind)
+
+
+@dataclass
+class UnitScan:
+    """What the output holds of one input unit, for the tasks of a run (see `scan_unit`)."""
+
+    done: dict[str, set[str]]                    # item id -> tasks it is done for
+    retry: list[tuple[str, str, str]]            # (task, id, file) of error rows re-attempted
+    stale: list[tuple[str, str, str]]            # (task, id, file) of error rows superseded already
+    prior: dict[str, Counter[str]]               # task -> status -> rows that stay (manifest counts)
+
+
+def scan_unit(fs: fsspec.AbstractFileSystem, files: Sequence[str], unit: str, task_hashes: Mapping[str, str], *,
+              retry_errors: bool = False) -> UnitScan:
+    """The rows of input unit `unit` (their `source`) in `files` (the output files that may hold them), by the
+    resume rules of the module docstring. Runs in a read task, on a worker: memory is one unit's rows. An error
+    row is stale when the same item and task also has a row that is done, or, for a shard that failed as a whole
+    (its id is the unit), when items of the shard are done: a run stopped before `drop_rows` left it."""
+    condition = (pc.field(SOURCE_COLUMN) == unit) & pc.field(TASK_COLUMN).isin(list(task_hashes))
+    done: dict[tuple[str, str], str] = {}
+    retry: list[tuple[str, str, str]] = []
+    for file in files:
+        table, _ = _read_file(fs, file, _SCAN_COLUMNS, condition)
+        for item_id, task, status in _statuses(table, task_hashes):
+            if is_retried(status, retry_errors):
+                retry.append((task, item_id, file))
+            else:
+                done[(task, item_id)] = status
+    shard_done = {task for task, item_id in done if item_id != unit}
+    stale = [key for key in retry if (key[0], key[1]) in done or (key[1] == unit and key[0] in shard_done
+                                                                  and is_container(decode_name(unit)))]
+    by_item: dict[str, set[str]] = {}
+    prior: dict[str, Counter[str]] = {}
+    for (task, item_id), status in done.items():
+        by_item.setdefault(item_id, set()).add(task)
+        prior.setdefault(task, Counter())[status] += 1
+    return UnitScan(by_item, [key for key in retry if key not in stale], stale, prior)
+
+
+def unit_files(output_uri: str, units: Collection[str], storage_options: Mapping[str, Any] | None = None, *,
+               finish_rewrites: bool = False) -> tuple[dict[str, list[str]], list[str]]:
+    """(unit -> the output files whose metadata names it, the files without that metadata: they may hold any
+    unit), for the `units` asked about, from the files' footers alone (one small read per file, in parallel;
+    no column is read). Files that a rewritten file replaces are left out, and deleted with `finish_rewrites`;
+    unreadable ones are skipped with a warning (their items are done again)."""
+    fs, root = filesystem(output_uri, storage_options)
+    files = output_files(fs, root) if units else []
+    wanted = set(units)
+
+    def look(path: str) -> tuple[list[str] | None, list[str], bool]:
+        try:
+            schema = pq.read_schema(path, filesystem=arrow_filesystem(fs))
+        except Exception as exc:
+            log.warning("skipping unreadable output file %s: %s: %s", path, type(exc).__name__, exc)
+            return [], [], False
+        named = (schema.metadata or {}).get(UNITS_KEY)
+        mine = None if named is None else [u for u in json.loads(named) if u in wanted]
+        return mine, replaced_files(schema), True
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        looks = list(pool.map(look, files))
+    replaced = {os.path.basename(name) for _, names, _ in looks for name in names}
+    by_unit: dict[str, list[str]] = {}
+    unknown: list[str] = []
+    for path, (mine, _, readable) in zip(files, looks):
+        if os.path.basename(path) in replaced:
+            if finish_rewrites:
+                _remove_replaced(fs, path)
+        elif mine is None:
+            unknown.append(path)
+        elif readable:
+            for unit in mine:
+                by_unit.setdefault(unit, []).append(path)
+    return by_unit, unknown
 
 
 def existing_ids(output_uri: str, task: str, *, task_hash: str | None = None, include_errors: bool = True,
@@ -419,23 +510,36 @@ def _remove_replaced(fs: fsspec.AbstractFileSystem, path: str) -> None:
 
 def drop_superseded(output_uri: str, scan: OutputScan, written_keys: set[tuple[str, str]], run_id: str,
                     task_hashes: Mapping[str, str], *, storage_options: Mapping[str, Any] | None = None) -> int:
-    """Rewrite the files holding re-attempted error rows that are now superseded (see the module docstring),
-    without those rows. Returns how many rows were dropped."""
+    """Rewrite the files holding re-attempted error rows of `scan` that are now superseded (see the module
+    docstring), without those rows. Returns how many rows were dropped."""
     gone = {key for key in scan.retry if key in written_keys or key[1] in scan.done.get(key[0], ())}
     gone |= _shards_with_done_items(scan)
     by_file: dict[str, set[tuple[str, str]]] = {}
     for key in gone:
         for file in scan.retry[key]:
             by_file.setdefault(file, set()).add(key)
+    return drop_rows(output_uri, by_file, run_id, task_hashes, storage_options=storage_options)
+
+
+def drop_rows(output_uri: str, by_file: Mapping[str, set[tuple[str, str]]], run_id: str,
+              task_hashes: Mapping[str, str], *, storage_options: Mapping[str, Any] | None = None) -> int:
+    """Rewrite each file of `by_file` without its error rows of those (task, id) keys (task as it is now, same
+    hash): the new file first, naming the old one in its metadata, then the old one deleted. Returns how many
+    rows were dropped."""
     fs, root = filesystem(output_uri, storage_options)
     dropped = 0
     for seq, (file, keys) in enumerate(sorted(by_file.items()), start=1):
-        table = pq.read_table(file, filesystem=arrow_filesystem(fs))
+        try:
+            table = pq.read_table(file, filesystem=arrow_filesystem(fs))
+        except FileNotFoundError:  # rewritten already (the same file named twice)
+            continue
         rows = zip(*(table.column(c).to_pylist() for c in (TASK_COLUMN, ID_COLUMN, TASK_HASH_COLUMN, ERROR_COLUMN)))
         keep = [not (error is not None and (task, item_id) in keys and task_hashes.get(task) == task_hash)
                 for task, item_id, task_hash, error in rows]
         kept = table.filter(pa.array(keep, pa.bool_()))
         dropped += table.num_rows - kept.num_rows
+        if kept.num_rows == table.num_rows:
+            continue
         if kept.num_rows:
             new_path = f"{root.rstrip('/')}/part-{run_id}-r{seq:04d}.parquet"
             metadata = {REPLACES_KEY: json.dumps([os.path.basename(file)]).encode()}

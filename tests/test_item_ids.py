@@ -22,8 +22,10 @@ from media.decode import DecodeConfig, decode_item, image_transform
 from media.errors import describe_error
 from media.files import file_rows, list_files
 from media.storage import decode_name, encode_name
-from pipeline.read import READ_TASK_RETRIES, read_items
+from pipeline.manifest import unit_uri
+from pipeline.read import READ_TASK_RETRIES, Resume, read_items
 from pipeline.schema import ITEM_SCHEMA
+from pipeline.write import unit_files, write_rows
 
 T = TypeVar("T")
 WAIT_SECONDS = 120  # the longest any Ray read here may take before the test fails instead of hanging
@@ -146,10 +148,18 @@ def test_shard_named_with_percent_and_key_not_utf8_resumes(ray_session: None, tm
     """The key's bytes make the whole id escaped ('%' of the file name included): resume still finds its file."""
     path = tmp_path / "100%.tar"
     path.write_bytes(tar_with_byte_names([(b"\xe9.png", PNG), (b"ok.png", PNG)]))
-    ids = set(read_by_id(str(tmp_path)))
-    assert ids == {f"bytes:{tmp_path}/100%25.tar::%E9", f"{path}::ok"}
-    again = read_items(str(tmp_path), skip_ids=ids)
-    assert again.skipped == 2 and within(WAIT_SECONDS, again.dataset.count) == 0
+    first = read_by_id(str(tmp_path))
+    assert set(first) == {f"bytes:{tmp_path}/100%25.tar::%E9", f"{path}::ok"}
+    output = tmp_path.parent / f"{tmp_path.name}-out"
+    write_rows([pa.Table.from_pylist([
+        {"id": item_id, "source": row["source"], "task": "t", "task_hash": "h", "model": "m", "annotation": "a",
+         "score": -1.0, "label_scores": None, "error": None, "seconds": 0.1} for item_id, row in first.items()])],
+        str(output), "20261201T000000Z-aaaaaa")
+    files = list_files(str(tmp_path))
+    by_unit, unknown = unit_files(str(output), {unit_uri(f.uri) for f in files})
+    again = read_items(str(tmp_path), files=files,
+                       resume=Resume(str(output), {"t": "h"}, files_by_unit=by_unit, unknown_files=unknown))
+    assert by_unit and not unknown and within(WAIT_SECONDS, again.dataset.count) == 0
 
 
 def test_repeated_keys_never_share_an_id(tmp_path: Path) -> None:

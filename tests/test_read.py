@@ -24,9 +24,11 @@ from sample_media import (
     tar_member_offsets,
 )
 
-from media.files import file_rows, list_files
+from media.files import ListedFile, file_rows, list_files
 from media.storage import S3_CLIENT_CONFIG, resolve_storage_options
-from pipeline.read import read_items
+from pipeline.manifest import unit_uri
+from pipeline.read import Resume, read_items
+from pipeline.write import unit_files, write_rows
 
 
 @pytest.fixture(scope="module")
@@ -138,26 +140,45 @@ def test_file_gone_after_listing_becomes_error_row(ray_session: None, tmp_path: 
     assert "cannot read file: FileNotFoundError" in rows[str(tmp_path / "goes.png")]["error"]
 
 
-def test_resume_skips_done_ids(ray_session: None, local_tree: Path) -> None:
+def annotated(output: Path, done: dict[str, str], task: str = "t", run: str = "aaaaaa") -> None:
+    """Rows of `task` for the ids of `done` (id -> source) in `output`, as run `run` commits them."""
+    write_rows([pa.Table.from_pylist([
+        {"id": item_id, "source": source, "task": task, "task_hash": "h", "model": "m", "annotation": "a",
+         "score": -1.0, "label_scores": None, "error": None, "seconds": 0.1} for item_id, source in done.items()])],
+        str(output), f"20261201T000000Z-{run}")
+
+
+def resume_of(output: Path, files: list[ListedFile], tasks: tuple[str, ...] = ("t",)) -> Resume:
+    """What a job gives the read tasks: the output files that hold each input file's rows, from their footers."""
+    by_unit, unknown = unit_files(str(output), {unit_uri(f.uri) for f in files})
+    return Resume(str(output), dict.fromkeys(tasks, "h"), files_by_unit=by_unit, unknown_files=unknown)
+
+
+def test_resume_leaves_out_done_items_on_the_workers(ray_session: None, local_tree: Path, tmp_path: Path) -> None:
     root = str(local_tree)
-    done = {
-        f"{root}/images/red.png",
-        f"{root}/shards/good.tar::0002",
-        f"{root}/parquet/part.parquet::001",
-        "/somewhere/else.png",  # not part of this input: ignored
-    }
-    result = read_items(root, max_item_bytes=MAX_ITEM_BYTES, skip_ids=done)
-    ids = {row["id"] for row in result.dataset.take_all()}
-    assert result.skipped == 3
+    both = {f"{root}/images/red.png": f"{root}/images/red.png",
+            f"{root}/shards/good.tar::0002": f"{root}/shards/good.tar",
+            f"{root}/parquet/part.parquet::001": f"{root}/parquet/part.parquet",
+            "/somewhere/else.png": "/somewhere/else.png"}  # not part of this input: ignored
+    annotated(tmp_path, both, "t", "aaaaaa")
+    annotated(tmp_path, both, "u", "bbbbbb")
+    annotated(tmp_path, {f"{root}/shards/good.tar::0001": f"{root}/shards/good.tar"}, "t", "cccccc")  # one task
+    files = list_files(root)
+    result = read_items(root, max_item_bytes=MAX_ITEM_BYTES, files=files, resume=resume_of(tmp_path, files, ("t", "u")))
+    rows = {row["id"]: row for row in result.dataset.take_all()}
     assert result.files == 16
-    assert not ids & done
-    assert f"{root}/shards/good.tar::0001" in ids and f"{root}/parquet/part.parquet::000" in ids
+    assert not set(rows) & set(both)
+    assert rows[f"{root}/shards/good.tar::0001"]["done_tasks"] == ["t"]    # annotated for `u` only
+    assert rows[f"{root}/parquet/part.parquet::000"]["done_tasks"] is None
 
 
 def test_resume_with_everything_done(ray_session: None, tmp_path: Path) -> None:
-    (tmp_path / "a.png").write_bytes(PNG)
-    result = read_items(str(tmp_path), skip_ids={str(tmp_path / "a.png")})
-    assert (result.skipped, result.dataset.count()) == (1, 0)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(PNG)
+    annotated(tmp_path / "out", {str(tmp_path / "in" / "a.png"): str(tmp_path / "in" / "a.png")})
+    files = list_files(str(tmp_path / "in"))
+    result = read_items(str(tmp_path / "in"), files=files, resume=resume_of(tmp_path / "out", files))
+    assert (result.files, result.dataset.count()) == (1, 0)
 
 
 # --- WebDataset and Parquet corner cases, on media.files directly (no Ray needed) -----------------

@@ -22,6 +22,7 @@ from media.count import FileCount, count_items
 from media.files import list_files
 from pipeline import runs
 from pipeline.job import JobConfig, JobError, plan_job, run_job
+from pipeline.manifest import UnitState
 from pipeline.plan import in_sample, make_plan, nothing_to_do
 from pipeline.progress import ProgressLine
 from pipeline.task import load_tasks
@@ -98,7 +99,7 @@ def test_items_are_counted_from_listing_footers_and_tar_headers(input_dir: Path,
 
 
 def plan_items(counts: list) -> int | None:
-    return make_plan("x", counts, {"t": set()}, []).items
+    return make_plan("x", counts, {}, ["t"]).items
 
 
 def test_dry_run_prints_the_plan_and_starts_and_writes_nothing(task_files: list[str], input_dir: Path,
@@ -229,19 +230,20 @@ def test_a_sample_is_the_same_items_on_every_run(ray_session: None, task_files: 
     assert again.nothing_to_do and set(rows(out).id) == ids
 
 
-def test_uncounted_shards_are_judged_by_the_last_complete_run() -> None:
-    counts = [FileCount("s3://b/a.tar", "tar", None), FileCount("s3://b/x.png", "file", 1)]
-    done = {"t": {"s3://b/a.tar::k1", "s3://b/a.tar::k2", "s3://b/x.png", "s3://elsewhere/y.png"}}
-    plan = make_plan("s3://b", counts, done, [])
-    assert (plan.items, plan.done_everywhere, plan.to_do) == (None, 3, None)
-    record = {"status": "complete", "task_hashes": {"t": "h"}, "read_all": True, "settings": {"sample": None},
-              "input": {"listing_sha256": "d", "items_seen": 3}}
-    assert nothing_to_do(plan, record, "d", {"t": "h"})
-    assert not nothing_to_do(plan, {**record, "input": {"listing_sha256": "d", "items_seen": 4}}, "d", {"t": "h"})
-    assert not nothing_to_do(plan, record, "another listing", {"t": "h"})
-    assert not nothing_to_do(plan, {**record, "read_all": False}, "d", {"t": "h"})  # a --limit run stopped early
-    assert not nothing_to_do(plan, None, "d", {"t": "h"})
-    assert not nothing_to_do(make_plan("s3://b", counts, done, ["s3://b/a.tar::k3"]), record, "d", {"t": "h"})
+def test_finished_files_are_judged_by_their_manifests_alone() -> None:
+    """A file with a manifest is done (its count is the manifest's); one without is left to do, counted or not."""
+    counts = [FileCount("s3://b/a.tar", "tar", 3), FileCount("s3://b/b.tar", "tar", None),
+              FileCount("s3://b/x.png", "file", 1)]
+    plan = make_plan("s3://b", counts, {"s3://b/a.tar": UnitState("m", "k", "r", 3, 0, 0)}, ["t"])
+    assert (plan.items, plan.done_everywhere, plan.unfinished, plan.to_do) == (None, 3, 2, None)
+    assert not nothing_to_do(plan)
+    every = {c.uri: UnitState("m", "k", "r", c.items or 2, 0, 0) for c in counts}
+    assert nothing_to_do(make_plan("s3://b", counts, every, ["t"]))
+    flaky = make_plan("s3://b", counts, {**every, "s3://b/a.tar": UnitState("m", "k", "r", 3, 1, 0)}, ["t"])
+    assert (flaky.retry, flaky.done_everywhere) == (1, 2 + 2 + 1) and not nothing_to_do(flaky)
+    failed = {**every, "s3://b/a.tar": UnitState("m", "k", "r", 3, 0, 2)}
+    assert nothing_to_do(make_plan("s3://b", counts, failed, ["t"]))  # input / model errors stay ...
+    assert not nothing_to_do(make_plan("s3://b", counts, failed, ["t"], retry_errors=True))  # ... unless retried
 
 
 # --- the progress line ----------------------------------------------------------------------------------------------
