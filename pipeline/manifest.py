@@ -215,26 +215,31 @@ class ManifestTracker:
         """Take the read tasks' reports (called before every commit, so a unit's `opened` report is known before
         any of its rows is counted); write the manifests of units that became complete."""
         if self.ledger is None:
+            self._write_complete()
             return
         import ray
 
         for event, unit, report in ray.get(self.ledger.take.remote(), timeout=120):
-            state = self.units.get(unit)
-            if state is None:
-                continue
-            if event == "opened":
-                state.counts = {task: Counter(counts) for task, counts in report["prior"].items()}
-                for task, item_id, file in report["retry"]:
-                    self.retry.setdefault((task, item_id), set()).add(file)
-                    self.watch.add((task, item_id))
-                for task, item_id, file in report["stale"]:
-                    self.stale.setdefault(file, set()).add((task, item_id))
-                state.dirty = bool(report["retry"] or report["stale"])
-            else:
-                state.expected, state.items = report["rows"], report["items"]
-                self.skipped += report["skipped"]
-                self._pending.add(unit)
+            self.receive(event, unit, report)
         self._write_complete()
+
+    def receive(self, event: str, unit: str, report: Mapping[str, Any]) -> None:
+        """One report of a read task, as `UnitLedger` keeps them (`opened` or `read`)."""
+        state = self.units.get(unit)
+        if state is None:
+            return
+        if event == "opened":
+            state.counts = {task: Counter(counts) for task, counts in report["prior"].items()}
+            for task, item_id, file in report["retry"]:
+                self.retry.setdefault((task, item_id), set()).add(file)
+                self.watch.add((task, item_id))
+            for task, item_id, file in report["stale"]:
+                self.stale.setdefault(file, set()).add((task, item_id))
+            state.dirty = bool(report["retry"] or report["stale"])
+        else:
+            state.expected, state.items = report["rows"], report["items"]
+            self.skipped += report["skipped"]
+            self._pending.add(unit)
 
     def committed(self, table: pa.Table) -> None:
         """Count the rows of a committed file by unit and status."""
