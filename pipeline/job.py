@@ -237,6 +237,7 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
                     in_options: dict[str, Any], out_options: dict[str, Any], seen: dict[str, Any]) -> JobSummary:
     import ray
     from ray.util.annotations import RayDeprecationWarning
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pipeline.decode import decode_items
     from pipeline.encode import VisionEncoder
@@ -245,7 +246,7 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
     from pipeline.manifest import ManifestTracker, UnitLedger, unit_uri
     from pipeline.read import Resume, read_items
     from pipeline.stage_stats import stage_rates
-    from pipeline.write import OutputWriteError, drop_rows, unit_files, write_rows
+    from pipeline.write import OutputWriteError, WriteStats, drop_rows, unit_files, write_rows
 
     tasks = config.tasks
     task_hashes = {t.name: t.sha256 for t in tasks}
@@ -292,7 +293,9 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
     progress = ProgressLine(plan.to_do) if config.progress else None
     ledger: Any = None
     try:
-        ledger = ray.remote(UnitLedger).options(num_cpus=0, max_restarts=0).remote()
+        # On the driver's node: a worker node that goes away must not take the reports with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        ledger = ray.remote(UnitLedger).options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote()
         tracker = ManifestTracker(config.output_uri, task_hashes, config.sample, run_id, to_read, ledger=ledger,
                                   previous=reopened, storage_options=out_options)
         resume = Resume(config.output_uri, task_hashes, out_options, config.retry_errors, by_unit, unknown, ledger)
@@ -326,8 +329,10 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
             lease.confirm()
             tracker.pull()
 
+        tracker.stats = WriteStats()
         stats = write_rows(batches, config.output_uri, run_id, storage_options=out_options, watch=tracker.watch,
-                           before_commit=before_commit, after_commit=tracker.committed, **writer_options)
+                           before_commit=before_commit, after_commit=tracker.committed, stats=tracker.stats,
+                           **writer_options)
         tracker.finish()  # manifests of the files whose rows are all committed
         superseded = drop_rows(config.output_uri, tracker.superseded(stats.written_keys), run_id, task_hashes,
                                storage_options=out_options)
@@ -343,11 +348,11 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
         if started_ray:
             ray.shutdown()
     skipped += tracker.skipped
-    seen.update(items_seen=skipped + len(stats.items),
-                read_all=config.limit is None or len(stats.items) < config.limit)
-    return JobSummary(items=len(stats.items), rows_ok=stats.rows_ok, rows_error=stats.rows_error,
+    seen.update(items_seen=skipped + stats.item_count,
+                read_all=config.limit is None or stats.item_count < config.limit)
+    return JobSummary(items=stats.item_count, rows_ok=stats.rows_ok, rows_error=stats.rows_error,
                       skipped=skipped, seconds=0.0, output=config.output_uri, run_id=run_id,
-                      rows_error_by_kind=dict(stats.rows_by_kind), transient_items=len(stats.transient_items),
+                      rows_error_by_kind=dict(stats.rows_by_kind), transient_items=stats.transient_count,
                       superseded=superseded)
 
 
@@ -384,7 +389,8 @@ def _check_options(config: JobConfig) -> None:
 
 def plan_job(config: JobConfig) -> plan_module.JobPlan:
     """What `run_job(config)` would do, found without Ray, the model or the lease, writing nothing: the input
-    listed and its items counted, the output checked writable (a probe written and deleted) and scanned.
+    listed and its unfinished files' items counted, the output checked writable (a probe written and deleted)
+    and its manifests listed.
     Raises JobError for what would stop the run (a bad model, input or output)."""
     from flamingo.dtypes import check_dtype
     from flamingo.factory import check_model

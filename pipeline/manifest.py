@@ -86,11 +86,11 @@ class UnitState:
     key: str
     run_id: str
     items: int       # items the unit gave (with `--sample`: those in the sample)
-    transient: int   # items with a transient error row for some task
-    failed: int      # items with an error row of another kind (input, model) for some task
+    transient: int   # the most transient error rows any one task has in the unit
+    failed: int      # the most error rows of another kind (input, model) any one task has in the unit
 
     def retryable(self, retry_errors: bool) -> int:
-        """Items with error rows that a run re-attempts."""
+        """Items (at least) with error rows that a run re-attempts."""
         return self.transient + (self.failed if retry_errors else 0)
 
     @classmethod
@@ -110,6 +110,7 @@ def manifest_folder(output_uri: str, task_hashes: Mapping[str, str], sample: flo
 
 def list_manifests(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, UnitState]:
     """Unit key -> the newest manifest of the task set's folder (names only; no body is read)."""
+    fs.invalidate_cache(folder)  # s3fs keeps listings: a rerun in the same process must see the folder as it is
     try:
         names = fs.ls(folder, detail=False)
     except FileNotFoundError:
@@ -124,7 +125,8 @@ def list_manifests(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, Unit
 
 
 def finished_units(files: Iterable[ListedFile], manifests: Mapping[str, UnitState]) -> dict[str, UnitState]:
-    """Listed file URI -> its manifest, for the listed files that have one."""
+    """Listed file URI -> its manifest, for the listed files that have one (with error rows to re-attempt or
+    not: `UnitState.retryable`)."""
     return {f.uri: manifests[key] for f in files if (key := unit_key(f.uri, f.size)) in manifests}
 
 
@@ -191,6 +193,7 @@ class _Unit:
     expected: int | None = None                                       # rows it gives this run (read report)
     items: int = 0                                                    # items it holds (read report)
     dirty: bool = False                                               # it has error rows to supersede
+    opened: bool = False                                              # its read task reported its prior rows
 
 
 class ManifestTracker:
@@ -209,6 +212,7 @@ class ManifestTracker:
         self.watch: set[tuple[str, str]] = set()           # keys whose new rows supersede an error row
         self.skipped = 0                                   # items the read tasks found done for every task
         self.written = 0                                   # manifests written
+        self.stats: Any = None                             # the writer's pipeline.write.WriteStats, to settle
         self._pending: set[str] = set()                    # units read to the end, manifest not written yet
 
     def pull(self) -> None:
@@ -229,13 +233,15 @@ class ManifestTracker:
         if state is None:
             return
         if event == "opened":
-            state.counts = {task: Counter(counts) for task, counts in report["prior"].items()}
+            if not state.opened:  # a read task that Ray runs again reports the same prior rows again
+                state.counts = {task: Counter(counts) for task, counts in report["prior"].items()}
+                state.opened = True
             for task, item_id, file in report["retry"]:
                 self.retry.setdefault((task, item_id), set()).add(file)
                 self.watch.add((task, item_id))
             for task, item_id, file in report["stale"]:
                 self.stale.setdefault(file, set()).add((task, item_id))
-            state.dirty = bool(report["retry"] or report["stale"])
+            state.dirty = state.dirty or bool(report["retry"] or report["stale"])
         else:
             state.expected, state.items = report["rows"], report["items"]
             self.skipped += report["skipped"]
@@ -298,6 +304,8 @@ class ManifestTracker:
         write_manifest(self.fs, self.folder, body, UnitState.parse(name) or _never(name),
                        replaces=self.previous.get(uri))
         self.written += 1
+        if self.stats is not None:
+            self.stats.settle(uri)
 
 
 def _never(name: str) -> UnitState:

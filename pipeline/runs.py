@@ -8,8 +8,8 @@ storage credentials: only the endpoint is kept), and the versions of flamingo-an
 transformers and Python. A record is written like the output files: a local one under a hidden name, then
 renamed; an S3 one in one PUT.
 
-The next run reads the records back: when the last complete run read the same listing with the same tasks
-and the output holds as many done items as it saw, there is nothing left to do (pipeline/plan.py).
+The records are for people and tools (`query` prints the last runs; `bench --pipeline` reads the stages); what
+is done and what is left is the manifests' business (pipeline/manifest.py).
 Readers of the annotations never see the records: they list only `.parquet` files outside `_`-folders
 (`pipeline.write.output_files`).
 """
@@ -110,10 +110,6 @@ def read_records(output_uri: str, storage_options: Mapping[str, Any] | None = No
         except Exception as exc:  # one bad record never stops a run
             log.warning("skipping unreadable run record %s: %s: %s", name, type(exc).__name__, exc)
     return sorted(records, key=lambda r: str(r["run_id"]))
-
-
-def last_complete(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    return next((r for r in reversed(records) if r.get("status") == COMPLETE), None)
 
 
 def format_record(record: Mapping[str, Any]) -> str:

@@ -20,18 +20,22 @@ memory in the driver (up to the target's worth of rows, a few times that in Arro
 `target_file_bytes=None` turns merging off. `flamingo-annotate compact` (pipeline/compact.py) merges the small
 files of runs that were stopped, or written before this existed.
 
-Reading. `scan_output` reads the id, task and error columns of every file once, for resume. An unreadable
-file (not ours, or damaged by hand) is skipped with a warning; its items are simply done again.
+Reading back, for resume (pipeline/manifest.py). Every committed file names the input units its rows come from
+in its metadata (UNITS_KEY); `unit_files` reads those names from the footers alone, on the driver, and
+`scan_unit` reads one unit's rows (its `source`), in that unit's read task on a worker. No item id is ever
+read on the driver. An unreadable file (not ours, or damaged by hand) is skipped with a warning; its items are
+simply done again. `scan_output` applies the same rules to a whole output at once: a look for small outputs
+and tools, never what a run does.
 
 Resume rules, per task (same name and task-file hash): an item is done when it has an annotated row or an
 error row of kind `input` or `model`. Rows of kind `transient` are re-attempted by the next run, and with
 `retry_errors` every error row is. A re-attempted row is superseded once the new run has written a row for the
 same item and task -- or, for a row whose id is a file's URI (a shard that failed as a whole), any row from
-that file -- and `drop_superseded` then rewrites the files that hold it without it (new file first, with the
-old one's name in its metadata, then the old file deleted; a scan finishes that deletion if a crash cut it
-short). So pyarrow, pandas and Spark see one row per item and task. Rewriting happens only at the end of a run
-that read its whole input; a run stopped before that leaves the old rows, and the next run that writes rows for
-those items (or finds them done) removes them.
+that file -- and `drop_rows` then rewrites the files that hold it without it (new file first, with the old
+one's name in its metadata, then the old file deleted; the next run's `unit_files` finishes that deletion if a
+crash cut it short). So pyarrow, pandas and Spark see one row per item and task. Rewriting happens at the end
+of a run; a run stopped before that leaves the old rows, and their unit no manifest, so the next run reads the
+unit again and removes them.
 
 The output is a plain Parquet dataset (plus `_lease.json`, see pipeline/lease.py): pyarrow, pandas, DuckDB
 (over a pyarrow dataset) and Spark read it as is. Rows are in `pipeline.schema.OUTPUT_SCHEMA`, followed by the
@@ -97,18 +101,45 @@ class OutputWriteError(Exception):
 
 @dataclass
 class WriteStats:
-    """What one run wrote, counted from its own rows as it committed them."""
+    """What one run wrote, counted from its own rows as it committed them. Items are counted by their ids, kept
+    per input unit (`source`) only until the unit is settled (its manifest written: its items are all in), so
+    the ids held are those of the units in flight, not of the whole run."""
 
     rows_ok: int = 0
     rows_by_kind: Counter[str] = field(default_factory=Counter)  # error rows per error_kind
-    items: set[str] = field(default_factory=set)                 # ids it wrote rows for (~100 bytes each)
-    transient_items: set[str] = field(default_factory=set)       # ids with a transient error row
     files: list[str] = field(default_factory=list)
     written_keys: set[tuple[str, str]] = field(default_factory=set)  # (task, id or source) among `watch`
+    open_items: dict[str, set[str]] = field(default_factory=dict)      # source -> ids it wrote rows for
+    open_transient: dict[str, set[str]] = field(default_factory=dict)  # source -> ids with a transient error row
+    settled_items: int = 0
+    settled_transient: int = 0
 
     @property
     def rows_error(self) -> int:
         return sum(self.rows_by_kind.values())
+
+    @property
+    def items(self) -> set[str]:
+        """Ids written, of the units not settled."""
+        return set().union(*self.open_items.values())
+
+    @property
+    def transient_items(self) -> set[str]:
+        """Ids with a transient error row, of the units not settled."""
+        return set().union(*self.open_transient.values())
+
+    @property
+    def item_count(self) -> int:
+        return self.settled_items + sum(map(len, self.open_items.values()))
+
+    @property
+    def transient_count(self) -> int:
+        return self.settled_transient + sum(map(len, self.open_transient.values()))
+
+    def settle(self, source: str) -> None:
+        """Count the items of input unit `source` and forget their ids: all of its rows are committed."""
+        self.settled_items += len(self.open_items.pop(source, ()))
+        self.settled_transient += len(self.open_transient.pop(source, ()))
 
 
 class OutputWriter:
@@ -120,7 +151,7 @@ class OutputWriter:
                  flush_rows: int = FLUSH_ROWS, flush_seconds: float = FLUSH_SECONDS,
                  watch: Iterable[tuple[str, str]] = (), before_commit: Callable[[], None] | None = None,
                  keep_columns: Sequence[str] = (), target_file_bytes: int | None = TARGET_FILE_MB * 1024 * 1024,
-                 after_commit: Callable[[pa.Table], None] | None = None):
+                 after_commit: Callable[[pa.Table], None] | None = None, stats: WriteStats | None = None):
         self.output_uri = output_uri
         self.after_commit = after_commit
         self.keep_columns = tuple(keep_columns)
@@ -130,7 +161,7 @@ class OutputWriter:
         self.flush_seconds = flush_seconds
         self.watch = watch if isinstance(watch, set) else set(watch)  # a set the caller may add keys to
         self.before_commit = before_commit
-        self.stats = WriteStats()
+        self.stats = stats if stats is not None else WriteStats()  # the caller's, to settle units in it
         self._buffer: list[pa.Table] = []
         self._buffered = 0
         self._last_commit = time.monotonic()
@@ -201,13 +232,13 @@ class OutputWriter:
         tasks, kinds = table.column(TASK_COLUMN).to_pylist(), table.column(ERROR_KIND_COLUMN).to_pylist()
         errors = table.column(ERROR_COLUMN).to_pylist()
         for item_id, source, task, error, kind in zip(ids, sources, tasks, errors, kinds):
-            stats.items.add(item_id)
+            stats.open_items.setdefault(source, set()).add(item_id)
             if error is None:
                 stats.rows_ok += 1
             else:
                 stats.rows_by_kind[kind] += 1
                 if kind == TRANSIENT:
-                    stats.transient_items.add(item_id)
+                    stats.open_transient.setdefault(source, set()).add(item_id)
             for key in ((task, item_id), (task, source)):
                 if key in self.watch:
                     stats.written_keys.add(key)

@@ -233,6 +233,7 @@ def test_a_manifest_appears_only_once_its_rows_are_committed_on_s3(s3: Any) -> N
     tracker = ManifestTracker(output, {"t": "h"}, None, run_id, files)
     writer = OutputWriter(output, run_id, flush_rows=2, flush_seconds=3600, before_commit=tracker.pull,
                           after_commit=tracker.committed, watch=tracker.watch)
+    tracker.stats = writer.stats  # a finished unit's ids are counted, then forgotten
     fs, folder = manifest_folder(output, {"t": "h"}, None)
 
     def row(item_id: str, error: str | None = None) -> pa.Table:
@@ -254,6 +255,7 @@ def test_a_manifest_appears_only_once_its_rows_are_committed_on_s3(s3: Any) -> N
     writer.write(row(f"{b}::2"))                                  # commits b's last row
     found = list_manifests(fs, folder)
     assert set(found) == {unit_key(a, 10), unit_key(b, 20)}
+    assert (writer.stats.item_count, writer.stats.open_items) == (4, {})
     state = found[unit_key(a, 10)]
     assert (state.items, state.transient, state.failed, state.run_id) == (2, 0, 1, run_id)
     body = json.loads(fs.cat_file(f"{folder}/{state.name}"))
