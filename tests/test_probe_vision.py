@@ -1,0 +1,46 @@
+"""The vision-tower probe (training/probe_vision.py) reads what a tower's features hold about single objects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.pretrain_vision import VisionPretrainConfig, build_clip, save_vision
+from training.probe_vision import ATTRIBUTES, main, single_object_scenes
+
+
+def test_probe_scenes_are_single_objects_and_the_splits_differ() -> None:
+    train, test = single_object_scenes(20, 0), single_object_scenes(20, 1)
+    assert all(len(s.objects) == 1 for s in train + test)
+    assert [s.objects for s in train] != [s.objects for s in test]
+    assert [s.objects for s in train] == [s.objects for s in single_object_scenes(20, 0)]   # reproducible
+
+
+def test_a_stage_one_tower_folder_is_probed_from_the_command_line(tmp_path: Path, capsys) -> None:
+    # Even an untrained tower passes colour through (the pixels' colour is linear in its patch tokens), and
+    # its concatenated patch tokens keep position (which slot holds the object): a probe that missed these
+    # would be broken, not the tower.
+    config = VisionPretrainConfig(layers=1, width=64, head_width=32)
+    save_vision(build_clip(config), config, tmp_path / "vision")
+    out = tmp_path / "probe.json"
+    main([str(tmp_path / "vision"), "--train", "300", "--test", "200", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result) == {"pooled", "mean-patch", "patch"}            # no resampler in a stage-1 folder
+    assert all(set(row) == set(ATTRIBUTES) for row in result.values())
+    assert result["patch"]["colour"]["accuracy"] >= 0.9
+    assert result["patch"]["position"]["accuracy"] >= 0.9
+    low, high = result["patch"]["colour"]["ci95"]
+    assert low <= result["patch"]["colour"]["accuracy"] <= high and result["patch"]["colour"]["n"] == 200
+    assert capsys.readouterr().out.splitlines()[0].split() == ["features", *ATTRIBUTES]
+
+
+@pytest.mark.slow
+def test_the_bundled_model_is_probed_through_its_resampler_too(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "probe.json"
+    main(["miniature", "--train", "300", "--test", "200", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result) == {"pooled", "mean-patch", "patch", "resampled"}
+    assert result["resampled"]["colour"]["n"] == 100
+    assert "resampled" in capsys.readouterr().out

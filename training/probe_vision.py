@@ -1,0 +1,135 @@
+"""Linear probes of a vision tower: what its features say about single objects, before any bridge is trained.
+
+A Flamingo can only name what its frozen tower encodes, so the tower is checked on its own first. Each probe is a
+logistic regression (scikit-learn) from one kind of feature to one attribute of the only object in a scene,
+fitted on `train` scenes and scored on `test` scenes of another seed stream:
+  - pooled:      the tower's pooled output (what CLIP contrasts with the text),
+  - mean-patch:  the mean of its patch tokens,
+  - patch:       all patch tokens, concatenated (what the Perceiver Resampler reads),
+  - resampled:   the Perceiver Resampler's visual tokens, concatenated (what the LM's cross-attention reads;
+                 only for a Flamingo model, whose resampler is trained).
+Attributes: shape (4 classes), position (3 x 3 grid cells), colour, size. Accuracy comes with its Wilson 95%
+interval.
+
+    python -m training.probe_vision out/miniature/vision          # a stage-1 tower folder
+    python -m training.probe_vision miniature                      # the tower of a Flamingo model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.evaluate import eval_seed, wilson_interval
+from training.pretrain_vision import pixels
+from training.synthetic import Scene, make_scene
+
+ATTRIBUTES = ("shape", "position", "colour", "size")
+FEATURES = ("pooled", "mean-patch", "patch", "resampled")
+# Inverse L2 strength per feature: the concatenated tokens have thousands of dimensions for a few thousand
+# scenes, and without a strong penalty would overfit and take minutes to fit.
+REGULARISATION = {"pooled": 1.0, "mean-patch": 1.0, "patch": 0.05, "resampled": 0.05}
+# Probe scenes are evaluation draws (training.evaluate.eval_seed), under a part number evaluate's own draws
+# (0-4) do not use; the probe's training and test scenes are two splits of it.
+_PROBES = 100
+TRAIN_SPLIT, TEST_SPLIT = 0, 1
+
+
+def single_object_scenes(count: int, split: int, image_size: int = 64) -> list[Scene]:
+    return [make_scene(eval_seed(0, _PROBES, split, i), image_size=image_size, max_objects=1) for i in range(count)]
+
+
+def labels(scenes: Sequence[Scene], attribute: str) -> np.ndarray:
+    return np.array([getattr(s.objects[0], attribute) for s in scenes])
+
+
+@torch.no_grad()
+def features(visual: nn.Module, scenes: Sequence[Scene], perceiver: nn.Module | None = None,
+             batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Each kind of feature, (N, dim), for the scenes' images (`resampled` only with a `perceiver`)."""
+    visual.eval()
+    saved = getattr(visual, "output_tokens", None)
+    visual.output_tokens = True  # type: ignore[assignment]  # open_clip: (pooled, patch tokens)
+    out: dict[str, list[np.ndarray]] = {name: [] for name in FEATURES}
+    try:
+        for start in range(0, len(scenes), batch_size):
+            x = pixels([s.image() for s in scenes[start:start + batch_size]])
+            pooled, tokens = visual(x.to(next(visual.parameters()).dtype))   # (B, D'), (B, v, D)
+            out["pooled"].append(pooled.float().numpy())
+            out["mean-patch"].append(tokens.float().mean(1).numpy())
+            out["patch"].append(tokens.float().flatten(1).numpy())
+            if perceiver is not None:                                        # (B, 1, 1, v, D) -> (B, 1, n, D)
+                out["resampled"].append(perceiver(tokens[:, None, None]).float().flatten(1).numpy())
+    finally:
+        visual.output_tokens = saved  # type: ignore[assignment]
+    return {name: np.concatenate(parts) for name, parts in out.items() if parts}
+
+
+def probe(visual: nn.Module, perceiver: nn.Module | None = None, train: int = 2000, test: int = 500,
+          image_size: int = 64) -> dict[str, Any]:
+    """{feature: {attribute: {accuracy, ci95, n}}} on `test` held-out single-object scenes."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_scenes = single_object_scenes(train, TRAIN_SPLIT, image_size)
+    test_scenes = single_object_scenes(test, TEST_SPLIT, image_size)
+    train_x, test_x = features(visual, train_scenes, perceiver), features(visual, test_scenes, perceiver)
+    result: dict[str, Any] = {}
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)   # max_iter bounds the time on purpose
+    for name in train_x:
+        result[name] = {}
+        for attribute in ATTRIBUTES:
+            clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=REGULARISATION[name]))
+            clf.fit(train_x[name], labels(train_scenes, attribute))
+            correct = int((clf.predict(test_x[name]) == labels(test_scenes, attribute)).sum())
+            result[name][attribute] = {"accuracy": correct / test, "ci95": wilson_interval(correct, test), "n": test}
+    return result
+
+
+def load_tower(source: str) -> tuple[nn.Module, nn.Module | None]:
+    """(tower, resampler) of a stage-1 folder (training.pretrain_vision.save_vision; no resampler) or of any
+    model `flamingo.load_model` takes."""
+    from pathlib import Path
+
+    from training.pretrain_vision import CONFIG_FILE, load_vision
+
+    if (Path(source) / CONFIG_FILE).exists():
+        return load_vision(source)[0].visual, None
+    import flamingo
+
+    model = flamingo.load_model(source)
+    return model.vision_encoder, model.perceiver
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"{'features':<12}" + "".join(f"{a:>22}" for a in ATTRIBUTES))
+    for name, row in result.items():
+        cells = [f"{r['accuracy']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" for r in row.values()]
+        print(f"{name:<12}" + "".join(f"{c:>22}" for c in cells))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("tower", help="a stage-1 tower folder or a Flamingo model name / folder")
+    parser.add_argument("--train", type=int, default=2000)
+    parser.add_argument("--test", type=int, default=500)
+    parser.add_argument("--json", help="also write the result here")
+    args = parser.parse_args(argv)
+    result = probe(*load_tower(args.tower), train=args.train, test=args.test)
+    print_table(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
