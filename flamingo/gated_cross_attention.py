@@ -27,6 +27,9 @@ class MediaConditioning:
     media_index: torch.Tensor            # (B, L) long: index of the last media at or before each token, -1 none
     # Keys/values of the visual tokens, computed once per gated block and reused for every decode step.
     kv_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # Whether any token sees media, when known ahead (decode steps): None reads it from media_index, a host sync
+    # that would also split a compiled decode step.
+    any_media: bool | None = None
 
     def continued(self, media_index: torch.Tensor) -> MediaConditioning:
         """The same media (and cached keys/values) for the next tokens of the same sequences."""
@@ -57,7 +60,8 @@ class MaskedCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: MediaConditioning, cache_key: int) -> torch.Tensor:
         # x: (B, L, D) text hidden states
-        if cond.visual_tokens is None or not bool((cond.media_index >= 0).any()):
+        any_media = cond.any_media if cond.any_media is not None else bool((cond.media_index >= 0).any())
+        if cond.visual_tokens is None or not any_media:
             return torch.zeros_like(x)                                    # no text token sees any image
         if cache_key not in cond.kv_cache:
             cond.kv_cache[cache_key] = self.keys_values(cond.visual_tokens)

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from typing import overload
 
 import torch
-from transformers import DynamicCache, StaticCache
-from transformers.cache_utils import CacheLayerMixin
+from transformers import DynamicCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
@@ -27,6 +26,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .decode_step import DecodeStep, attention_layer
 from .gated_cross_attention import MediaConditioning
 from .lm import ConditionedLM, positions_from_mask
 
@@ -63,10 +63,9 @@ class _Prompt:
     """A prompt that has been run through the model: where decoding continues from."""
 
     last_logits: torch.Tensor           # (B, V) logits for the first new token
-    cache: DynamicCache | StaticCache
+    cache: DynamicCache
     attention_mask: torch.Tensor        # (B, S): prefix + prompt tokens, 0 on padding
     cond: MediaConditioning             # media of the continuation; media_index (B, 1) = last media per row
-    mask_buffer: torch.Tensor | None = None  # (B, S + new tokens) when preallocated for decoding
     prefix_kv: list | None = None       # a shared prefix's keys/values (batch 1), not copied into `cache`
     position_offset: int = 0            # its length: positions of the tokens in `cache` start after it
 
@@ -80,22 +79,11 @@ class _Prompt:
                        _repeat_conditioning(self.cond, n), prefix_kv=self.prefix_kv,
                        position_offset=self.position_offset)
 
-    def for_decoding(self, lm: ConditionedLM, new_tokens: int, n: int = 1) -> _Prompt:
-        """The same state (rows repeated n times) with its keys/values moved into a cache preallocated for
-        `new_tokens` more tokens: decode steps then write in place instead of re-concatenating every
-        layer's keys/values at every step."""
-        length = self.cache.get_seq_length()
-        static = StaticCache(config=lm.config, max_cache_len=length + new_tokens)
-        for source, target in zip(self.cache.layers, static.layers):
-            source_keys, source_values = _keys_values(source)
-            keys, values = _repeat(source_keys, n), _repeat(source_values, n)
-            target_layer = _attention_layer(target)
-            target_layer.lazy_initialization(keys, values)
-            target_layer.update(keys, values)
-        mask = _repeat(self.attention_mask, n)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], new_tokens)], dim=1)  # sliced as tokens arrive
-        return _Prompt(_repeat(self.last_logits, n), static, mask[:, :length], _repeat_conditioning(self.cond, n),
-                       mask_buffer=mask, prefix_kv=self.prefix_kv, position_offset=self.position_offset)
+    def for_decoding(self, lm: ConditionedLM, new_tokens: int, n: int = 1) -> DecodeStep:
+        """The state as fixed-size buffers for `new_tokens` more tokens, each row repeated n times (beams)."""
+        layers = [_keys_values(layer) for layer in self.cache.layers]
+        return DecodeStep.start(lm, layers, self.attention_mask, self.cond, self.prefix_kv, self.position_offset,
+                                new_tokens, n)
 
     def positions(self, mask: torch.Tensor, count: int) -> torch.Tensor:
         """Position ids of the last `count` tokens of `mask`."""
@@ -107,17 +95,9 @@ def _positions(mask: torch.Tensor, count: int, offset: int) -> torch.Tensor:
     return positions_from_mask(mask)[:, -count:] + offset
 
 
-def _attention_layer(layer: object) -> CacheLayerMixin:
-    """A cache layer of self-attention keys/values, the only kind the LMs Flamingo wraps have."""
-    if not isinstance(layer, CacheLayerMixin):
-        raise ValueError(f"the LM's cache has a {type(layer).__name__}, not self-attention keys/values; "
-                         "Flamingo decodes only LMs whose every layer is attention")
-    return layer
-
-
 def _keys_values(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
     """(keys, values) of a cache layer that the prompt has filled."""
-    layer = _attention_layer(layer)
+    layer = attention_layer(layer)
     if layer.keys is None or layer.values is None:
         raise ValueError("a layer of the LM's cache is empty: the prompt did not run through every layer")
     return layer.keys, layer.values
@@ -187,16 +167,6 @@ def run_prompt(lm: ConditionedLM, lang_x: torch.Tensor, attention_mask: torch.Te
                    prefix_kv=prefix_kv, position_offset=position_offset)
 
 
-def _step(lm: ConditionedLM, state: _Prompt, tokens: torch.Tensor) -> torch.Tensor:
-    """Append one token per row (tokens: (N,)) and return the next logits (N, V)."""
-    if state.mask_buffer is None:
-        raise RuntimeError("decode steps continue a state made by _Prompt.for_decoding")
-    state.attention_mask = state.mask_buffer[:, :state.attention_mask.shape[1] + 1]   # a view: no copy
-    out = lm(tokens[:, None], state.attention_mask, state.positions(state.attention_mask, 1), state.cond,
-             state.cache, prefix_kv=state.prefix_kv)
-    return _logits(out)[:, -1].float()
-
-
 def logits_processors(do_sample: bool, temperature: float, top_k: int, top_p: float,
                       extra: LogitsProcessorList | None, min_new_tokens: int = 0, prompt_length: int = 0,
                       stop_ids: torch.Tensor | None = None) -> LogitsProcessorList:
@@ -218,7 +188,7 @@ def decode_greedy_or_sample(lm: ConditionedLM, state: _Prompt, prompt_ids: torch
                             processors: LogitsProcessorList, generator: torch.Generator | None
                             ) -> GenerationOutput:
     b = prompt_ids.shape[0]
-    state = state.for_decoding(lm, max_new_tokens)
+    decode = state.for_decoding(lm, max_new_tokens)
     sequences = prompt_ids
     finished = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
     sum_logprob = torch.zeros(b, device=prompt_ids.device)
@@ -239,7 +209,7 @@ def decode_greedy_or_sample(lm: ConditionedLM, state: _Prompt, prompt_ids: torch
         finished |= torch.isin(token, stop_ids)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        logits = _step(lm, state, token)
+        logits = decode(token)
     return GenerationOutput(sequences, sequences[:, prompt_ids.shape[1]:], num_tokens,
                             sum_logprob / num_tokens.clamp(min=1))
 
@@ -251,7 +221,7 @@ def decode_beam_search(lm: ConditionedLM, state: _Prompt, prompt_ids: torch.Tens
     results match `generate(num_beams=K)`; written out here because the LM call is ours."""
     b, k, dev = prompt_ids.shape[0], num_beams, prompt_ids.device
     keep = max(2, 1 + len(stop_ids)) * k                                  # candidates kept per step
-    state = state.for_decoding(lm, max_new_tokens, k)
+    decode = state.for_decoding(lm, max_new_tokens, k)
     running = torch.full((b, k, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     running_scores = torch.full((b, k), NEG_INF, device=dev)
     running_scores[:, 0] = 0.0                                            # all beams start identical
@@ -264,7 +234,7 @@ def decode_beam_search(lm: ConditionedLM, state: _Prompt, prompt_ids: torch.Tens
     in_top_k = torch.arange(keep, device=dev) < k
     batch_offset = torch.arange(b, device=dev)[:, None] * k
     history = prompt_ids.repeat_interleave(k, dim=0)
-    logits = state.last_logits
+    logits = _repeat(state.last_logits, k)
     for t in range(max_new_tokens):
         # (B*K, V), HF's order. transformers annotates ids as the legacy LongTensor class: any long tensor will do.
         logprobs = processors(history, logits.log_softmax(-1))  # type: ignore[arg-type]
@@ -297,9 +267,9 @@ def decode_beam_search(lm: ConditionedLM, state: _Prompt, prompt_ids: torch.Tens
         improvable &= (running_scores[:, :1] / ((t + 1) ** length_penalty) > worst_done).any(-1, keepdim=True)
         if not bool(improvable.any()) or bool(hits_stop.all()) or t == max_new_tokens - 1:
             break
-        state.cache.reorder_cache(beam_index)  # type: ignore[arg-type]  # annotated LongTensor: any long tensor
+        decode.reorder(beam_index)
         history = torch.cat([history[beam_index], running[:, :, t].reshape(-1, 1)], dim=1)
-        logits = _step(lm, state, running[:, :, t].reshape(-1))
+        logits = decode(running[:, :, t].reshape(-1))
 
     lens = done_lens[:, 0]
     new_tokens = done[:, 0, : int(lens.max())]

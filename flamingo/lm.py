@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -155,8 +155,9 @@ class AddedTokenEmbedding(AddedRows):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = F.embedding(input_ids, self.weight)                            # (B, L, D)
-        for row, token_id in enumerate(self.added_token_ids.tolist()):
-            out = torch.where((input_ids == token_id)[..., None], self.added_rows[row].to(out.dtype), out)
+        for row in range(self.added_token_ids.shape[0]):   # ids stay tensors: no host sync in a compiled step
+            hit = input_ids == self.added_token_ids[row]
+            out = torch.where(hit[..., None], self.added_rows[row].to(out.dtype), out)
         return out
 
 
@@ -243,6 +244,8 @@ class ConditionedLM:
         self.media_token = media_token
         self.arguments = set(inspect.signature(lang_encoder.forward).parameters)
         self.shares_prefix_attention = prefix_attention.installed(lang_encoder)
+        # The decode step compiled by decode_step.compile_decode_step; None: decode eagerly.
+        self.compiled_step: Callable | None = None
 
     @classmethod
     def wrap(cls, lang_encoder: PreTrainedModel, config: FlamingoConfig, media_token_id: int) -> ConditionedLM:
@@ -292,8 +295,9 @@ class ConditionedLM:
                  ) -> CausalLMOutputWithPast:
         """One LM call with the gated blocks seeing `cond` for exactly its duration. `prefix_kv`: keys/values
         of a shared prefix the tokens continue (see prefix_attention)."""
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                      use_cache=use_cache, labels=labels)
+        cache_argument = "cache" if "cache" in self.arguments else "past_key_values"   # transformers >= 5.2x: cache
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, cache_argument: past_key_values,
+                  "use_cache": use_cache, "labels": labels}
         if prefix_kv is not None:
             kwargs[prefix_attention.PREFIX_ARGUMENT] = prefix_kv
         if "position_ids" in self.arguments:  # ALiBi models (MPT) take none: their bias is relative

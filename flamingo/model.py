@@ -36,6 +36,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import checkpoint, generation
 from .config import FlamingoConfig
+from .decode_step import compile_decode_step
 from .gated_cross_attention import GatedCrossAttentionBlock
 from .generation import FewShotPrefix, GenerationOutput
 from .lm import AddedRows, ConditionedLM, infer_decoder_layers_attr_name, input_embedding_weight, positions_from_mask
@@ -171,6 +172,14 @@ class Flamingo(nn.Module):
         return self.lm(lang_x, full_mask, positions, cond, past_key_values, labels=labels, use_cache=use_cache)
 
     # ------------------------------------------------------------------ generation and scoring
+    def compile_decoding(self, mode: str | None = None) -> bool:
+        """Decode with a `torch.compile`d step from now on (decode_step.py); the first `generate` at each new
+        batch size then pays the compile. mode: torch.compile's, by default "reduce-overhead" (CUDA graphs)
+        on CUDA. Returns False, after one log line, where compile is unavailable; decoding is then eager."""
+        if mode is None and self.device.type == "cuda":
+            mode = "reduce-overhead"
+        return compile_decode_step(self.lm, mode)
+
     @torch.inference_mode()
     def prepare_prefix(self, lang_x: torch.Tensor, vision_x: torch.Tensor | None = None,
                        visual_tokens: torch.Tensor | None = None) -> FewShotPrefix:
