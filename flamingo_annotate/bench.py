@@ -31,6 +31,7 @@ class BenchConfig:
     items: int = 128
     device: str = "cpu"
     dtype: str | None = "auto"      # flamingo.dtypes (None: auto): bfloat16 on CUDA, float32 on the CPU
+    compile: bool = False           # torch.compile the decode step (its compile time is reported apart)
     shots_sweep: tuple[int, ...] = (0, 4, 16, 32)
     compare_openflamingo: bool = False
     pipeline: bool = False          # also run the workload as a real Ray job (read, decode, both actor pools, write)
@@ -55,10 +56,15 @@ class BenchResult:
     generation: StageResult
     end_to_end: StageResult         # vision + generation for the same items, in-process
     prefix_seconds: float           # the few-shot prefix, once per task
+    warm_up_seconds: float          # the first generation batch: one-off costs, torch.compile's included
+    compiled: bool                  # whether the decode step ran compiled
     peak_memory_bytes: int
     shots_sweep: dict[int, float] = field(default_factory=dict)  # shots -> seconds per item (generation)
     openflamingo: dict | None = None
     pipeline: dict | None = None    # the same workload as a Ray job: steady items/s, start-up apart (run_pipeline)
+    # With compile: generation items/s of the compiled and the eager step, batches alternating between the two
+    # so that both see the same load; their ratio is the compile's gain in this run.
+    compile_comparison: dict | None = None
 
 
 def measure_matmul_rate(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
@@ -125,6 +131,7 @@ def run_benchmark(config: BenchConfig) -> BenchResult:
     torch.manual_seed(config.seed)
     model = load_model(config.model, device=config.device, dtype=dtype,
                        trust_remote_code=config.trust_remote_code).requires_grad_(False)   # inference only
+    compiled = config.compile and model.compile_decoding()
     work = Workload(model, config)
     dev = config.device
     rate = measure_matmul_rate(dev, dtype)
@@ -149,10 +156,16 @@ def run_benchmark(config: BenchConfig) -> BenchResult:
         vision(batches[0])  # warm-up
         visual, vision_seconds = _timed(lambda: [vision(b) for b in batches], dev)
         prefix, prefix_seconds = _timed(lambda: prefix_for(config.shots), dev)
-        generate(visual[0], prefix)  # warm-up
+        _, warm_up_seconds = _timed(lambda: generate(visual[0], prefix), dev)  # compiles, if compiling
+        if len(visual[-1]) != len(visual[0]):
+            generate(visual[-1], prefix)  # a last, smaller batch is a new shape too
         tokens, generation_seconds = _timed(lambda: [generate(v, prefix) for v in visual], dev)
         vision_flops = _flops(lambda: vision(batches[0])) / len(batches[0])
+        compiled_step, model.lm.compiled_step = model.lm.compiled_step, None   # count FLOPs of the same ops eagerly
         generation_flops = _flops(lambda: generate(visual[0], prefix)) / len(batches[0])
+        model.lm.compiled_step = compiled_step
+        comparison = compare_compiled(model, lambda: [generate(v, prefix) for v in visual[:1]],
+                                      len(visual), dev) if compiled_step is not None else None
         sweep = {}
         for shots in config.shots_sweep:
             p = prefix_for(shots)
@@ -169,7 +182,10 @@ def run_benchmark(config: BenchConfig) -> BenchResult:
         config=asdict(config), device=_device_name(dev), matmul_flops_per_second=rate,
         vision=stage(vision_seconds, vision_flops), generation=stage(generation_seconds, generation_flops),
         end_to_end=stage(vision_seconds + generation_seconds, vision_flops + generation_flops),
-        prefix_seconds=prefix_seconds, peak_memory_bytes=_peak_memory(dev), shots_sweep=sweep,
+        prefix_seconds=prefix_seconds, warm_up_seconds=warm_up_seconds,
+        compiled=bool(compiled and model.lm.compiled_step is not None),   # a failed compile fell back to eager
+        compile_comparison=comparison,
+        peak_memory_bytes=_peak_memory(dev), shots_sweep=sweep,
     )
     if config.pipeline:
         result.pipeline = run_pipeline(config, result.end_to_end.items_per_second)
@@ -177,6 +193,22 @@ def run_benchmark(config: BenchConfig) -> BenchResult:
         ours = torch.cat(tokens)
         result.openflamingo = compare_openflamingo(model, work, config, ours, result.end_to_end.items_per_second)
     return result
+
+
+def compare_compiled(model, generate_batch, repeats: int, device: str) -> dict:
+    """Items/s of the compiled and the eager decode step, alternating batch by batch (and which goes first)."""
+    compiled_step = model.lm.compiled_step
+    seconds = {"compiled": 0.0, "eager": 0.0}
+    items = 0
+    for i in range(repeats):
+        for name in (("compiled", "eager") if i % 2 == 0 else ("eager", "compiled")):
+            model.lm.compiled_step = compiled_step if name == "compiled" else None
+            out, took = _timed(generate_batch, device)
+            seconds[name] += took
+        items += sum(len(t) for t in out)
+    model.lm.compiled_step = compiled_step
+    rates = {f"{name}_items_per_second": items / s for name, s in seconds.items()}
+    return {**rates, "speedup": seconds["eager"] / seconds["compiled"]}
 
 
 def run_pipeline(config: BenchConfig, in_process_items_per_second: float) -> dict:
@@ -315,10 +347,15 @@ def format_result(result: BenchResult) -> str:
     lines = [f"device: {result.device}; matmul {result.matmul_flops_per_second / 1e9:.1f} GFLOP/s; "
              f"model {result.config['model']}; {result.config['shots']} shots, "
              f"{result.config['new_tokens']} new tokens, batch {result.config['batch_size']}, "
-             f"{result.config['items']} items"]
+             f"{result.config['items']} items, decode step {'compiled' if result.compiled else 'eager'}"]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.append(f"few-shot prefix (once per task): {result.prefix_seconds * 1e3:.1f} ms; "
+    lines.append(f"few-shot prefix (once per task): {result.prefix_seconds * 1e3:.1f} ms; first generation batch "
+                 f"(one-off costs, compile included, not in the figures above): {result.warm_up_seconds:.1f} s; "
                  f"peak memory {result.peak_memory_bytes / 2**20:.0f} MiB")
+    if result.compile_comparison:
+        c = result.compile_comparison
+        lines.append(f"generation, batches alternating: compiled step {c['compiled_items_per_second']:.2f} items/s, "
+                     f"eager step {c['eager_items_per_second']:.2f} items/s: {c['speedup']:.2f}x")
     sweep = result.shots_sweep
     if sweep:
         lines.append("generation ms/item by shots: " + ", ".join(f"{k}: {v * 1e3:.1f}" for k, v in sweep.items())

@@ -117,6 +117,8 @@ def evaluate(model: str | None, scenes: int, clips: int, questions: int, episode
 @click.option("--items", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @dtype_option
+@click.option("--compile", "compile", is_flag=True,
+              help="torch.compile the decode step; its compile time is reported apart from the figures.")
 @click.option("--shots-sweep", default="0,4,16,32", show_default=True,
               help="Comma-separated shot counts for the cost-per-item sweep ('' to skip).")
 @click.option("--compare-openflamingo", is_flag=True,
