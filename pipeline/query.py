@@ -109,7 +109,8 @@ def open_output(output: str, storage_options: Mapping[str, Any] | None = None) -
     replaced = {name for schema in schemas if schema is not None for name in replaced_files(schema)}
     readable = [(file, schema) for file, schema in zip(files, schemas)
                 if schema is not None and file.rsplit("/", 1)[-1] not in replaced]
-    schema = pa.unify_schemas([s for _, s in readable], promote_options="permissive") if readable else pa.schema([])
+    # An output with no rows yet (a run that stopped before its first commit) reads as an empty annotations table.
+    schema = pa.unify_schemas([s for _, s in readable], promote_options="permissive") if readable else OUTPUT_SCHEMA
     if {ID_COLUMN, TASK_COLUMN} <= set(schema.names):  # our output: the columns older files lack read as null
         added = [OUTPUT_SCHEMA.field(name) for name in (ERROR_KIND_COLUMN, RUN_ID_COLUMN) if name not in schema.names]
         kept = list(dict.fromkeys(name for _, s in readable for name in kept_columns(s) if name in schema.names))

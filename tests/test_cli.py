@@ -436,6 +436,16 @@ def test_query_missing_output(runner: CliRunner, tmp_path: Path) -> None:
     assert result.exit_code == 1 and "Error:" in result.stderr
 
 
+def test_an_output_without_rows_yet_queries_as_an_empty_table(runner: CliRunner, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    (output / "_runs").mkdir(parents=True)              # a run stopped before its first commit
+    summary = runner.invoke(main, ["query", str(output)])
+    assert summary.exit_code == 0 and "0 rows, 0 with errors" in summary.output
+    sql = runner.invoke(main, ["query", str(output), "SELECT count(*), count(DISTINCT task) FROM annotations"])
+    assert sql.exit_code == 0, sql.output
+    assert [cell.strip() for cell in sql.output.splitlines()[4].strip("│").split("│")] == ["0", "0"]
+
+
 def test_query_an_output_on_s3(runner: CliRunner, tmp_path: Path, s3, monkeypatch: pytest.MonkeyPatch) -> None:
     bucket = s3.new_bucket()
     output = s3.upload_tree(bucket, "results/run1", write_output(tmp_path / "out"))
