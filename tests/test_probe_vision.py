@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from training.pretrain_vision import VisionPretrainConfig, build_clip, save_vision
-from training.probe_vision import ATTRIBUTES, main, single_object_scenes
+from training.probe_vision import ATTRIBUTES, load_tower, main, single_object_scenes
 
 
 def test_probe_scenes_are_single_objects_and_the_splits_differ() -> None:
@@ -44,3 +45,14 @@ def test_the_bundled_model_is_probed_through_its_resampler_too(tmp_path: Path, c
     assert set(result) == {"pooled", "mean-patch", "patch", "resampled"}
     assert result["resampled"]["colour"]["n"] == 100
     assert "resampled" in capsys.readouterr().out
+
+
+def test_the_untrained_control_is_the_same_tower_with_fresh_weights() -> None:
+    trained, perceiver = load_tower("miniature")
+    fresh, no_perceiver = load_tower("miniature", untrained=True)
+    assert perceiver is not None and no_perceiver is None
+    shapes = {name: p.shape for name, p in trained.named_parameters()}
+    assert shapes == {name: p.shape for name, p in fresh.named_parameters()}
+    assert not torch.equal(trained.positional_embedding, fresh.positional_embedding)
+    again, _ = load_tower("miniature", untrained=True)
+    assert torch.equal(fresh.positional_embedding, again.positional_embedding)     # seeded

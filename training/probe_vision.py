@@ -13,6 +13,7 @@ interval.
 
     python -m training.probe_vision out/miniature/vision          # a stage-1 tower folder
     python -m training.probe_vision miniature                      # the tower of a Flamingo model
+    python -m training.probe_vision miniature --untrained          # its architecture, freshly initialised
 """
 
 from __future__ import annotations
@@ -95,19 +96,32 @@ def probe(visual: nn.Module, perceiver: nn.Module | None = None, train: int = 20
     return result
 
 
-def load_tower(source: str) -> tuple[nn.Module, nn.Module | None]:
+def load_tower(source: str, untrained: bool = False) -> tuple[nn.Module, nn.Module | None]:
     """(tower, resampler) of a stage-1 folder (training.pretrain_vision.save_vision; no resampler) or of any
-    model `flamingo.load_model` takes."""
+    model `flamingo.load_model` takes. `untrained`: the same tower architecture with fresh weights (seed 0) and
+    no resampler, the control that says what training added or took away."""
     from pathlib import Path
 
     from training.pretrain_vision import CONFIG_FILE, load_vision
 
+    clip_config: dict[str, Any] | None
     if (Path(source) / CONFIG_FILE).exists():
-        return load_vision(source)[0].visual, None
-    import flamingo
+        tower, clip_config = load_vision(source)
+        visual, perceiver = tower.visual, None
+    else:
+        import flamingo
 
-    model = flamingo.load_model(source)
-    return model.vision_encoder, model.perceiver
+        model = flamingo.load_model(source)
+        visual, perceiver, clip_config = model.vision_encoder, model.perceiver, model.config.vision_encoder_config
+    if not untrained:
+        return visual, perceiver
+    if clip_config is None:
+        raise ValueError(f"{source}: --untrained needs a tower built from an open_clip config (a custom tower)")
+    import open_clip
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return open_clip.CLIP(**clip_config).visual, None
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -122,9 +136,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("tower", help="a stage-1 tower folder or a Flamingo model name / folder")
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--test", type=int, default=500)
+    parser.add_argument("--untrained", action="store_true",
+                        help="probe the same tower architecture with fresh weights instead (the control)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
-    result = probe(*load_tower(args.tower), train=args.train, test=args.test)
+    result = probe(*load_tower(args.tower, args.untrained), train=args.train, test=args.test)
     print_table(result)
     if args.json:
         with open(args.json, "w") as f:
