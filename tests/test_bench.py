@@ -18,7 +18,7 @@ def test_bench_runs_and_matches_openflamingo(tmp_path):
         "bench", "--model", "tiny-random-openflamingo", "--items", "8", "--batch-size", "4",
         "--openflamingo-batch-size", "4",
         "--shots", "2", "--caption-tokens", "4", "--new-tokens", "5", "--shots-sweep", "0,2",
-        "--compare-openflamingo", "--json", str(out)])
+        "--compare-openflamingo", "--compile", "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert "greedy outputs identical: True" in result.output
     figures = json.loads(out.read_text())
@@ -28,6 +28,8 @@ def test_bench_runs_and_matches_openflamingo(tmp_path):
     # The reference re-encodes the demonstrations and re-reads the whole prompt for every item.
     assert figures["openflamingo"]["flops_per_item"] > figures["end_to_end"]["flops_per_item"]
     assert set(figures["shots_sweep"]) == {"0", "2"}
+    # The compiled decode step gave those outputs, and was timed against the eager one in the same run.
+    assert figures["compiled"] is True and figures["compile_comparison"]["speedup"] > 0
 
 
 def test_models_openflamingo_cannot_represent_are_refused():
