@@ -11,9 +11,9 @@ small ops. Here everything the steps share is allocated once, at its final size,
 - the visual keys/values of each gated block, computed when the prompt ran (`MediaConditioning.kv_cache`).
 
 Every step then has the same shapes and touches the same buffers, which is what `torch.compile` needs to
-fuse it into one graph (CPU: inductor; CUDA: CUDA graphs with mode="reduce-overhead"). Compiling is a
-choice of the `ConditionedLM` (`ConditionedLM.compile_decode_step`); the eager step computes the same
-thing.
+fuse it into one graph (CPU: inductor; CUDA: CUDA graphs with mode="reduce-overhead"). Compiling is opt-in,
+per model (`Flamingo.compile_decoding`, `bench --compile`): it costs minutes on a small CPU, once per batch
+shape, and where it is unavailable or fails decoding goes on eagerly, which computes the same thing.
 """
 
 from __future__ import annotations
