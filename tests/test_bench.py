@@ -32,6 +32,41 @@ def test_bench_runs_and_matches_openflamingo(tmp_path):
     assert figures["compiled"] is True and figures["compile_comparison"]["speedup"] > 0
 
 
+def test_bfloat16_outputs_are_compared_with_float32_of_the_same_weights(tmp_path):
+    """In bfloat16 the bench reports how many items decode exactly as in float32; the float32 side rebuilds the
+    same weights, so a float32 run's own tokens agree with it on every item."""
+    from flamingo_annotate.bench import BenchConfig, Workload, compare_float32, run_benchmark
+
+    small = dict(model="tiny-random-openflamingo", items=6, batch_size=3, shots=1, caption_tokens=3, new_tokens=4,
+                 shots_sweep=())
+    float32 = run_benchmark(BenchConfig(dtype="float32", **small))
+    assert float32.float32_agreement is None
+    bf16 = run_benchmark(BenchConfig(dtype="bfloat16", **small))
+    agreement = bf16.float32_agreement
+    assert agreement is not None and agreement["items"] == 6
+    assert 0 <= agreement["items_identical"] <= 6 and 0.0 <= agreement["share_tokens_identical"] <= 1.0
+
+    # The float32 reference is the same model: fed its own greedy tokens, it agrees everywhere.
+    import torch
+
+    from flamingo import load_model
+
+    config = BenchConfig(dtype="float32", **small)
+    torch.manual_seed(config.seed)
+    model = load_model(config.model, dtype=torch.float32).requires_grad_(False)
+    work = Workload(model, config)
+    with torch.inference_mode():
+        prefix = model.prepare_prefix(work.prefix_ids(1), visual_tokens=model.encode_vision(
+            work.demo_images[:1, None, None]).transpose(0, 1))
+        tokens = model.generate(lang_x=work.query[None].expand(6, -1), prefix=prefix,
+                                visual_tokens=model.encode_vision(work.images[:, None, None]), max_new_tokens=4,
+                                min_new_tokens=4, return_dict=True).new_tokens
+    assert compare_float32(config, work, tokens)["items_identical"] == 6
+    tokens = tokens.clone()
+    tokens[0, -1] += 1  # one token off: that item no longer counts as identical
+    assert compare_float32(config, work, tokens)["items_identical"] == 5
+
+
 def test_models_openflamingo_cannot_represent_are_refused():
     result = CliRunner().invoke(main, ["bench", "--model", "tiny-random", "--items", "2", "--batch-size", "2",
                                        "--new-tokens", "2", "--shots-sweep", "", "--compare-openflamingo"])
