@@ -1,9 +1,9 @@
-"""An item's encoded bytes -> model-ready pixels: the one preprocessing for annotation and training.
+"""An item's encoded bytes -> pixels: the one preprocessing for annotation and training.
 
 Images go through PIL: turned upright by their EXIF orientation (as viewers show them), then to 8-bit
 RGB, with 16-bit, 32-bit and float images scaled into 0..255 rather than clipped. Videos go through decord,
-frames sampled evenly or at a fixed rate. Every picture is then resized / center-cropped / normalised by
-open_clip's own eval transform, so the pixels match what the vision tower was trained with.
+frames sampled evenly or at a fixed rate. Every picture is then resized / center-cropped by open_clip's own
+eval transform, and normalised by its mean / std, so the pixels match what the vision tower was trained with.
 
 An item that cannot be decoded gives an error message ("cannot decode image: ...", "cannot decode video:
 ...", "image too large: ...") instead of pixels; nothing here raises for bad bytes. The texts leave out
@@ -12,11 +12,17 @@ of more than `DecodeConfig.max_pixels` are refused from their header, before any
 kilobytes of PNG can hold a 144-megapixel image.
 
 Two halves: `decode_frames` runs the native decoders on the untrusted bytes and gives 8-bit RGB frames;
-`frames_to_pixels` applies the transform to them. `decode_item` does both in the calling process, where a
-native decoder that crashes or hangs takes the caller with it; `media.isolation` runs the first half in a
-child process (`serve`) for that reason. That half never uses torch or open_clip (imported here only when a
-transform is built), so the child stays clear of torch's thread pools. Pixels are float16 arrays of shape
-(F, 3, H, W): F = 1 for images, the number of sampled frames for videos.
+the transform turns them into pixels. `media.isolation` runs the first half in a child process (`serve`),
+where a native decoder that crashes or hangs takes only the child with it. That half never uses torch or
+open_clip (imported here only when a transform is built), so the child stays clear of torch's thread pools.
+
+Two forms of pixels, both of shape (F, 3, H, W), F = 1 for images, the number of sampled frames for videos:
+- `frames_to_uint8` (`resize_transform`): resized and cropped, not normalised, uint8 (`PIXELS_DTYPE`, named
+  `PIXELS_ENCODING` where pixels travel). This is what the annotation job sends from its decode tasks to its
+  vision actors: a quarter of the bytes of float32, half of float16. `media.normalize` then makes the model's
+  input from them on the model's device, exactly as open_clip's ToTensor + Normalize would have.
+- `frames_to_pixels` / `decode_item` (`image_transform`, the whole open_clip transform): normalised, float16,
+  for callers that decode in their own process and use the pixels there (training).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import av
 import decord
@@ -38,7 +44,9 @@ from media.errors import describe_error
 if TYPE_CHECKING:  # imported where a transform is built: a decoding child process never needs them
     import torch
 
-PIXELS_DTYPE = np.float16
+PIXELS_DTYPE = np.uint8      # pixels as they travel: resized, 0..255, not normalised (`frames_to_uint8`)
+PIXELS_ENCODING = "uint8"    # the name that says so, beside the bytes (pipeline/decode.py's `pixels_dtype`)
+NORMALISED_DTYPE = np.float16  # `frames_to_pixels`: normalised in the calling process
 # The PIL decoders for the image extensions that `media.files` accepts. Naming them keeps PIL from
 # trying its other plugins on untrusted bytes (EPS, for one, runs Ghostscript).
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
@@ -91,10 +99,38 @@ def image_transform(config: DecodeConfig) -> Callable[[Image.Image], torch.Tenso
                                      interpolation=config.interpolation, resize_mode=config.resize_mode)
 
 
+def resize_transform(config: DecodeConfig) -> Callable[[Image.Image], Image.Image]:
+    """The steps of `image_transform` before its ToTensor (resize, crop, to RGB): 8-bit pictures in, 8-bit out.
+    Cut from open_clip's own transform rather than rebuilt, so every `resize_mode` stays what open_clip does."""
+    from torchvision import transforms
+
+    steps, cut = _split_transform(config)
+    return transforms.Compose(steps[:cut])
+
+
+def normalization(config: DecodeConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of `image_transform`'s Normalize: `config`'s own, or open_clip's defaults where it has none."""
+    steps, cut = _split_transform(config)
+    normalize = steps[cut + 1]
+    return tuple(float(m) for m in normalize.mean), tuple(float(s) for s in normalize.std)
+
+
+def _split_transform(config: DecodeConfig) -> tuple[list[Any], int]:
+    """The steps of open_clip's eval transform and where its ToTensor is, checking that only Normalize follows:
+    the split into a uint8 half and a normalising half is exact only then."""
+    steps = list(image_transform(config).transforms)  # type: ignore[attr-defined]  # a torchvision Compose
+    names = [type(step).__name__ for step in steps]
+    cut = next((i for i, name in enumerate(names) if name.endswith("ToTensor")), None)
+    if cut is None or names[cut + 1:] != ["Normalize"]:
+        raise ValueError(f"open_clip's eval transform is not resize..., ToTensor, Normalize but {names}")
+    return steps, cut
+
+
 def decode_item(
     kind: str | None, data: bytes | None, transform: Callable[[Image.Image], torch.Tensor], config: DecodeConfig
 ) -> tuple[np.ndarray | None, str | None]:
-    """`(pixels, None)` with pixels of shape (F, 3, H, W) float16, or `(None, error message)`."""
+    """`(pixels, None)` with pixels of shape (F, 3, H, W) float16, normalised by `transform` (`image_transform`),
+    or `(None, error message)`. Decodes in the calling process."""
     frames, error = decode_frames(kind, data, config)
     return (None, error) if frames is None else frames_to_pixels(kind, frames, transform)
 
@@ -119,10 +155,22 @@ def decode_frames(kind: str | None, data: bytes | None, config: DecodeConfig) ->
 
 def frames_to_pixels(kind: str | None, frames: Sequence[np.ndarray], transform: Callable[[Image.Image], torch.Tensor]
                      ) -> tuple[np.ndarray | None, str | None]:
-    """`(pixels, None)`: `frames` (from `decode_frames`) through `transform`, stacked as (F, 3, H, W) float16;
-    or `(None, error message)`."""
+    """`(pixels, None)`: `frames` (from `decode_frames`) through `transform` (`image_transform`), stacked as
+    (F, 3, H, W) float16; or `(None, error message)`."""
     try:
-        return np.stack([transform(Image.fromarray(frame)).numpy() for frame in frames]).astype(PIXELS_DTYPE), None
+        return np.stack([transform(Image.fromarray(frame)).numpy() for frame in frames]).astype(NORMALISED_DTYPE), None
+    except Exception as exc:  # the transform on odd pictures (e.g. a 1-pixel-wide frame)
+        return None, f"cannot decode {kind}: {describe_error(exc)}"
+
+
+def frames_to_uint8(kind: str | None, frames: Sequence[np.ndarray], resize: Callable[[Image.Image], Image.Image]
+                    ) -> tuple[np.ndarray | None, str | None]:
+    """`(pixels, None)`: `frames` (from `decode_frames`) through `resize` (`resize_transform`), stacked as
+    (F, 3, H, W) uint8, the very values open_clip's ToTensor would have divided by 255; or `(None, error
+    message)`, the same as `frames_to_pixels` gives."""
+    try:
+        stacked = np.stack([np.asarray(resize(Image.fromarray(frame)), dtype=PIXELS_DTYPE) for frame in frames])
+        return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)), None  # (F, H, W, 3) -> (F, 3, H, W)
     except Exception as exc:  # the transform on odd pictures (e.g. a 1-pixel-wide frame)
         return None, f"cannot decode {kind}: {describe_error(exc)}"
 
@@ -154,7 +202,7 @@ def check_size(width: int, height: int, limit: int) -> None:
 
 
 def pixels_array(pixels: bytes, shape: Sequence[int]) -> np.ndarray:
-    """The (F, 3, H, W) float16 array whose C-order bytes are `pixels` (a read-only view of them)."""
+    """The (F, 3, H, W) uint8 array whose C-order bytes are `pixels` (`frames_to_uint8`'s; a read-only view)."""
     return np.frombuffer(pixels, dtype=PIXELS_DTYPE).reshape(tuple(shape))
 
 

@@ -23,8 +23,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from media.decode import DecodeConfig, frames_to_pixels, image_transform
+from media.decode import DecodeConfig, frames_to_uint8, normalization, resize_transform
 from media.isolation import IsolatedDecoder
+from media.normalize import normalize
 from pipeline.encode import pick_device, visual_tensor
 from pipeline.schema import CREATED_AT_COLUMN, OUTPUT_SCHEMA, RUN_ID_COLUMN, infer_error_kind
 from pipeline.task import Task
@@ -65,9 +66,10 @@ def load_demonstration_pixels(task: Task, decode: DecodeConfig, storage_options:
 
     Decoded in a child process as items are (`media.isolation`): `validate` checked these files, but they may
     have changed since, and a demonstration that crashed the decoder would take the actor with it, again at
-    every restart."""
+    every restart. Resized and normalised as the job's items are (uint8, then `media.normalize`), so a picture
+    gives the model the same float32 values as a demonstration and as an item."""
     config = dataclasses.replace(decode, num_frames=task.video.num_frames, fps=task.video.fps)
-    transform = image_transform(config)
+    transform = resize_transform(config)
     arrays: list[np.ndarray] = []
     with IsolatedDecoder(config) as decoder:
         for demo in task.demonstrations:
@@ -75,13 +77,13 @@ def load_demonstration_pixels(task: Task, decode: DecodeConfig, storage_options:
                 frames, error = decoder.decode(demo.media_type, f.read())
             array = None
             if frames is not None:
-                array, error = frames_to_pixels(demo.media_type, frames, transform)
+                array, error = frames_to_uint8(demo.media_type, frames, transform)
             if array is None:
                 raise ValueError(f"{task.path}: demonstration {demo.media}: {error}")
             arrays.append(array)
     if len({a.shape for a in arrays}) > 1:
         raise ValueError(f"{task.path}: demonstrations must all have the same number of frames")
-    return torch.from_numpy(np.stack(arrays).astype(np.float32))[None]
+    return normalize(torch.from_numpy(np.stack(arrays)), *normalization(config))[None]
 
 
 class Annotator:

@@ -1,6 +1,6 @@
 """Decoding on real images and mp4s (media.decode, and pipeline.decode's batches and Ray map): shapes,
-dtypes, normalisation, which video frames are sampled (frame i is a solid grey of level frame_level(i)),
-and bad items turned into error rows."""
+the uint8 pixels that travel and their normalisation, which video frames are sampled (frame i is a solid grey
+of level frame_level(i)), and bad items turned into error rows."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from sample_media import frame_level, image_bytes, tar_bytes, video_bytes
 
-from media.decode import DecodeConfig, pixels_array, sample_frame_indices
+from media.decode import DecodeConfig, normalization, pixels_array, sample_frame_indices
+from media.normalize import normalize
 from pipeline.decode import decode_batch, decode_items
 from pipeline.read import read_items
 from pipeline.schema import ITEM_SCHEMA
@@ -32,9 +34,24 @@ def decode_rows(rows: list[dict[str, Any]], config: DecodeConfig = PLAIN) -> lis
     return decode_batch(pa.Table.from_pylist(rows, schema=ITEM_SCHEMA), config).to_pylist()
 
 
-def pixels(row: dict[str, Any]) -> np.ndarray:
+def pixels(row: dict[str, Any], config: DecodeConfig = PLAIN) -> np.ndarray:
+    """The row's pixels as the model sees them: normalised with `config`'s mean and std, float32."""
     assert row["error"] is None, row["error"]
-    return pixels_array(row["pixels"], row["pixels_shape"])
+    assert row["pixels_dtype"] == "uint8"
+    array = np.array(pixels_array(row["pixels"], row["pixels_shape"]))
+    return normalize(torch.from_numpy(array), *normalization(config)).numpy()
+
+
+def noise_jpeg(size: tuple[int, int] = (40, 30)) -> bytes:
+    """A JPEG of random pixels: every value of the resize and the normalisation differs from its neighbours."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, format="JPEG")
+    return buffer.getvalue()
 
 
 def sampled_frames(row: dict[str, Any]) -> list[int]:
@@ -45,18 +62,22 @@ def sampled_frames(row: dict[str, Any]) -> list[int]:
     return frames
 
 
-def test_image_becomes_one_normalised_frame() -> None:
+def test_image_becomes_one_frame_of_uint8_pixels() -> None:
     [row] = decode_rows([item("image", image_bytes(color=(255, 0, 128), size=(64, 32)))])
+    assert row["pixels_dtype"] == "uint8" and row["pixels_shape"] == [1, 3, 16, 16]
+    assert len(row["pixels"]) == 3 * 16 * 16  # one byte a value: not normalised yet
+    assert pixels_array(row["pixels"], row["pixels_shape"])[0, :, 8, 8].tolist() == [255, 0, 128]
     array = pixels(row)
-    assert array.dtype == np.float16 and array.shape == (1, 3, 16, 16)
+    assert array.shape == (1, 3, 16, 16)
     assert np.allclose(array[0].mean(axis=(1, 2)), [1.0, 0.0, 128 / 255], atol=0.01)
     assert "data" not in row and row["id"] == "x"
 
 
-def test_image_uses_the_models_mean_and_std() -> None:
+def test_image_normalises_with_the_models_mean_and_std() -> None:
     config = DecodeConfig(image_size=8, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 2.0))
     [row] = decode_rows([item("image", image_bytes(color=(255, 0, 255), fmt="JPEG"))], config)
-    assert np.allclose(pixels(row)[0].mean(axis=(1, 2)), [1.0, -1.0, 0.5], atol=0.02)
+    assert normalization(config) == ((0.5, 0.25, 0.0), (0.5, 0.25, 2.0))
+    assert np.allclose(pixels(row, config)[0].mean(axis=(1, 2)), [1.0, -1.0, 0.5], atol=0.02)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "GIF"])
@@ -76,20 +97,24 @@ def test_palette_and_alpha_images_become_rgb() -> None:
     assert np.allclose(pixels(row)[0].mean(axis=(1, 2)), [0.0, 1.0, 0.0], atol=0.01)
 
 
-def test_in_process_decoding_gives_the_same_pixels() -> None:
-    """Training decodes with `decode_item` in its own process; annotation in a child process per batch."""
+@pytest.mark.parametrize("config", [PLAIN, DecodeConfig(image_size=24, num_frames=4),  # open_clip's mean / std
+                                    DecodeConfig(image_size=24, num_frames=4, resize_mode="squash")])
+def test_in_process_decoding_gives_the_same_pixels(config: DecodeConfig) -> None:
+    """Training decodes with `decode_item` in its own process, normalised there as float16; annotation sends
+    uint8 from a child process per batch and normalises later. Rounded to float16 both are the same bits."""
     from media.decode import decode_item, image_transform
 
-    image = image_bytes(fmt="JPEG")
-    rows = decode_rows([item("image", image, item_id="i"), item("video", VIDEO, item_id="v")])
+    image = noise_jpeg()
+    rows = decode_rows([item("image", image, item_id="i"), item("video", VIDEO, item_id="v")], config)
     for row, kind, data in zip(rows, ("image", "video"), (image, VIDEO)):
-        array, error = decode_item(kind, data, image_transform(PLAIN), PLAIN)
-        assert error is None and array is not None and np.array_equal(array, pixels(row))
+        array, error = decode_item(kind, data, image_transform(config), config)
+        assert error is None and array is not None
+        assert np.array_equal(array, pixels(row, config).astype(np.float16))
 
 
 def test_video_frames_sampled_evenly() -> None:
     [row] = decode_rows([item("video", VIDEO)])
-    assert pixels(row).shape == (4, 3, 16, 16) and pixels(row).dtype == np.float16
+    assert pixels(row).shape == (4, 3, 16, 16) and row["pixels_dtype"] == "uint8"
     assert sampled_frames(row) == [1, 4, 7, 10]  # middle of each quarter of 12 frames
 
 
@@ -160,6 +185,7 @@ def test_bad_items_get_errors_and_leave_the_rest_alone() -> None:
     assert by_id["read-error"]["error"] == "unsupported file type .xyz"
     for item_id in by_id.keys() - {"good", "good-video"}:
         assert by_id[item_id]["pixels"] is None and by_id[item_id]["pixels_shape"] is None
+        assert by_id[item_id]["pixels_dtype"] is None
 
 
 def test_decode_in_ray_with_mixed_frame_counts(ray_session: None, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 from faulty_media import (
     crashing_mp4,
     encode,
@@ -28,7 +29,8 @@ from faulty_media import (
 from PIL import Image
 from sample_media import image_bytes, video_bytes
 
-from media.decode import DecodeConfig, pixels_array
+from media.decode import DecodeConfig, normalization, pixels_array
+from media.normalize import normalize
 from pipeline.decode import decode_batch, decode_items
 from pipeline.read import read_items
 from pipeline.schema import ITEM_SCHEMA
@@ -49,7 +51,8 @@ def decode_rows(rows: list[dict[str, Any]], config: DecodeConfig = PLAIN) -> dic
 
 def pixels(row: dict[str, Any]) -> np.ndarray:
     assert row["error"] is None, row["error"]
-    return pixels_array(row["pixels"], row["pixels_shape"]).astype(np.float32)
+    array = np.array(pixels_array(row["pixels"], row["pixels_shape"]))
+    return normalize(torch.from_numpy(array), *normalization(PLAIN)).numpy()  # PLAIN: intensities in [0, 1]
 
 
 def test_the_crashing_clip_really_crashes_decord() -> None:

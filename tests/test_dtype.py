@@ -17,7 +17,8 @@ import flamingo
 from flamingo.dtypes import resolve_dtype
 from flamingo_annotate.cli import main
 from flamingo_annotate.options import PoolSize, parse_pool_size
-from media.decode import DecodeConfig
+from media.decode import DecodeConfig, pixels_array
+from media.normalize import normalize
 from pipeline.decode import decode_batch
 from pipeline.encode import VisionEncoder, visual_tensor
 from pipeline.generate import Annotator, AnnotatorSpec
@@ -51,6 +52,12 @@ def decoded_batch(colours) -> pa.Table:
     return decode_batch(rows, DecodeConfig(c.image_size, c.image_mean, c.image_std))
 
 
+def model_input(row, config, dtype: torch.dtype) -> torch.Tensor:
+    """A decoded row's uint8 pixels normalised as the vision actor does, in `dtype`."""
+    array = pixels_array(row["pixels"], row["pixels_shape"]).copy()
+    return normalize(torch.from_numpy(array), config.image_mean, config.image_std, dtype)
+
+
 def test_auto_resolves_per_device_and_names_are_checked():
     assert resolve_dtype("auto", "cpu") is torch.float32
     assert resolve_dtype("auto", "cuda") is torch.bfloat16
@@ -69,10 +76,9 @@ def test_bfloat16_tokens_reach_the_generation_actor_as_bfloat16(task_file):
     assert tokens.dtype is torch.bfloat16 and len(row["visual"]) == 2 * tokens.numel()  # 2 bytes a value
 
     model = flamingo.load_model(MODEL, dtype="bfloat16")
-    pixels = decoded_batch([(200, 30, 30)]).to_pylist()[0]
-    x = torch.frombuffer(bytearray(pixels["pixels"]), dtype=torch.float16).reshape(pixels["pixels_shape"])
+    x = model_input(decoded_batch([(200, 30, 30)]).to_pylist()[0], model.config, torch.bfloat16)
     with torch.inference_mode():
-        expected = model.encode_vision(x[None, None].to(torch.bfloat16))[0, 0]
+        expected = model.encode_vision(x[None, None])[0, 0]
     assert torch.equal(tokens, expected)   # the bits the vision actor computed, none lost on the way
 
     annotator = Annotator(AnnotatorSpec(MODEL, False, (load_task(task_file),), device="cpu", dtype="bfloat16"))
@@ -86,10 +92,9 @@ def test_float32_tokens_arrive_exactly():
     row = encoded.to_pylist()[0]
     tokens = visual_tensor(row["visual"], row["visual_shape"], row["visual_dtype"])
     model = flamingo.load_model(MODEL)
-    pixels = decoded_batch([(10, 90, 200)]).to_pylist()[0]
-    x = torch.frombuffer(bytearray(pixels["pixels"]), dtype=torch.float16).reshape(pixels["pixels_shape"])
+    x = model_input(decoded_batch([(10, 90, 200)]).to_pylist()[0], model.config, torch.float32)
     with torch.inference_mode():
-        expected = model.encode_vision(x[None, None].float())[0, 0]
+        expected = model.encode_vision(x[None, None])[0, 0]
     assert row["visual_dtype"] == "float32" and torch.equal(tokens, expected)
 
 
