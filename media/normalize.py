@@ -26,4 +26,4 @@ def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
     channel = (-1, 1, 1)
     mean_ = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device).view(channel)
     std_ = torch.as_tensor(std, dtype=torch.float32, device=pixels.device).view(channel)
-    return pixels.to(torch.float32).div(255).sub(mean_).div(std_).to(dtype)
+    return pixels.to(torch.float32).div_(255).sub_(mean_).div_(std_).to(dtype)  # in place: one new tensor
