@@ -157,8 +157,10 @@ def _pixels(frames: np.ndarray | torch.Tensor, transform: Transform) -> torch.Te
 
 def read_captioned_media(uris: Sequence[str], model: Flamingo, num_frames: int) -> list[Episode]:
     """Every captioned item of the shards, as a one-item caption episode, read and preprocessed by the
-    reader and decoder the annotation pipeline uses (so training sees exactly the pixels annotation will).
-    Items with an error or no caption are left out. Held in memory: meant for fine-tuning-sized data."""
+    reader and decoder the annotation pipeline uses (so training sees the pixels annotation will: the same bits
+    in a float16 model; in a float32 one, within float16 rounding, as `decode_item` keeps them in float16 and the
+    annotation job normalises in float32). Items with an error or no caption are left out. Held in memory: meant
+    for fine-tuning-sized data."""
     decode = DecodeConfig.for_model(model.config, num_frames=num_frames)
     transform = image_transform(model)
     items = []
