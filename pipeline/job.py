@@ -77,6 +77,7 @@ class StageResources:
     batch_size: int = 16
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. {"tpu": 1}
 
 
 def default_generation_resources() -> StageResources:
@@ -141,6 +142,10 @@ class JobConfig:
     # These files (URIs, as `input_uri` would list them) are the input instead of listing `input_uri`: a gold
     # set names its items one by one (flamingo_annotate/gold.py).
     input_files: tuple[str, ...] = ()
+    # The (vision, generation) actor classes; None: pipeline.encode.VisionEncoder and pipeline.generate.Annotator.
+    # Set only by the scale rehearsal (jobs/scale_rehearsal.py), whose stand-ins (pipeline/stand_in.py) keep the
+    # real classes' row handling and replace the model by a timed sleep. No command exposes it.
+    actors: tuple[type, type] | None = None
 
 
 def actor_pool(resources: StageResources) -> Any:
@@ -150,6 +155,11 @@ def actor_pool(resources: StageResources) -> Any:
     if resources.max_pool_size is None or resources.max_pool_size == resources.pool_size:
         return ray.data.ActorPoolStrategy(size=resources.pool_size)
     return ray.data.ActorPoolStrategy(min_size=resources.pool_size, max_size=resources.max_pool_size)
+
+
+def _custom_resources(resources: StageResources) -> dict[str, Any]:
+    """map_batches' keyword for a pool's custom resources; none when it has none (Ray's default)."""
+    return {"resources": dict(resources.resources)} if resources.resources else {}
 
 
 def new_run_id() -> str:
@@ -292,6 +302,7 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
     restarts: dict[str, Any] = {"max_restarts": 0} if local else {}
     progress = ProgressLine(plan.to_do) if config.progress else None
     ledger: Any = None
+    encoder_class, annotator_class = config.actors or (VisionEncoder, Annotator)
     try:
         # On the driver's node: a worker node that goes away must not take the reports with it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -308,17 +319,19 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
         with warnings.catch_warnings():  # Ray 2.60 has no named parameter for actor restarts, and warns
             warnings.simplefilter("ignore", RayDeprecationWarning)
             ds = ds.map_batches(
-                VisionEncoder, fn_constructor_kwargs={"model": config.model, "device": config.device,
+                encoder_class, fn_constructor_kwargs={"model": config.model, "device": config.device,
                                                       "trust_remote_code": config.trust_remote_code,
                                                       "dtype": config.dtype},
                 batch_format="pyarrow", batch_size=config.vision.batch_size,
                 compute=actor_pool(config.vision),
-                num_cpus=config.vision.num_cpus, num_gpus=config.vision.num_gpus, **restarts)
+                num_cpus=config.vision.num_cpus, num_gpus=config.vision.num_gpus,
+                **_custom_resources(config.vision), **restarts)
             ds = ds.map_batches(
-                Annotator, fn_constructor_args=(annotator,),
+                annotator_class, fn_constructor_args=(annotator,),
                 batch_format="pyarrow", batch_size=config.generation.batch_size,
                 compute=actor_pool(config.generation),
-                num_cpus=config.generation.num_cpus, num_gpus=config.generation.num_gpus, **restarts)
+                num_cpus=config.generation.num_cpus, num_gpus=config.generation.num_gpus,
+                **_custom_resources(config.generation), **restarts)
         # The driver commits files as rows stream in: a job killed midway keeps what it committed (resume).
         batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
         if progress is not None:

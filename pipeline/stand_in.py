@@ -1,0 +1,114 @@
+"""Stand-ins for the two model actors, for the scale rehearsal (jobs/scale_rehearsal.py) and its test only.
+
+A rehearsal of the job at 64 actors and 10^6 items cannot load 64 models on the machine it runs on, and does
+not need to: what it measures is everything around the model (listing, resume, reading, Ray Data's pools,
+the object store, the writer, the manifests). So these classes are the real `VisionEncoder` and `Annotator`
+with the model taken out: their row handling is the real one (error rows pass through, the `done_tasks` of
+resumed items are honoured, the output schema is the real one), and only the model call is replaced by a sleep
+of a given number of seconds per item -- a GPU actor waits on its device much as a sleeping one waits on the
+clock. No weights are loaded and no model code runs.
+
+What the rows say. The vision stand-in gives every item the same small zero tokens (`TOKENS_SHAPE`), so the
+rows that cross to the generation pool stay small. The generation stand-in writes `model` = "stand-in" and,
+as the annotation, the busy interval of the batch it was in: `stand-in <actor id> <start> <end>` (Unix seconds
+of the sleep). The rehearsal reads those intervals back from the output to measure the actors' utilisation.
+
+`stand_in_actors(...)` makes the pair of classes for one cost (class attributes: Ray Data builds actors from a
+class, and the job passes them its own constructor arguments); `pipeline.job.JobConfig.actors` takes them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.encode import VisionEncoder
+from pipeline.generate import Annotator, AnnotatorSpec, _PreparedTask
+
+STAND_IN_MODEL = "stand-in"          # the `model` column of the rows the stand-in writes
+TOKENS_SHAPE = (1, 8)                 # an item's visual tokens: one token of 8 floats (32 bytes)
+_ANNOTATION_PREFIX = "stand-in "
+
+
+class StandInEncoder(VisionEncoder):
+    """VisionEncoder whose model is a sleep of `item_seconds` per item returning zero tokens."""
+
+    item_seconds = 0.0
+
+    def __init__(self, model: str, device: str | None = None, trust_remote_code: bool = False,
+                 dtype: str = "auto"):
+        self.device, self.dtype = "cpu", torch.float32
+        self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the real class normalises with these
+        self.vision = self._sleep  # type: ignore[assignment]
+
+    def _sleep(self, pixels: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.item_seconds * len(pixels))
+        return torch.zeros(len(pixels), 1, *TOKENS_SHAPE)
+
+
+class StandInAnnotator(Annotator):
+    """Annotator whose generation is a sleep of `item_seconds` per item and task. With `ballast_mb`, each actor
+    also holds that many MiB of touched memory, standing in for the model's weights."""
+
+    item_seconds = 0.047
+    ballast_mb = 0
+
+    def __init__(self, spec: AnnotatorSpec):
+        self.spec = AnnotatorSpec(model=STAND_IN_MODEL, trust_remote_code=False, tasks=spec.tasks)
+        self.device = "cpu"
+        # No prefix, query or labels: `_annotate` below is all that would use them.
+        self.tasks = [_PreparedTask(task, None, None, []) for task in spec.tasks]  # type: ignore[arg-type]
+        self.ballast = np.ones(self.ballast_mb << 20, np.uint8)
+        self.actor_id = f"{socket.gethostname()}:{os.getpid()}"
+
+    def _annotate(self, prepared: _PreparedTask, rows: list[dict]) -> list[dict]:
+        start = time.time()
+        time.sleep(self.item_seconds * len(rows))
+        annotation = f"{_ANNOTATION_PREFIX}{self.actor_id} {start:.3f} {time.time():.3f}"
+        return [{"annotation": annotation, "score": 0.0, "seconds": self.item_seconds} for _ in rows]
+
+
+def stand_in_actors(item_seconds: float, *, vision_item_seconds: float = 0.0,
+                    ballast_mb: int = 0) -> tuple[type, type]:
+    """(vision, generation) stand-in classes for `JobConfig.actors`: the generation actor takes `item_seconds`
+    per item and task, the vision actor `vision_item_seconds` per item."""
+    encoder = type("StandInEncoder", (StandInEncoder,), {"item_seconds": vision_item_seconds})
+    annotator = type("StandInAnnotator", (StandInAnnotator,), {"item_seconds": item_seconds,
+                                                               "ballast_mb": ballast_mb})
+    return encoder, annotator
+
+
+def busy_intervals(annotations: pa.Array | pa.ChunkedArray) -> dict[str, list[tuple[float, float]]]:
+    """Actor id -> its batches' (start, end) sleeps, from the output's `annotation` column (one entry per batch:
+    the rows of a batch share their annotation)."""
+    by_actor: dict[str, set[tuple[float, float]]] = {}
+    for text in set(annotations.to_pylist()):
+        if text is None or not text.startswith(_ANNOTATION_PREFIX):
+            continue
+        actor, start, end = text[len(_ANNOTATION_PREFIX):].rsplit(" ", 2)
+        by_actor.setdefault(actor, set()).add((float(start), float(end)))
+    return {actor: sorted(spans) for actor, spans in by_actor.items()}
+
+
+def utilisation(intervals: dict[str, list[tuple[float, float]]], pool_size: int) -> dict[str, Any]:
+    """Busy share of a pool of `pool_size` actors over the steady part of a run: from the moment the last actor
+    that got work began its first batch to the moment the first one ended its last. Idle time in that window is
+    time an actor waited for input, and an actor that never got work (Ray Data hands an actor whole blocks: a
+    pool needs as many blocks in flight as actors) counts as idle throughout."""
+    working = len(intervals)
+    if not intervals:
+        return {"actors_used": 0, "window_s": 0.0, "utilisation": None}
+    begin = max(spans[0][0] for spans in intervals.values())
+    end = min(spans[-1][1] for spans in intervals.values())
+    window = end - begin
+    if window <= 0:
+        return {"actors_used": working, "window_s": 0.0, "utilisation": None}
+    busy = sum(max(0.0, min(e, end) - max(s, begin)) for spans in intervals.values() for s, e in spans)
+    return {"actors_used": working, "window_s": round(window, 3),
+            "utilisation": round(busy / (max(pool_size, working) * window), 4)}
