@@ -125,6 +125,26 @@ class Workload:
         return torch.cat(parts)[None] if parts else torch.zeros(1, 0, dtype=torch.long)
 
 
+def encode(model, images: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """Visual tokens of `images` (B, 3, H, W), each a one-frame item."""
+    return model.encode_vision(images[:, None, None].to(device, dtype))
+
+
+def few_shot_prefix(model, work: Workload, shots: int, device: str, dtype: torch.dtype):
+    """The task's prefix of the first `shots` demonstrations; None for none (the query is the whole prompt)."""
+    if shots == 0:
+        return None
+    return model.prepare_prefix(work.prefix_ids(shots).to(device),
+                                visual_tokens=encode(model, work.demo_images[:shots], device, dtype).transpose(0, 1))
+
+
+def generate_greedy(model, work: Workload, visual: torch.Tensor, prefix, new_tokens: int, device: str) -> torch.Tensor:
+    """Exactly `new_tokens` greedy tokens for each item of `visual`, after the prefix and the workload's query."""
+    query = work.query[None].expand(len(visual), -1).to(device)
+    return model.generate(lang_x=query, visual_tokens=visual, prefix=prefix, max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, return_dict=True).new_tokens
+
+
 def run_benchmark(config: BenchConfig) -> BenchResult:
     from flamingo import load_model
     from flamingo.dtypes import resolve_dtype
@@ -139,19 +159,13 @@ def run_benchmark(config: BenchConfig) -> BenchResult:
     rate = measure_matmul_rate(dev, dtype)
 
     def vision(batch: torch.Tensor) -> torch.Tensor:
-        return model.encode_vision(batch[:, None, None].to(dev, dtype))
+        return encode(model, batch, dev, dtype)
 
     def prefix_for(shots: int):
-        ids = work.prefix_ids(shots)
-        if shots == 0:  # an empty prefix: the query's own tokens are the whole prompt
-            return None
-        return model.prepare_prefix(ids.to(dev), visual_tokens=vision(work.demo_images[:shots])
-                                    .transpose(0, 1))
+        return few_shot_prefix(model, work, shots, dev, dtype)
 
     def generate(visual: torch.Tensor, prefix) -> torch.Tensor:
-        query = work.query[None].expand(len(visual), -1).to(dev)
-        return model.generate(lang_x=query, visual_tokens=visual, prefix=prefix, max_new_tokens=config.new_tokens,
-                              min_new_tokens=config.new_tokens, return_dict=True).new_tokens
+        return generate_greedy(model, work, visual, prefix, config.new_tokens, dev)
 
     batches = list(torch.split(work.images, config.batch_size))
     with torch.inference_mode():
@@ -209,19 +223,11 @@ def compare_float32(config: BenchConfig, work: Workload, tokens: torch.Tensor) -
     model = load_model(config.model, device=config.device, dtype=torch.float32,
                        trust_remote_code=config.trust_remote_code).requires_grad_(False)
     dev = config.device
-    shots = config.shots
     with torch.inference_mode():
-        prefix = None if shots == 0 else model.prepare_prefix(
-            work.prefix_ids(shots).to(dev),
-            visual_tokens=model.encode_vision(work.demo_images[:shots, None, None].to(dev)).transpose(0, 1))
-        outputs = []
-        for batch in torch.split(work.images, config.batch_size):
-            visual = model.encode_vision(batch[:, None, None].to(dev))
-            query = work.query[None].expand(len(batch), -1).to(dev)
-            outputs.append(model.generate(lang_x=query, visual_tokens=visual, prefix=prefix,
-                                          max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens,
-                                          return_dict=True).new_tokens.cpu())
-    reference = torch.cat(outputs)
+        prefix = few_shot_prefix(model, work, config.shots, dev, torch.float32)
+        reference = torch.cat([
+            generate_greedy(model, work, encode(model, batch, dev, torch.float32), prefix, config.new_tokens, dev).cpu()
+            for batch in torch.split(work.images, config.batch_size)])
     same = reference == tokens.cpu()
     return {"items": len(same), "items_identical": int(same.all(1).sum()),
             "share_items_identical": float(same.all(1).float().mean()),

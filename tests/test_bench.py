@@ -35,7 +35,15 @@ def test_bench_runs_and_matches_openflamingo(tmp_path):
 def test_bfloat16_outputs_are_compared_with_float32_of_the_same_weights(tmp_path):
     """In bfloat16 the bench reports how many items decode exactly as in float32; the float32 side rebuilds the
     same weights, so a float32 run's own tokens agree with it on every item."""
-    from flamingo_annotate.bench import BenchConfig, Workload, compare_float32, run_benchmark
+    from flamingo_annotate.bench import (
+        BenchConfig,
+        Workload,
+        compare_float32,
+        encode,
+        few_shot_prefix,
+        generate_greedy,
+        run_benchmark,
+    )
 
     small = dict(model="tiny-random-openflamingo", items=6, batch_size=3, shots=1, caption_tokens=3, new_tokens=4,
                  shots_sweep=())
@@ -56,11 +64,8 @@ def test_bfloat16_outputs_are_compared_with_float32_of_the_same_weights(tmp_path
     model = load_model(config.model, dtype=torch.float32).requires_grad_(False)
     work = Workload(model, config)
     with torch.inference_mode():
-        prefix = model.prepare_prefix(work.prefix_ids(1), visual_tokens=model.encode_vision(
-            work.demo_images[:1, None, None]).transpose(0, 1))
-        tokens = model.generate(lang_x=work.query[None].expand(6, -1), prefix=prefix,
-                                visual_tokens=model.encode_vision(work.images[:, None, None]), max_new_tokens=4,
-                                min_new_tokens=4, return_dict=True).new_tokens
+        prefix = few_shot_prefix(model, work, 1, "cpu", torch.float32)
+        tokens = generate_greedy(model, work, encode(model, work.images, "cpu", torch.float32), prefix, 4, "cpu")
     assert compare_float32(config, work, tokens)["items_identical"] == 6
     tokens = tokens.clone()
     tokens[0, -1] += 1  # one token off: that item no longer counts as identical
