@@ -18,6 +18,7 @@ shard.
 from __future__ import annotations
 
 import tarfile
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,23 +41,26 @@ class FileCount:
 
 
 def count_items(files: Sequence[ListedFile], storage_options: Mapping[str, Any] | None = None, *,
-                max_remote_tar_bytes: int = MAX_REMOTE_TAR_BYTES) -> list[FileCount]:
-    """The item count of every file of `files`, in the same order (see the module docstring)."""
+                max_remote_tar_bytes: int = MAX_REMOTE_TAR_BYTES, read: bool = True,
+                stop: threading.Event | None = None) -> list[FileCount]:
+    """The item count of every file of `files`, in the same order (see the module docstring). Without `read`,
+    only what the listing tells (plain files) is counted and shards stay uncounted, at no cost per shard. Once
+    `stop` is set, the files not yet counted are left uncounted: a count beside a job ends soon after the job."""
     remote_tar_bytes = 0
     jobs: list[tuple[ListedFile, str, bool]] = []
     for f in files:
         kind = file_kind(f.uri)
-        count_it = True
+        count_it = read
         if kind == TAR_EXTENSION and not _is_local_uri(f.uri, storage_options):
             remote_tar_bytes += f.size or 0
-            count_it = f.size is not None and remote_tar_bytes <= max_remote_tar_bytes
+            count_it = count_it and f.size is not None and remote_tar_bytes <= max_remote_tar_bytes
         jobs.append((f, kind, count_it))
 
     def count(job: tuple[ListedFile, str, bool]) -> FileCount:
         f, kind, count_it = job
         if kind == "file":
             return FileCount(f.uri, kind, 1)
-        if not count_it:
+        if not count_it or (stop is not None and stop.is_set()):
             return FileCount(f.uri, kind, None)
         try:
             return FileCount(f.uri, kind, _tar_keys(f.uri, storage_options) if kind == TAR_EXTENSION

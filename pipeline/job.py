@@ -15,12 +15,13 @@ only, never item ids.
 
 The summary counts the rows this run wrote itself (`WriteStats`), never the output as a whole.
 
-Control and record (pipeline/plan.py, pipeline/progress.py, pipeline/runs.py): before Ray starts, the input's
-unfinished files are counted cheaply and the finished ones taken from their manifests; when nothing is left the
-run returns at once, without Ray or the model (`JobSummary.nothing_to_do`). `plan_job` is that look alone
-(`--dry-run`). `sample` and `limit` narrow what a run reads; the progress line counts against the planned
-total; and a run that took the lease leaves `_runs/<run_id>.json` in the output, also when it fails or is
-stopped.
+Control and record (pipeline/plan.py, pipeline/progress.py, pipeline/runs.py): before Ray starts, the finished
+input files are taken from their manifests (listed while the input is); when nothing is left the run returns at
+once, without Ray or the model (`JobSummary.nothing_to_do`). The unfinished shards' items (a Parquet footer or a
+tar's member headers each) are counted on a thread beside the job, which gives the progress line its total
+when done: start-up does not wait for a read per shard. `plan_job` counts them all first (`--dry-run`).
+`sample` and `limit` narrow what a run reads; and a run that took the lease leaves `_runs/<run_id>.json` in the
+output, also when it fails or is stopped.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ import dataclasses
 import logging
 import os
 import secrets
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -192,12 +195,20 @@ def run_job(config: JobConfig) -> JobSummary:
     _check_options(config)
     in_options = resolve_storage_options(config.input_uri, config.storage_options)
     out_options = resolve_storage_options(config.output_uri, config.storage_options)
-    listing = _list_input(config.input_uri, in_options, config.include_sidecars, config.input_files)
+    # The output's manifests are listed while the input is: at scale both are long listings, and neither
+    # needs the other (a manifest is matched to a listed file by its name).
+    with ThreadPoolExecutor(1) as pool:
+        manifests = pool.submit(_list_manifests, config, out_options)
+        listing = _list_input(config.input_uri, in_options, config.include_sidecars, config.input_files)
     files = listing.files
     if config.keep_columns is None:  # the producer's key, when the input has shards that have keys
         config = dataclasses.replace(config, keep_columns=DEFAULT_KEEP_COLUMNS if any(
             is_container(f.uri) for f in files) else ())
-    done = _nothing_to_do_before_lease(config, files, in_options, out_options)
+    try:
+        found = manifests.result()
+    except Exception as exc:  # the output does not answer: the run could not write there either
+        raise JobError(f"cannot write to output {config.output_uri}: {describe_error(exc)}") from None
+    done = _nothing_to_do_before_lease(config, files, in_options, found)
     if done is not None:  # before the model library is even imported (torch takes seconds)
         done.seconds = time.perf_counter() - start
         return done
@@ -264,7 +275,7 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
         finished = _finished(config, files, out_options)
     except Exception as exc:  # the output does not answer
         raise JobError(f"cannot read output {config.output_uri}: {describe_error(exc)}") from None
-    plan = _plan(config, files, in_options, finished)
+    plan = _plan(config, files, in_options, finished, count=False)
     if plan_module.nothing_to_do(plan):
         return _nothing_to_do(config, plan)
     # Finished files are not read at all; the others are, and their read tasks leave out what the output holds.
@@ -301,6 +312,10 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
                  ignore_reinit_error=True, logging_level=logging.getLevelName(config.log_level))
     restarts: dict[str, Any] = {"max_restarts": 0} if local else {}
     progress = ProgressLine(plan.to_do) if config.progress else None
+    counting = threading.Event()  # set: the count of the unfinished files' items may stop
+    if progress is not None and plan.uncounted:
+        threading.Thread(target=_count_total, args=(config, files, in_options, finished, progress, counting),
+                         name="count-items", daemon=True).start()
     ledger: Any = None
     encoder_class, annotator_class = config.actors or (VisionEncoder, Annotator)
     try:
@@ -354,6 +369,7 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
     except (LeaseLost, OutputWriteError) as exc:
         raise JobError(str(exc)) from None
     finally:
+        counting.set()
         if progress is not None:
             progress.close()
         if ledger is not None and not started_ray:
@@ -429,34 +445,53 @@ def plan_job(config: JobConfig) -> plan_module.JobPlan:
     return _plan(config, files, in_options, finished)
 
 
-def _finished(config: JobConfig, files: Sequence[ListedFile], out_options: Mapping[str, Any]) -> dict[str, UnitState]:
-    """Listed URI -> manifest, for the listed files the output has a manifest of, for these tasks and sample."""
-    from pipeline.manifest import finished_units, list_manifests, manifest_folder
+def _list_manifests(config: JobConfig, out_options: Mapping[str, Any]) -> dict[str, UnitState]:
+    """Unit key -> the newest manifest of this job's task set and sample in the output (names only)."""
+    from pipeline.manifest import list_manifests, manifest_folder
 
     fs, folder = manifest_folder(config.output_uri, {t.name: t.sha256 for t in config.tasks}, config.sample,
                                  out_options)
-    return finished_units(files, list_manifests(fs, folder))
+    return list_manifests(fs, folder)
+
+
+def _finished(config: JobConfig, files: Sequence[ListedFile], out_options: Mapping[str, Any]) -> dict[str, UnitState]:
+    """Listed URI -> manifest, for the listed files the output has a manifest of, for these tasks and sample."""
+    from pipeline.manifest import finished_units
+
+    return finished_units(files, _list_manifests(config, out_options))
 
 
 def _plan(config: JobConfig, files: Sequence[ListedFile], in_options: Mapping[str, Any],
-          finished: Mapping[str, UnitState]) -> plan_module.JobPlan:
-    """The plan; only the files without a manifest are counted (a finished file's count is in its manifest)."""
+          finished: Mapping[str, UnitState], *, count: bool = True,
+          stop: threading.Event | None = None) -> plan_module.JobPlan:
+    """The plan; only the files without a manifest are counted (a finished file's count is in its manifest).
+    Without `count`, only what the listing tells is counted (a plain file is one item; shards stay uncounted):
+    what deciding whether there is anything to do needs, at no cost per shard."""
     from media.count import FileCount, count_items, file_kind
 
-    counted = {c.uri: c for c in count_items([f for f in files if f.uri not in finished], in_options)}
+    unfinished = [f for f in files if f.uri not in finished]
+    counted = {c.uri: c for c in count_items(unfinished, in_options, read=count, stop=stop)}
     counts = [counted.get(f.uri) or FileCount(f.uri, file_kind(f.uri), finished[f.uri].items) for f in files]
     return plan_module.make_plan(config.input_uri, counts, finished, [t.name for t in config.tasks],
                                  retry_errors=config.retry_errors, sample=config.sample, limit=config.limit)
 
 
+def _count_total(config: JobConfig, files: Sequence[ListedFile], in_options: Mapping[str, Any],
+                 finished: Mapping[str, UnitState], progress: ProgressLine, stop: threading.Event) -> None:
+    """Count the unfinished shards' items (a footer or the member headers each) and give the progress line its
+    total; on a thread beside the job, which never waits for it: at 10^5 shards the count takes minutes."""
+    plan = _plan(config, files, in_options, finished, stop=stop)
+    if not stop.is_set():
+        progress.total = plan.to_do
+
+
 def _nothing_to_do_before_lease(config: JobConfig, files: Sequence[ListedFile], in_options: Mapping[str, Any],
-                                out_options: Mapping[str, Any]) -> JobSummary | None:
-    """The nothing-to-do summary, found from the manifests before the model is checked and without the lease (a
-    read-only look); else None (the run goes on, and checks again once it holds the lease)."""
-    try:
-        finished = _finished(config, files, out_options)
-    except Exception as exc:  # the output does not answer: the run could not write there either
-        raise JobError(f"cannot write to output {config.output_uri}: {describe_error(exc)}") from None
+                                manifests: Mapping[str, UnitState]) -> JobSummary | None:
+    """The nothing-to-do summary, found from the manifests (`_list_manifests`) before the model is checked and
+    without the lease (a read-only look); else None (the run goes on, and checks again once it holds the lease)."""
+    from pipeline.manifest import finished_units
+
+    finished = finished_units(files, manifests)
     sample = config.sample
     if any(f.uri not in finished for f in files if sample is None or is_container(f.uri)
            or plan_module.in_sample(f.uri, sample)):

@@ -1,12 +1,13 @@
 """What a run shows while it works: one progress line of its own, and Ray kept quiet unless asked.
 
-The progress line counts the items whose rows the driver has received, against the total the job counted
-before starting (pipeline/plan.py), with the rate and an ETA:
+The progress line counts the items whose rows the driver has received, against the job's planned total
+(pipeline/plan.py), with the rate and an ETA:
 
     120/2000 items (6%)  3.1 items/s  ETA 10m06s
 
 On a terminal it is one line rewritten in place; otherwise (a log file, a CI job) a plain line every
-`LOG_INTERVAL` seconds, and at the end. Without a known total it shows the count and the rate only.
+`LOG_INTERVAL` seconds, and at the end. Without a known total it shows the count and the rate only; the total
+may arrive after the start (a job counts its input's shards on a thread beside the run, pipeline/job.py).
 
 Ray's own output is the rest of what a run prints: Ray Data's progress bars and its 12-line status block every
 10 s, Ray's INFO lines, and a warning that token authentication is on, on every local start. `quiet_ray` keeps
@@ -33,7 +34,7 @@ _AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # its o
 
 class ProgressLine:
     """Counts items and draws the line (see the module docstring). `update` is cheap: it draws at most once
-    per interval."""
+    per interval. `total` may be set at any time, from any thread (None: not known yet)."""
 
     def __init__(self, total: int | None, *, stream: TextIO | None = None, interval: float | None = None,
                  clock: Callable[[], float] = time.monotonic):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -100,6 +101,26 @@ def test_items_are_counted_from_listing_footers_and_tar_headers(input_dir: Path,
 
 def plan_items(counts: list) -> int | None:
     return make_plan("x", counts, {}, ["t"]).items
+
+
+def test_a_count_not_read_or_stopped_leaves_the_shards_uncounted(input_dir: Path) -> None:
+    files = list_files(str(input_dir))
+    listed = {Path(c.uri).name: c.items for c in count_items(files, read=False)}  # what the listing alone tells
+    assert listed == {**{f"{i}.png": 1 for i in range(IMAGES)}, "shard.tar": None, "rows.parquet": None}
+    stop = threading.Event()
+    stop.set()  # the job this count ran beside has ended
+    assert {Path(c.uri).name: c.items for c in count_items(files, stop=stop)} == listed
+
+
+def test_the_progress_total_counted_beside_the_job_reaches_the_line(task_files: list[str], input_dir: Path,
+                                                                    tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    stderr = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stderr)
+    run_job(config(task_files, str(input_dir), str(tmp_path / "out")))
+    lines = stderr.getvalue().splitlines()
+    # The plan before the start counts no shard (its total is unknown); the count beside the job gives the total.
+    assert lines and lines[-1].startswith(f"{ITEMS}/{ITEMS} items (100%)")
 
 
 def test_dry_run_prints_the_plan_and_starts_and_writes_nothing(task_files: list[str], input_dir: Path,
