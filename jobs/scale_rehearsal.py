@@ -18,10 +18,12 @@ What it measures, in this order:
    the busy share of the actors over the steady part (`pipeline.stand_in.utilisation`) against the pool's
    capacity (actors / seconds per item), items/s, the object store's peak (sampled), driver peak RSS, output
    files and their sizes.
-3. `resume`: the same remaining work (`--remaining-shards` shards) over outputs that already hold `--done`
-   items, finished by the project's own writer and manifest code (no job is run for them): driver peak RSS and
-   start-up, the seconds from `run_job` to the point where it builds the read (listing, manifests, plan,
-   lease, connecting to Ray) and to the first item annotated.
+3. `resume`: one input of max(`--done`) items plus `--remaining-shards` shards, run into outputs that already
+   hold `--done` of its items, finished by the project's own writer and manifest code (no job is run for
+   them); each run annotates `--remaining-shards` shards' worth of items (`limit`), so input and work are the
+   same at every level. Driver peak RSS and start-up: the seconds from `run_job` to the point where it builds
+   the read (listing the input and the manifests, the plan, the lease, connecting to Ray), and to the first item
+   annotated.
 4. `listing`: `media.files.list_input` over a prefix of `--list-objects` objects.
 
 The stand-in's seconds per item default to the generation stage's in a `flamingo-annotate bench` JSON
@@ -149,8 +151,12 @@ def rehearse(args: argparse.Namespace, endpoint: str, result: dict[str, Any], sa
             result["pools"].append(run)
             save()
         result["resume"] = []
-        for done in (int(d) for d in args.done.split(",") if d):
-            result["resume"].append(resume_run(args, base, client, bucket, shard, done, options))
+        levels = [int(d) for d in args.done.split(",") if d]
+        if levels:  # one input for every level: only the items already done differ between the runs
+            shards = max(levels) // args.items_per_shard + args.remaining_shards
+            upload(client, bucket, {f"resume/{i:07d}.parquet": shard for i in range(shards)})
+        for done in levels:
+            result["resume"].append(resume_run(args, base, f"s3://{bucket}/resume/", done, options))
             save()
     finally:
         cluster.shutdown()
@@ -160,22 +166,22 @@ def rehearse(args: argparse.Namespace, endpoint: str, result: dict[str, Any], sa
         save()
 
 
-def resume_run(args: argparse.Namespace, base: dict[str, Any], client: Any, bucket: str, shard: bytes, done: int,
+def resume_run(args: argparse.Namespace, base: dict[str, Any], source: str, done: int,
                options: dict[str, Any]) -> dict[str, Any]:
-    """The same remaining shards over an output that holds `done` items already (their manifests included)."""
+    """A job over the whole input `source` into an output that already holds its first `done` items (whole
+    shards, their manifests included), annotating `--remaining-shards` shards' worth of items (`limit`): the
+    same input and the same work at every level; only what is already done differs."""
     from media.files import list_files
 
-    prefix = f"done-{done}"
     done_shards = done // args.items_per_shard
-    upload(client, bucket, {f"{prefix}/{i:07d}.parquet": shard for i in range(done_shards + args.remaining_shards)})
-    output = f"s3://{bucket}/out-{prefix}/"
-    files = list_files(f"s3://{bucket}/{prefix}/", options)
+    output = source.rstrip("/") + f"-out-{done}/"
+    files = list_files(source, options)
     began = time.perf_counter()
     finished_output(output, base["task_file"], files[:done_shards], args.items_per_shard, options)
     built = time.perf_counter() - began
-    run = in_child(drive, {**base, "input": f"s3://{bucket}/{prefix}/", "output": output, "pool": 2,
-                           "item_seconds": RESUME_ITEM_SECONDS})
-    return {"done_items": done_shards * args.items_per_shard, "done_shards": done_shards,
+    run = in_child(drive, {**base, "input": source, "output": output, "pool": 2, "item_seconds": RESUME_ITEM_SECONDS,
+                           "limit": args.remaining_shards * args.items_per_shard})
+    return {"done_items": done_shards * args.items_per_shard, "done_shards": done_shards, "input_shards": len(files),
             "done_state_built_s": round(built, 1), **run}
 
 
@@ -441,8 +447,9 @@ def format_table(result: dict[str, Any]) -> str:
                     f"{p['driver_peak_rss_mb']:>9}  {p['output_files']:>5}  {p['output_mb_total']:>8}"
                     for p in result["pools"])]
     if result.get("resume"):
-        lines += ["", "done items  done shards  to do  start-up s  first item s  wall s  driver MB",
-                  *(f"{r['done_items']:>10}  {r['done_shards']:>11}  {r['items']:>5}  {_fmt(r['startup_s']):>10}  "
+        lines += ["", "done items  done shards  input shards  to do  start-up s  first item s  wall s  driver MB",
+                  *(f"{r['done_items']:>10}  {r['done_shards']:>11}  {r['input_shards']:>12}  {r['items']:>5}  "
+                    f"{_fmt(r['startup_s']):>10}  "
                     f"{_fmt(r['first_item_s']):>12}  {r['wall_s']:>6}  {r['driver_peak_rss_mb']:>9}"
                     for r in result["resume"])]
     if "listing" in result:
