@@ -11,6 +11,8 @@ and the row says which dtype they are:
   visual_dtype  string         float32 / float16 / bfloat16
 
 `visual_tensor` turns them back into a torch tensor. Rows that already carry an error pass through untouched.
+That row handling, apart from the model, is `pipeline.actor_rows.encode_rows`, which this actor calls with its
+model.
 
 Pixels arrive as uint8, resized but not normalised (`pixels_dtype` "uint8", pipeline/decode.py): they move to
 the actor's device at a quarter of the bytes of float32, and are normalised there with the model's own mean
@@ -24,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from media.decode import PIXELS_ENCODING, pixels_array
 from media.normalize import normalize
+from pipeline.actor_rows import VisualTokens, encode_rows
 
 # torch dtype -> (name in `visual_dtype`, numpy dtype of the bytes on the wire)
 _WIRE = {torch.float32: ("float32", np.float32), torch.float16: ("float16", np.float16),
@@ -79,34 +81,13 @@ class VisionEncoder:
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
-        pixels = batch.column("pixels").to_pylist()
-        shapes = batch.column("pixels_shape").to_pylist()
-        errors = batch.column("error").to_pylist()
-        encodings = batch.column("pixels_dtype").to_pylist()
-        visual: list[bytes | None] = [None] * len(pixels)
-        visual_shape: list[list[int] | None] = [None] * len(pixels)
-        visual_dtype: list[str | None] = [None] * len(pixels)
-        # Items with the same frame count are encoded together: images in one batch, clips in another.
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (p, shape, error, encoding) in enumerate(zip(pixels, shapes, errors, encodings)):
-            if error is None and p is not None:
-                if encoding != PIXELS_ENCODING:
-                    errors[i] = f"pixels of unknown encoding {encoding!r}; expected {PIXELS_ENCODING!r}"
-                    continue
-                groups.setdefault(tuple(shape), []).append(i)
-        for shape, rows in groups.items():
-            x = np.stack([pixels_array(pixels[i], shape) for i in rows])
-            try:
-                tokens = self.vision(self.model_input(x))[:, 0]        # (B, n, D)
-            except Exception as exc:  # a bad batch must not take the job down: its items get error rows
-                for i in rows:
-                    errors[i] = f"vision encoder failed: {type(exc).__name__}: {exc}"
-                continue
-            for i, t in zip(rows, tokens.cpu()):
-                (visual[i], visual_dtype[i]), visual_shape[i] = tokens_to_bytes(t), list(t.shape)
-        out = batch.drop_columns(["pixels", "pixels_shape", "pixels_dtype"])
-        out = out.set_column(out.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
-        out = out.append_column(pa.field("visual", pa.large_binary()), pa.array(visual, pa.large_binary()))
-        out = out.append_column(pa.field("visual_shape", pa.list_(pa.int32())),
-                                pa.array(visual_shape, pa.list_(pa.int32())))
-        return out.append_column(pa.field("visual_dtype", pa.string()), pa.array(visual_dtype, pa.string()))
+        return encode_rows(batch, self.encode)
+
+    def encode(self, pixels: np.ndarray) -> list[VisualTokens]:
+        """(B, F, 3, H, W) uint8 pixels of items of one shape -> each item's tokens, in the model's dtype."""
+        tokens = self.vision(self.model_input(pixels))[:, 0]        # (B, n, D)
+        encoded = []
+        for t in tokens.cpu():
+            data, dtype = tokens_to_bytes(t)
+            encoded.append(VisualTokens(data, list(t.shape), dtype))
+        return encoded

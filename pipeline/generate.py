@@ -4,18 +4,18 @@ Each task's demonstrations are encoded and run through the LM once, when the act
 (`Flamingo.prepare_prefix`); every query item then pays only for its own tokens. Open-ended tasks
 generate, closed-ended ones score every label in one batched pass (and, with `calibrate: true`, divide out the
 label prior the prompt gives content-free images, measured once per task: flamingo/calibration.py). Every input
-row gives exactly one output row per task, with `error` set when the item could not be annotated.
+row gives exactly one output row per task, with `error` set when the item could not be annotated: that row
+handling, apart from the model, is `pipeline.actor_rows.annotate_rows`, which this actor calls with its model.
 
-The actor is built from one `AnnotatorSpec`: Ray pickles it to every actor of the pool, so it holds the
-loaded tasks themselves, never paths to load again.
+The actor is built from one `AnnotatorSpec` (pipeline/annotator_spec.py): Ray pickles it to every actor of the
+pool, so it holds the loaded tasks themselves, never paths to load again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import fsspec
@@ -26,31 +26,13 @@ import torch
 from media.decode import DecodeConfig, frames_to_uint8, normalization, resize_transform
 from media.isolation import IsolatedDecoder
 from media.normalize import normalize
+from pipeline.actor_rows import annotate_rows
+from pipeline.annotator_spec import AnnotatorSpec
 from pipeline.encode import pick_device, visual_tensor
-from pipeline.schema import CREATED_AT_COLUMN, OUTPUT_SCHEMA, RUN_ID_COLUMN, infer_error_kind
 from pipeline.task import Task
 
 if TYPE_CHECKING:  # the model library is loaded in the actor, not where this module is imported
     from flamingo import FewShotPrefix
-
-# What the actor returns: the output rows without `created_at` and `run_id`, which the writer fills in, and
-# with the item's `metadata`, from which the writer takes the kept input columns (pipeline/kept_columns.py).
-_ROWS_SCHEMA = pa.schema([f for f in OUTPUT_SCHEMA if f.name not in (CREATED_AT_COLUMN, RUN_ID_COLUMN)]
-                         + [pa.field("metadata", pa.string())])
-
-
-@dataclass(frozen=True)
-class AnnotatorSpec:
-    """Everything a generation actor needs, decided on the driver."""
-
-    model: str                                        # model name or path; also the `model` column
-    trust_remote_code: bool                           # the model's own code may run (the caller said so)
-    tasks: tuple[Task, ...]                           # loaded and validated
-    device: str | None = None                         # None: cuda when the actor got a GPU, else cpu
-    dtype: str = "auto"                               # flamingo.dtypes: auto is bfloat16 on CUDA, else float32
-    # task name -> fsspec options for reading that task's demonstration media
-    storage_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-
 
 @dataclass
 class _PreparedTask:
@@ -118,43 +100,18 @@ class Annotator:
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        out: list[dict] = []
-        for prepared in self.tasks:
-            task = prepared.task
-            # Resume: the read task named the tasks an item is done for already (pipeline/read.py)
-            todo = [r for r in rows if task.name not in (r.get("done_tasks") or ())]
-            ok = [r for r in todo if r["error"] is None and r["visual"] is not None]
-            results = iter(self._annotate(prepared, ok) if ok else [])
-            for r in todo:  # results come in the order of `ok`: matched by position, never by id
-                annotated = r["error"] is None and r["visual"] is not None
-                res = next(results) if annotated else {"error": r["error"] or "no visual tokens"}
-                error, kind = res.get("error"), None
-                if error is not None:  # the reader's kind when it gave one, else inferred from the text
-                    kind = (r.get("error_kind") if r["error"] else None) or infer_error_kind(error)
-                out.append({"id": r["id"], "source": r["source"], "task": task.name, "task_hash": task.sha256,
-                            "output_column": task.output_column,
-                            "model": self.spec.model, "annotation": res.get("annotation"),
-                            "score": res.get("score"), "label_scores": res.get("label_scores"),
-                            "error": error, "error_kind": kind, "seconds": res.get("seconds", 0.0),
-                            "metadata": r.get("metadata")})
-        return pa.Table.from_pylist(out, schema=_ROWS_SCHEMA)
+        return annotate_rows(batch, [p.task for p in self.tasks], self.spec.model,
+                             lambda index, rows: self._annotate(self.tasks[index], rows))
 
     def _annotate(self, prepared: _PreparedTask, rows: list[dict]) -> list[dict]:
-        start = time.perf_counter()
+        """The model's results for `rows` (items with visual tokens), in their order."""
         model, task = self.model, prepared.task
         visual = torch.stack([visual_tensor(r["visual"], r["visual_shape"], r["visual_dtype"]) for r in rows])
         visual = visual[:, None].to(self.device, model.dtype)                        # (B, 1, n, D)
         query = prepared.query_ids.expand(len(rows), -1)
-        try:
-            if task.kind == "classify":
-                results = self._classify(prepared, query, visual)
-            else:
-                results = self._generate(prepared, query, visual)
-        except Exception as exc:  # keep the job alive: this batch's items become error rows
-            return [{"error": f"generation failed: {type(exc).__name__}: {exc}"} for _ in rows]
-        seconds = (time.perf_counter() - start) / len(rows)
-        return [{**r, "seconds": seconds} for r in results]
+        if task.kind == "classify":
+            return self._classify(prepared, query, visual)
+        return self._generate(prepared, query, visual)
 
     def _generate(self, prepared: _PreparedTask, query: torch.Tensor, visual: torch.Tensor) -> list[dict]:
         g = prepared.task.generation

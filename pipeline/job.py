@@ -260,9 +260,10 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
     from ray.util.annotations import RayDeprecationWarning
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from pipeline.annotator_spec import AnnotatorSpec
     from pipeline.decode import decode_items
     from pipeline.encode import VisionEncoder
-    from pipeline.generate import Annotator, AnnotatorSpec
+    from pipeline.generate import Annotator
     from pipeline.lease import LeaseLost
     from pipeline.manifest import ManifestTracker, UnitLedger, unit_uri
     from pipeline.read import Resume, read_items
