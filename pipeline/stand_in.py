@@ -2,11 +2,15 @@
 
 A rehearsal of the job at 64 actors and 10^6 items cannot load 64 models on the machine it runs on, and does
 not need to: what it measures is everything around the model (listing, resume, reading, Ray Data's pools,
-the object store, the writer, the manifests). So these classes are the real `VisionEncoder` and `Annotator`
-with the model taken out: their row handling is the real one (error rows pass through, the `done_tasks` of
-resumed items are honoured, the output schema is the real one), and only the model call is replaced by a sleep
-of a given number of seconds per item -- a GPU actor waits on its device much as a sleeping one waits on the
-clock. No weights are loaded and no model code runs.
+the object store, the writer, the manifests). So these classes do to rows what the real `VisionEncoder` and
+`Annotator` do, through the same functions (`pipeline.actor_rows.encode_rows` and `annotate_rows`: error rows
+pass through, the `done_tasks` of resumed items are honoured, the output schema is the real one), and only the
+model call is a sleep of a given number of seconds per item -- a GPU actor waits on its device much as a
+sleeping one waits on the clock. No weights are loaded and no model code runs.
+
+Nothing here imports torch, directly or through the real actors' modules (tests/test_scale_rehearsal.py holds
+it to that): an actor process that imports torch holds a few hundred MB more than one that imports Ray Data
+alone, and that, not the sleeping, is what bounds how many stand-ins one machine can hold.
 
 What the rows say. The vision stand-in gives every item the same small zero tokens (`TOKENS_SHAPE`), so the
 rows that cross to the generation pool stay small. The generation stand-in writes `model` = "stand-in" and,
@@ -26,48 +30,49 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from pipeline.encode import VisionEncoder
-from pipeline.generate import Annotator, AnnotatorSpec, _PreparedTask
+from pipeline.actor_rows import VisualTokens, annotate_rows, encode_rows
+from pipeline.annotator_spec import AnnotatorSpec
 
 STAND_IN_MODEL = "stand-in"          # the `model` column of the rows the stand-in writes
 TOKENS_SHAPE = (1, 8)                 # an item's visual tokens: one token of 8 floats (32 bytes)
 _ANNOTATION_PREFIX = "stand-in "
 
 
-class StandInEncoder(VisionEncoder):
-    """VisionEncoder whose model is a sleep of `item_seconds` per item returning zero tokens."""
+class StandInEncoder:
+    """The vision actor's row handling around a model that sleeps `item_seconds` per item and returns zero
+    tokens. Takes the real actor's constructor arguments and ignores them."""
 
     item_seconds = 0.0
 
     def __init__(self, model: str, device: str | None = None, trust_remote_code: bool = False,
                  dtype: str = "auto"):
-        self.device, self.dtype = "cpu", torch.float32
-        self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the real class normalises with these
-        self.vision = self._sleep  # type: ignore[assignment]
+        self.tokens = VisualTokens(np.zeros(TOKENS_SHAPE, np.float32).tobytes(), list(TOKENS_SHAPE), "float32")
 
-    def _sleep(self, pixels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return encode_rows(batch, self._sleep)
+
+    def _sleep(self, pixels: np.ndarray) -> list[VisualTokens]:
         time.sleep(self.item_seconds * len(pixels))
-        return torch.zeros(len(pixels), 1, *TOKENS_SHAPE)
+        return [self.tokens] * len(pixels)
 
 
-class StandInAnnotator(Annotator):
-    """Annotator whose generation is a sleep of `item_seconds` per item and task. With `ballast_mb`, each actor
-    also holds that many MiB of touched memory, standing in for the model's weights."""
+class StandInAnnotator:
+    """The generation actor's row handling around a model that sleeps `item_seconds` per item and task. With
+    `ballast_mb`, each actor also holds that many MiB of touched memory, standing in for the model's weights."""
 
     item_seconds = 0.047
     ballast_mb = 0
 
     def __init__(self, spec: AnnotatorSpec):
-        self.spec = AnnotatorSpec(model=STAND_IN_MODEL, trust_remote_code=False, tasks=spec.tasks)
-        self.device = "cpu"
-        # No prefix, query or labels: `_annotate` below is all that would use them.
-        self.tasks = [_PreparedTask(task, None, None, []) for task in spec.tasks]  # type: ignore[arg-type]
+        self.tasks = spec.tasks
         self.ballast = np.ones(self.ballast_mb << 20, np.uint8)
         self.actor_id = f"{socket.gethostname()}:{os.getpid()}"
 
-    def _annotate(self, prepared: _PreparedTask, rows: list[dict]) -> list[dict]:
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return annotate_rows(batch, self.tasks, STAND_IN_MODEL, self._sleep)
+
+    def _sleep(self, task_index: int, rows: list[dict]) -> list[dict]:
         start = time.time()
         time.sleep(self.item_seconds * len(rows))
         annotation = f"{_ANNOTATION_PREFIX}{self.actor_id} {start:.3f} {time.time():.3f}"
