@@ -3,11 +3,14 @@ built from them, on backbones small enough to train a few steps in a second."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from open_clip.loss import ClipLoss
+from open_clip.pos_embed import get_2d_sincos_pos_embed
 from open_clip.tokenizer import SimpleTokenizer
 
 import flamingo
@@ -36,6 +39,7 @@ from training.pretrain_vision import (
     EVAL_STREAM,
     VisionPretrainConfig,
     build_clip,
+    clip_config,
     contrastive_step,
     load_vision,
     pixels,
@@ -98,6 +102,29 @@ def test_pretrain_vision_is_seeded_and_saves_as_safetensors(tmp_path: Path):
     x = pixels(sample_pairs(VISION, 0)[0])
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(x), first.encode_image(x))
+
+
+def test_the_default_tower_config_is_the_bundled_models():
+    # A new knob must not change what the default recipe builds: the bundled model records this config.
+    bundled = json.loads((Path(flamingo.__file__).parent / "weights" / "miniature" / "config.json").read_text())
+    assert clip_config(VisionPretrainConfig()) == bundled["vision_encoder_config"]
+
+
+def test_a_fixed_position_embedding_survives_training_and_saving(tmp_path: Path):
+    # sin_cos_2d exists so that training cannot erase position: the table must stay as built, through
+    # training steps and a save / load, while the rest of the tower learns.
+    config = replace(VISION, pos_embed_type="sin_cos_2d")
+    grid = config.image_size // config.patch_size
+    table = torch.from_numpy(get_2d_sincos_pos_embed(config.width, grid, cls_token=True)).float()
+    trained = pretrain_vision(config)
+    assert torch.equal(trained.visual.positional_embedding, table)
+    assert not torch.equal(trained.visual.conv1.weight, build_clip(config).visual.conv1.weight)
+    save_vision(trained, config, tmp_path / "vision")
+    loaded, saved = load_vision(tmp_path / "vision")
+    assert saved["vision_cfg"]["pos_embed_type"] == "sin_cos_2d"
+    assert torch.equal(loaded.visual.positional_embedding, table)
+    with pytest.raises(ValueError, match="pos_embed_type"):
+        VisionPretrainConfig(pos_embed_type="rope")
 
 
 # --- stage 2: language ----------------------------------------------------------------------------

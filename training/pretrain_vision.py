@@ -31,6 +31,7 @@ from training.synthetic import make_clip, make_scene, scene_variant
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAIN_STREAM, EVAL_STREAM = 0, 1
+POS_EMBED_TYPES = ("learnable", "sin_cos_2d")   # open_clip's names
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,12 @@ class VisionPretrainConfig:
     width: int = 128
     layers: int = 4
     head_width: int = 32
+    # The ViT's position embedding: "learnable" (open_clip's default, the bundled tower's) or "sin_cos_2d", a
+    # fixed 2D sine-cosine table. Contrastive training erases position from the patch tokens' contents (the
+    # mean patch token told the 3x3 cell of a lone object 0.98 of the time untrained, 0.58 after 500 steps);
+    # the fixed table cannot be unlearned and kept it at 0.88 (docs/vision-tower.md). The Perceiver
+    # Resampler is a set operation: it sees position only through what the tokens contain.
+    pos_embed_type: str = "learnable"
     text_width: int = 128
     text_layers: int = 2
     text_heads: int = 4
@@ -73,17 +80,23 @@ class VisionPretrainConfig:
         check_optimisation(self)
         if not 0 <= self.clip_fraction <= 1:
             raise ValueError(f"clip_fraction: must be in [0, 1], got {self.clip_fraction}")
+        if self.pos_embed_type not in POS_EMBED_TYPES:
+            raise ValueError(f"pos_embed_type: one of {POS_EMBED_TYPES}, got {self.pos_embed_type!r}")
         if self.image_size % self.patch_size or self.width % self.head_width:
             raise ValueError("image_size must be a multiple of patch_size, and width of head_width")
 
 
 def clip_config(config: VisionPretrainConfig) -> dict[str, Any]:
     """Keyword arguments of `open_clip.CLIP(...)`: what `save_vision` writes as JSON and what a Flamingo
-    built from this tower stores as `vision_encoder_config`."""
+    built from this tower stores as `vision_encoder_config`. A default position embedding is left out, so a
+    default tower's config stays the one the bundled model records."""
+    vision_cfg: dict[str, Any] = {"image_size": config.image_size, "patch_size": config.patch_size,
+                                  "width": config.width, "layers": config.layers, "head_width": config.head_width}
+    if config.pos_embed_type != "learnable":
+        vision_cfg["pos_embed_type"] = config.pos_embed_type
     return {
         "embed_dim": config.embed_dim,
-        "vision_cfg": {"image_size": config.image_size, "patch_size": config.patch_size, "width": config.width,
-                       "layers": config.layers, "head_width": config.head_width},
+        "vision_cfg": vision_cfg,
         "text_cfg": {"context_length": config.context_length, "vocab_size": SimpleTokenizer().vocab_size,
                      "width": config.text_width, "heads": config.text_heads, "layers": config.text_layers},
     }
