@@ -8,7 +8,8 @@ small ops. Here everything the steps share is allocated once, at its final size,
 - the attention mask as a 4-D additive mask over all those slots, handed to the LM as prepared (so it builds
   none); the slot of each new token is opened just before the token attends to it;
 - the position of the next token, a tensor advanced in place;
-- the visual keys/values of each gated block, computed when the prompt ran (`MediaConditioning.kv_cache`).
+- the visual keys/values of each gated block, computed when the prompt ran (`MediaConditioning.kv_cache`), and
+  when a token sees only its row's last media (OpenFlamingo's rule), of that media alone, gathered once.
 
 Every step then has the same shapes and touches the same buffers, which is what `torch.compile` needs to
 fuse it into one graph (CPU: inductor; CUDA: CUDA graphs with mode="reduce-overhead"). Compiling is opt-in,
@@ -66,6 +67,8 @@ class DecodeStep:
         # A new token's position follows the row's last real token: padding has no positions.
         positions = attention_mask.long().sum(-1, keepdim=True) + position_offset
         filled = torch.tensor([length], device=attention_mask.device)
+        if lm.only_attend_immediate_media:
+            cond = cond.last_media_only()   # a new token sees its row's last media: only its keys are kept
         media_index = cond.media_index[:, -1:]
         cond = MediaConditioning(_repeat(cond.visual_tokens, repeat), _repeat(media_index, repeat),
                                  {k: (_repeat(kv[0], repeat), _repeat(kv[1], repeat))

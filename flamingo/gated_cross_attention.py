@@ -39,6 +39,22 @@ class MediaConditioning:
         """(B, 1): what a token appended after the current ones attends to."""
         return self.media_index[:, -1:]
 
+    def last_media_only(self) -> MediaConditioning:
+        """The conditioning of tokens appended after the current ones, when a token attends only to its row's
+        last media (`only_attend_immediate_media`): that media's visual tokens and cached keys/values alone,
+        (B, 1, n, ...), gathered once. Every decode step then attends to n keys without a mask, instead of to
+        all T*n keys of which it masks out all but n -- the same attention, ~T times less work."""
+        if self.visual_tokens is None:
+            return MediaConditioning(None, self.last_media_index(), {}, any_media=False)
+        last = self.media_index[:, -1]                                    # (B,) -1: no media yet
+        rows, media = torch.arange(len(last), device=last.device), last.clamp(min=0)
+        num_media, n = self.visual_tokens.shape[1:3]
+        # (B, h, T*n, dh) -> (B, h, T, n, dh) -> the row's media: (B, h, n, dh)
+        kv_cache = {key: tuple(t.unflatten(2, (num_media, n))[rows, :, media] for t in kv)
+                    for key, kv in self.kv_cache.items()}
+        return MediaConditioning(self.visual_tokens[rows, media][:, None], torch.where(last >= 0, 0, -1)[:, None],
+                                 kv_cache, any_media=bool((last >= 0).any()))
+
 
 class MaskedCrossAttention(nn.Module):
     def __init__(self, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8,
@@ -76,7 +92,11 @@ class MaskedCrossAttention(nn.Module):
             text_media = cond.media_index[:, None, :, None]                            # (B, 1, L, 1)
             mask = key_media == text_media if self.only_attend_immediate_media else key_media <= text_media
             mask = mask | ~sees_media[:, None, :, None]     # keep rows finite; they are zeroed below
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                 # (B, h, L, dh)
+        if mask is None and q.shape[2] == 1:  # a decode step: one query per row, over its media's n keys
+            # Two small matmuls: at this shape the fused CPU kernel took 3.5x as long (2.4 vs 0.7 ms, 64 rows).
+            out = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1) @ v      # (B, h, 1, dh)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)             # (B, h, L, dh)
         out = out.transpose(1, 2).flatten(2) * sees_media[..., None]                  # (B, L, h*dh)
         return self.to_out(out)
 

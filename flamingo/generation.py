@@ -39,7 +39,9 @@ class FewShotPrefix:
 
     input_ids: torch.Tensor             # (1, Lp)
     cache: DynamicCache                 # self-attention keys/values of the Lp prefix tokens
-    last_media: torch.Tensor | None     # (1, 1, n, D_vis): what text right after the prefix attends to
+    # (1, T, n, D_vis): the prefix's media that text right after it attends to: its last one (OpenFlamingo's
+    # rule, T = 1), or all of them for a model whose tokens see every earlier media; None: it has none.
+    media: torch.Tensor | None
 
     @property
     def length(self) -> int:
@@ -134,11 +136,11 @@ def prepare_prefix(lm: ConditionedLM, lang_x: torch.Tensor, visual_tokens: torch
     cache = DynamicCache()
     lm(lang_x, mask, positions_from_mask(mask), cond, cache, logits_to_keep=1)
     last = int(cond.media_index[0, -1])
-    last_media = None
+    media = None
     if last >= 0:
         assert visual_tokens is not None  # conditioning() refuses an <image> without media
-        last_media = visual_tokens[:, last:last + 1]
-    return FewShotPrefix(lang_x, cache, last_media)
+        media = visual_tokens[:, last if lm.only_attend_immediate_media else 0:last + 1]
+    return FewShotPrefix(lang_x, cache, media)
 
 
 def run_prompt(lm: ConditionedLM, lang_x: torch.Tensor, attention_mask: torch.Tensor,
@@ -150,10 +152,10 @@ def run_prompt(lm: ConditionedLM, lang_x: torch.Tensor, attention_mask: torch.Te
     position_offset = 0
     media, media_offset = visual_tokens, 0
     if prefix is not None and prefix.length:   # an empty prefix is no prefix
-        if prefix.last_media is not None:  # text before the query's first image still sees the prefix's last
-            last = prefix.last_media.expand(b, -1, -1, -1)
-            media = last if visual_tokens is None else torch.cat([last, visual_tokens], dim=1)
-            media_offset = 1
+        if prefix.media is not None:  # text before the query's first image still sees the prefix's media
+            seen = prefix.media.expand(b, -1, -1, -1)
+            media = seen if visual_tokens is None else torch.cat([seen, visual_tokens], dim=1)
+            media_offset = seen.shape[1]
         if lm.shares_prefix_attention:   # the prefix stays at batch 1, read once per step for all rows
             prefix_kv, position_offset = prefix.key_values(), prefix.length
         else:                               # every row gets its own copy of the prefix's keys/values

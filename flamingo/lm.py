@@ -275,6 +275,11 @@ class ConditionedLM:
     def gated_cross_attn_layers(self) -> list[GatedCrossAttentionBlock]:
         return [m for m in self.lang_encoder.modules() if isinstance(m, GatedCrossAttentionBlock)]
 
+    @property
+    def only_attend_immediate_media(self) -> bool:
+        """Whether a text token sees only the last media before it (OpenFlamingo's rule), not every earlier one."""
+        return all(block.attn.only_attend_immediate_media for block in self.gated_cross_attn_layers())
+
     def conditioning(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor | None,
                      media_offset: int = 0) -> MediaConditioning:
         """Which media each text token sees: the k-th `<image>` of a row is media k (+ media_offset).

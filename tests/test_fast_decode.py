@@ -17,15 +17,19 @@ QUERIES = ["<image>a", "x <image>an object"]          # different lengths: the f
 NEW = 6
 
 
-def build(arch: str) -> Flamingo:
+def build(arch: str, **config_fields) -> Flamingo:
     model = Flamingo.from_backbones(*make_backbones(arch), cross_attn_every_n_layers=2, num_latents=8,
-                                    resampler_depth=1, resampler_heads=2, resampler_dim_head=16)
+                                    resampler_depth=1, resampler_heads=2, resampler_dim_head=16, **config_fields)
     open_gates(model)
     return model
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "gpt_neox", "mpt"])
+# Decoding keeps only the keys of the media each new token sees; a model whose tokens see every earlier media
+# (only_attend_immediate_media=False) keeps them all: both must decode as the full forward does.
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gpt_neox", "mpt", "llama-all-media"])
 def model(request):
+    if request.param == "llama-all-media":
+        return build("llama", only_attend_immediate_media=False)
     return build(request.param)
 
 
