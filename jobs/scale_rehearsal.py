@@ -440,10 +440,11 @@ def format_table(result: dict[str, Any]) -> str:
         lines += [f"read side alone: {read['items']} items in {read['seconds']} s, {read['items_per_s']} items/s "
                   f"with start-up, {_fmt(read['steady_items_per_s'])} items/s over the read stage's span"]
     if result.get("pools"):
-        lines += ["", "actors  used  capacity/s  items/s  utilisation  window s  store peak MB  driver MB  files  "
-                  "MB total",
+        lines += ["", "actors  used  capacity/s  items/s  utilisation  window s  start spread s  store peak MB  "
+                  "driver MB  files  MB total",
                   *(f"{p['pool']:>6}  {p['actors_used']:>4}  {p['capacity_items_per_s']:>10}  {p['items_per_s']:>7}  "
-                    f"{_fmt(p['utilisation']):>11}  {p['window_s']:>8}  {_fmt(p['object_store_peak_mb']):>13}  "
+                    f"{_fmt(p['utilisation']):>11}  {p['window_s']:>8}  {_fmt(p.get('start_spread_s')):>14}  "
+                    f"{_fmt(p['object_store_peak_mb']):>13}  "
                     f"{p['driver_peak_rss_mb']:>9}  {p['output_files']:>5}  {p['output_mb_total']:>8}"
                     for p in result["pools"])]
     if result.get("resume"):

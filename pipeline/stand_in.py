@@ -105,15 +105,17 @@ def utilisation(intervals: dict[str, list[tuple[float, float]]], pool_size: int)
     """Busy share of a pool of `pool_size` actors over the steady part of a run: from the moment the last actor
     that got work began its first batch to the moment the first one ended its last. Idle time in that window is
     time an actor waited for input, and an actor that never got work (Ray Data hands an actor whole blocks: a
-    pool needs as many blocks in flight as actors) counts as idle throughout."""
+    pool needs as many blocks in flight as actors) counts as idle throughout. `start_spread_s`: how far apart the
+    actors began their first batches (actors that come up one by one leave a short window, a weak figure)."""
     working = len(intervals)
     if not intervals:
-        return {"actors_used": 0, "window_s": 0.0, "utilisation": None}
-    begin = max(spans[0][0] for spans in intervals.values())
+        return {"actors_used": 0, "window_s": 0.0, "start_spread_s": None, "utilisation": None}
+    firsts = [spans[0][0] for spans in intervals.values()]
+    begin = max(firsts)
     end = min(spans[-1][1] for spans in intervals.values())
-    window = end - begin
+    window, spread = end - begin, round(begin - min(firsts), 3)
     if window <= 0:
-        return {"actors_used": working, "window_s": 0.0, "utilisation": None}
+        return {"actors_used": working, "window_s": 0.0, "start_spread_s": spread, "utilisation": None}
     busy = sum(max(0.0, min(e, end) - max(s, begin)) for spans in intervals.values() for s, e in spans)
-    return {"actors_used": working, "window_s": round(window, 3),
+    return {"actors_used": working, "window_s": round(window, 3), "start_spread_s": spread,
             "utilisation": round(busy / (max(pool_size, working) * window), 4)}

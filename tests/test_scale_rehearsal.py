@@ -101,7 +101,7 @@ def test_utilisation_counts_busy_time_in_the_steady_window() -> None:
     # Actor a is busy 0-10 and 10-20; b starts at 5 and is idle 10-15, busy 15-25. Window: 5 (b's first start)
     # to 20 (a's last end): a busy 15 s of 15, b 5 + 5 = 10 s of 15.
     figures = utilisation({"a": [(0.0, 10.0), (10.0, 20.0)], "b": [(5.0, 10.0), (15.0, 25.0)]}, pool_size=2)
-    assert figures == {"actors_used": 2, "window_s": 15.0, "utilisation": round(25 / 30, 4)}
+    assert figures == {"actors_used": 2, "window_s": 15.0, "start_spread_s": 5.0, "utilisation": round(25 / 30, 4)}
     # a third actor that never got work is idle for the whole window
     assert utilisation({"a": [(0.0, 10.0), (10.0, 20.0)], "b": [(5.0, 10.0), (15.0, 25.0)]},
                        pool_size=3)["utilisation"] == round(25 / 45, 4)
