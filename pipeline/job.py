@@ -188,6 +188,7 @@ def run_job(config: JobConfig) -> JobSummary:
     """Run the job; raises JobError for what is reported as one line (see the module docstring)."""
     from pipeline.kept_columns import DEFAULT_KEEP_COLUMNS
     from pipeline.lease import Lease, LeaseHeld
+    from pipeline.manifest import finished_units
 
     start = time.perf_counter()
     tasks = config.tasks
@@ -205,10 +206,10 @@ def run_job(config: JobConfig) -> JobSummary:
         config = dataclasses.replace(config, keep_columns=DEFAULT_KEEP_COLUMNS if any(
             is_container(f.uri) for f in files) else ())
     try:
-        found = manifests.result()
+        finished = finished_units(files, manifests.result())
     except Exception as exc:  # the output does not answer: the run could not write there either
         raise JobError(f"cannot write to output {config.output_uri}: {describe_error(exc)}") from None
-    done = _nothing_to_do_before_lease(config, files, in_options, found)
+    done = _nothing_to_do_before_lease(config, files, in_options, finished)
     if done is not None:  # before the model library is even imported (torch takes seconds)
         done.seconds = time.perf_counter() - start
         return done
@@ -236,7 +237,7 @@ def run_job(config: JobConfig) -> JobSummary:
     try:
         decode = DecodeConfig(image_size, mean, std, num_frames=num_frames, fps=fps, max_pixels=config.max_pixels,
                               timeout_s=config.decode_timeout_s)
-        summary = _run_with_lease(config, run_id, lease, decode, files, in_options, out_options, seen)
+        summary = _run_with_lease(config, run_id, lease, decode, files, finished, in_options, out_options, seen)
         summary.seconds = time.perf_counter() - start
         if not summary.nothing_to_do:
             _write_record(runs.finish(record, runs.COMPLETE, summary.seconds, summary=summary, **seen),
@@ -255,7 +256,12 @@ def run_job(config: JobConfig) -> JobSummary:
 
 
 def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: DecodeConfig, files: list[ListedFile],
-                    in_options: dict[str, Any], out_options: dict[str, Any], seen: dict[str, Any]) -> JobSummary:
+                    finished: dict[str, UnitState], in_options: dict[str, Any], out_options: dict[str, Any],
+                    seen: dict[str, Any]) -> JobSummary:
+    """The run itself, holding the lease. `finished` (listed URI -> manifest) comes from the manifests listed
+    before the lease was taken and is not listed again: manifests only spare whole files a read. What the
+    output holds is found after the lease, from its files' footers (`unit_files`), and the read tasks leave those
+    items out; so a file that another run finished in between is read again and gives no rows."""
     import ray
     from ray.util.annotations import RayDeprecationWarning
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -272,10 +278,6 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
 
     tasks = config.tasks
     task_hashes = {t.name: t.sha256 for t in tasks}
-    try:
-        finished = _finished(config, files, out_options)
-    except Exception as exc:  # the output does not answer
-        raise JobError(f"cannot read output {config.output_uri}: {describe_error(exc)}") from None
     plan = _plan(config, files, in_options, finished, count=False)
     if plan_module.nothing_to_do(plan):
         return _nothing_to_do(config, plan)
@@ -487,12 +489,9 @@ def _count_total(config: JobConfig, files: Sequence[ListedFile], in_options: Map
 
 
 def _nothing_to_do_before_lease(config: JobConfig, files: Sequence[ListedFile], in_options: Mapping[str, Any],
-                                manifests: Mapping[str, UnitState]) -> JobSummary | None:
-    """The nothing-to-do summary, found from the manifests (`_list_manifests`) before the model is checked and
-    without the lease (a read-only look); else None (the run goes on, and checks again once it holds the lease)."""
-    from pipeline.manifest import finished_units
-
-    finished = finished_units(files, manifests)
+                                finished: Mapping[str, UnitState]) -> JobSummary | None:
+    """The nothing-to-do summary, found from the manifests of the finished files (`finished`) before the model is
+    checked and without the lease (a read-only look); else None (the run goes on)."""
     sample = config.sample
     if any(f.uri not in finished for f in files if sample is None or is_container(f.uri)
            or plan_module.in_sample(f.uri, sample)):
