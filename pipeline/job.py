@@ -239,9 +239,8 @@ def run_job(config: JobConfig) -> JobSummary:
                               timeout_s=config.decode_timeout_s)
         summary = _run_with_lease(config, run_id, lease, decode, files, finished, in_options, out_options, seen)
         summary.seconds = time.perf_counter() - start
-        if not summary.nothing_to_do:
-            _write_record(runs.finish(record, runs.COMPLETE, summary.seconds, summary=summary, **seen),
-                          config.output_uri, out_options)
+        _write_record(runs.finish(record, runs.COMPLETE, summary.seconds, summary=summary, **seen),
+                      config.output_uri, out_options)
     except BaseException as error:
         stopped = isinstance(error, KeyboardInterrupt)
         reason = "interrupted" if stopped else str(error) if isinstance(error, JobError) else describe_error(error)
@@ -278,9 +277,9 @@ def _run_with_lease(config: JobConfig, run_id: str, lease: Lease, decode: Decode
 
     tasks = config.tasks
     task_hashes = {t.name: t.sha256 for t in tasks}
+    # Something is left to do (`_nothing_to_do_before_lease` looked at the same manifests); this plan counts no
+    # shard: the progress line's total comes from `_count_total`, beside the job.
     plan = _plan(config, files, in_options, finished, count=False)
-    if plan_module.nothing_to_do(plan):
-        return _nothing_to_do(config, plan)
     # Finished files are not read at all; the others are, and their read tasks leave out what the output holds.
     reopened = {uri: state for uri, state in finished.items() if state.retryable(config.retry_errors)}
     to_read = [f for f in files if f.uri not in finished or f.uri in reopened]
