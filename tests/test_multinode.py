@@ -37,7 +37,12 @@ CHILD = textwrap.dedent("""
     from pipeline.job import JobConfig, StageResources, run_job
     from pipeline.task import load_tasks
 
-    task_file, input_dir, output_dir = sys.argv[1:4]
+    task_file, input_dir, output_dir, events_file = sys.argv[1:5]
+
+    def record(event):
+        # A file of its own: Ray prints a dead raylet's log tail to stdout, on the same line as anything else.
+        with open(events_file, "a") as f:
+            f.write(json.dumps(event) + "\\n")
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "temp_dir": tempfile.mkdtemp(prefix="ray-", dir="/tmp")})
     workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
@@ -57,8 +62,7 @@ CHILD = textwrap.dedent("""
             if victim is not None:
                 time.sleep(1.0)   # let it take a batch
                 cluster.remove_node(victim, allow_graceful=False)
-                print(json.dumps({"removed": victim.node_id, "actors_there": nodes.count(victim.node_id)}),
-                      flush=True)
+                record({"removed": victim.node_id, "actors_there": nodes.count(victim.node_id)})
                 return
             time.sleep(0.2)
 
@@ -68,7 +72,7 @@ CHILD = textwrap.dedent("""
                        vision=StageResources(batch_size=4), generation=StageResources(batch_size=4))
     summary = run_job(config)
     remover.join(timeout=5)
-    print(json.dumps({"rows_ok": summary.rows_ok, "rows_error": summary.rows_error}), flush=True)
+    record({"rows_ok": summary.rows_ok, "rows_error": summary.rows_error})
     ray.shutdown()
     cluster.shutdown()
 """)
@@ -84,13 +88,16 @@ def test_a_node_removed_mid_job_loses_and_repeats_nothing(tmp_path):
     for i in range(ITEMS):
         (inputs / f"{i:03d}.png").write_bytes(image_bytes((i * 5 % 256, 100, 200 - i * 3)))
     out = tmp_path / "out"
+    events_file = tmp_path / "events.jsonl"
 
-    result = subprocess.run([sys.executable, "-c", CHILD, str(tasks / "colour.yaml"), str(inputs), str(out)],
+    result = subprocess.run([sys.executable, "-c", CHILD, str(tasks / "colour.yaml"), str(inputs), str(out),
+                             str(events_file)],
                             cwd=ROOT, env={**_env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                             timeout=420)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    events = [json.loads(line) for line in events_file.read_text().splitlines()]
     assert any("removed" in e for e in events), result.stdout      # the fault did happen, mid-job
+    assert {"rows_ok": ITEMS, "rows_error": 0} in events           # and the job's own count agrees
 
     rows = pq.read_table(out).to_pandas()
     assert len(rows) == ITEMS and rows.id.is_unique
