@@ -112,9 +112,9 @@ def evaluate(model: str | None, scenes: int, clips: int, questions: int, episode
 @click.option("--caption-tokens", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--query-tokens", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--openflamingo-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--items", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--items", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @dtype_option
 @click.option("--compile", "compile", is_flag=True,

@@ -85,8 +85,10 @@ class StageResources:
 
 def default_generation_resources() -> StageResources:
     """Decoding reads every weight once per step whatever the batch, so larger batches are nearly free
-    per item (measured: 8 -> 64 items cut the CPU cost per item by about 3x)."""
-    return StageResources(batch_size=64)
+    per item (measured on 2 CPU cores: 8 -> 64 items cut the cost per item by about 3x, and 64 -> 128 raised
+    generation items/s by 1.2x in both float32 and bfloat16; 256 gained float32 a little more and bfloat16
+    nothing)."""
+    return StageResources(batch_size=128)
 
 
 @dataclass

@@ -84,7 +84,7 @@ MAX_LABEL_LENGTH = 256
 # The KV cache is allocated for prompt + max_new_tokens up front, for every item and beam of a batch; and the
 # LMs' context (2,048 tokens) has to hold the prompt as well.
 MAX_NEW_TOKENS = 1024
-# Beams multiply the batch (64 items x 16 beams = 1,024 sequences in the KV cache already).
+# Beams multiply the batch (128 items x 16 beams = 2,048 sequences in the KV cache already).
 MAX_BEAMS = 16
 # Sampling from the k likeliest tokens; past a few hundred this is the same as turning it off (0).
 MAX_TOP_K = 1000
