@@ -112,7 +112,10 @@ def evaluate(model: str | None, scenes: int, clips: int, questions: int, episode
 @click.option("--caption-tokens", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--query-tokens", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Items per generation batch.")
+@click.option("--vision-batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Items per vision encoder batch.")
 @click.option("--openflamingo-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--items", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")

@@ -45,8 +45,8 @@ def test_bfloat16_outputs_are_compared_with_float32_of_the_same_weights(tmp_path
         run_benchmark,
     )
 
-    small = dict(model="tiny-random-openflamingo", items=6, batch_size=3, shots=1, caption_tokens=3, new_tokens=4,
-                 shots_sweep=())
+    small = dict(model="tiny-random-openflamingo", items=6, batch_size=3, vision_batch_size=4, shots=1,
+                 caption_tokens=3, new_tokens=4, shots_sweep=())   # vision batches 4 + 2, generation 3 + 3
     float32 = run_benchmark(BenchConfig(dtype="float32", **small))
     assert float32.float32_agreement is None
     bf16 = run_benchmark(BenchConfig(dtype="bfloat16", **small))
