@@ -106,10 +106,10 @@ def main() -> None:
         perceiver = PerceiverResampler(config.width, sizes.resampler_depth, sizes.resampler_dim_head,
                                        sizes.resampler_heads, sizes.num_latents, ff_mult=sizes.ff_mult).eval()
     start = time.perf_counter()
-    result = probe(model.visual, perceiver)
+    result = probe(model.visual, perceiver, image_size=config.image_size)   # scenes drawn at the tower's size
     if args.position_table:
         table = PositionTable(perceiver, config.width, config.image_size // config.patch_size).eval()
-        result["resampled+table"] = probe(model.visual, table)["resampled"]
+        result["resampled+table"] = probe(model.visual, table, image_size=config.image_size)["resampled"]
     probe_s = time.perf_counter() - start
     print_table(result)
     retrieval = retrieval_accuracy(model, config)
