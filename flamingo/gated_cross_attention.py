@@ -47,13 +47,16 @@ class MediaConditioning:
         if self.visual_tokens is None:
             return MediaConditioning(None, self.last_media_index(), {}, any_media=False)
         last = self.media_index[:, -1]                                    # (B,) -1: no media yet
-        rows, media = torch.arange(len(last), device=last.device), last.clamp(min=0)
+        media_index = torch.where(last >= 0, 0, -1)[:, None]
+        any_media = bool((last >= 0).any())
         num_media, n = self.visual_tokens.shape[1:3]
+        if num_media == 1:   # already each row's only media: nothing to gather (or copy)
+            return MediaConditioning(self.visual_tokens, media_index, dict(self.kv_cache), any_media=any_media)
+        rows, media = torch.arange(len(last), device=last.device), last.clamp(min=0)
         # (B, h, T*n, dh) -> (B, h, T, n, dh) -> the row's media: (B, h, n, dh)
         kv_cache = {key: tuple(t.unflatten(2, (num_media, n))[rows, :, media] for t in kv)
                     for key, kv in self.kv_cache.items()}
-        return MediaConditioning(self.visual_tokens[rows, media][:, None], torch.where(last >= 0, 0, -1)[:, None],
-                                 kv_cache, any_media=bool((last >= 0).any()))
+        return MediaConditioning(self.visual_tokens[rows, media][:, None], media_index, kv_cache, any_media=any_media)
 
 
 class MaskedCrossAttention(nn.Module):

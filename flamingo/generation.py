@@ -152,7 +152,7 @@ def run_prompt(lm: ConditionedLM, lang_x: torch.Tensor, attention_mask: torch.Te
     position_offset = 0
     media, media_offset = visual_tokens, 0
     if prefix is not None and prefix.length:   # an empty prefix is no prefix
-        if prefix.media is not None:  # text before the query's first image still sees the prefix's media
+        if prefix.media is not None and _sees_prefix_media(lm, lang_x, attention_mask):
             seen = prefix.media.expand(b, -1, -1, -1)
             media = seen if visual_tokens is None else torch.cat([seen, visual_tokens], dim=1)
             media_offset = seen.shape[1]
@@ -167,6 +167,17 @@ def run_prompt(lm: ConditionedLM, lang_x: torch.Tensor, attention_mask: torch.Te
              cache, logits_to_keep=1, prefix_kv=prefix_kv)
     return _Prompt(_logits(out)[:, -1].float(), cache, attention_mask, cond.continued(cond.last_media_index()),
                    prefix_kv=prefix_kv, position_offset=position_offset)
+
+
+def _sees_prefix_media(lm: ConditionedLM, lang_x: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+    """Whether any token of the prompt attends to the prefix's media: text before a row's first image does,
+    and with a model whose tokens see every earlier media, all of it does. A prompt that starts with its
+    image (the usual query) sees only its own, and the prefix's media then costs each row a projection of
+    its keys/values that no token reads."""
+    if not lm.only_attend_immediate_media:
+        return True
+    before_first_image = (lang_x == lm.media_token_id).long().cumsum(-1) == 0
+    return bool((before_first_image & attention_mask.bool()).any())
 
 
 def logits_processors(do_sample: bool, temperature: float, top_k: int, top_p: float,
