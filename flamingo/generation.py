@@ -208,7 +208,7 @@ def decode_greedy_or_sample(lm: ConditionedLM, state: _Prompt, prompt_ids: torch
     num_tokens = torch.zeros(b, dtype=torch.long, device=prompt_ids.device)
     logits = state.last_logits
     for step in range(max_new_tokens):
-        logprobs = logits.log_softmax(-1)                                  # the model's own probabilities
+        normaliser = logits.logsumexp(-1)                                  # of the model's own probabilities
         # transformers annotates ids as the legacy torch.LongTensor class; any long tensor is what it takes.
         scores = processors(sequences, logits)  # type: ignore[arg-type]
         if do_sample:
@@ -216,7 +216,8 @@ def decode_greedy_or_sample(lm: ConditionedLM, state: _Prompt, prompt_ids: torch
         else:
             token = scores.argmax(-1)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
-        sum_logprob += torch.where(finished, 0.0, logprobs.gather(1, token[:, None]).squeeze(1))
+        logprob = logits.gather(1, token[:, None]).squeeze(1) - normaliser   # log_softmax's, without (B, V) of it
+        sum_logprob += torch.where(finished, 0.0, logprob)
         num_tokens += (~finished).long()
         sequences = torch.cat([sequences, token[:, None]], dim=1)
         finished |= torch.isin(token, stop_ids)

@@ -173,7 +173,7 @@ class AddedTokenHead(AddedRows):
         logits = F.linear(hidden, self.weight, self.bias)                    # (..., V)
         bias = None if self.bias is None else self.bias[self.added_token_ids]
         added = F.linear(hidden, self.added_rows.to(hidden.dtype), bias)     # (..., n_added)
-        return logits.index_copy(-1, self.added_token_ids, added.to(logits.dtype))
+        return logits.index_copy_(-1, self.added_token_ids, added.to(logits.dtype))   # in place: no copy of (..., V)
 
 
 def lm_width(lm: PreTrainedModel) -> int:
