@@ -11,11 +11,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import resource
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+SWEEP_ROUNDS = 3   # rounds of the shots sweep (shots_sweep)
 
 
 @dataclass
@@ -186,12 +190,7 @@ def run_benchmark(config: BenchConfig) -> BenchResult:
         model.lm.compiled_step = compiled_step
         comparison = compare_compiled(model, lambda: [generate(v, prefix) for v in visual[:1]],
                                       len(visual), dev) if compiled_step is not None else None
-        sweep = {}
-        for shots in config.shots_sweep:
-            p = prefix_for(shots)
-            generate(visual[0], p)  # warm-up: the first call with new shapes pays one-off costs
-            _, seconds = _timed(lambda p=p: [generate(v, p) for v in visual[:2]], dev)
-            sweep[shots] = seconds / sum(len(v) for v in visual[:2])
+        sweep = shots_sweep(config.shots_sweep, prefix_for, lambda p: generate(visual[0], p), len(visual[0]), dev)
     rate = max(rate_before, measure_matmul_rate(dev, dtype))
 
     n = config.items
@@ -210,12 +209,34 @@ def run_benchmark(config: BenchConfig) -> BenchResult:
     )
     if dtype != torch.float32:
         result.float32_agreement = compare_float32(config, work, torch.cat(tokens))
+    if config.compare_openflamingo:   # before the Ray job, whose processes may outlive it for a while
+
+        def end_to_end() -> float:
+            def run() -> list[torch.Tensor]:
+                return [generate(v, prefix) for v in torch.cat([vision(b) for b in batches]).split(config.batch_size)]
+
+            with torch.inference_mode():
+                return _timed(run, dev)[1]
+
+        result.openflamingo = compare_openflamingo(model, work, config, torch.cat(tokens), end_to_end)
     if config.pipeline:
         result.pipeline = run_pipeline(config, result.end_to_end.items_per_second)
-    if config.compare_openflamingo:
-        ours = torch.cat(tokens)
-        result.openflamingo = compare_openflamingo(model, work, config, ours, result.end_to_end.items_per_second)
     return result
+
+
+def shots_sweep(counts: tuple[int, ...], prefix_for, generate_batch, batch_items: int, device: str
+                ) -> dict[int, float]:
+    """Generation seconds per item by number of shots: one batch per count in each of SWEEP_ROUNDS rounds,
+    the order reversed every other round, and each count's median. Timed one after the other, a change of
+    the machine's load between two counts would read as a cost of the shots."""
+    prefixes = {shots: prefix_for(shots) for shots in counts}
+    for prefix in prefixes.values():
+        generate_batch(prefix)  # warm-up: the first call with new shapes pays one-off costs
+    seconds: dict[int, list[float]] = {shots: [] for shots in counts}
+    for round_ in range(SWEEP_ROUNDS):
+        for shots in (counts if round_ % 2 == 0 else counts[::-1]):
+            seconds[shots].append(_timed(lambda p=prefixes[shots]: generate_batch(p), device)[1] / batch_items)
+    return {shots: statistics.median(s) for shots, s in seconds.items()}
 
 
 def compare_float32(config: BenchConfig, work: Workload, tokens: torch.Tensor) -> dict:
@@ -332,9 +353,11 @@ def run_pipeline(config: BenchConfig, in_process_items_per_second: float) -> dic
 
 
 def compare_openflamingo(model, work: Workload, config: BenchConfig, our_tokens: torch.Tensor,
-                         our_items_per_second: float) -> dict:
+                         our_end_to_end: Callable[[], float]) -> dict:
     """The same items through OpenFlamingo 2.0.1's `generate()`, the way its evaluation harness calls it:
-    demonstration images and text repeated for every query, one batch at a time."""
+    demonstration images and text repeated for every query, one batch at a time. `our_end_to_end` times our
+    own vision + generation of the same items; it runs just before and just after OpenFlamingo's loop, and the
+    speed-up is against the mean of the two, so a load that drifts during the comparison weighs on both sides."""
     if importlib.util.find_spec("open_flamingo") is None:
         raise RuntimeError("--compare-openflamingo needs OpenFlamingo: pip install --no-deps "
                            "open-flamingo==2.0.1 einops einops-exts")
@@ -360,11 +383,15 @@ def compare_openflamingo(model, work: Workload, config: BenchConfig, our_tokens:
             outputs.append(out[:, lang_x.shape[1]:].cpu())
         return torch.cat(outputs)
 
+    ours_before = our_end_to_end()
     with torch.inference_mode():
         theirs, seconds = _timed(lambda: run(work.images), dev)
-    flops = _flops(lambda: run(work.images[:batch_size])) / batch_size
-    items_per_second = config.items / seconds
-    return {"items_per_second": items_per_second, "speedup": our_items_per_second / items_per_second,
+    ours_after = our_end_to_end()
+    with torch.inference_mode():
+        flops = _flops(lambda: run(work.images[:batch_size])) / batch_size
+    ours = (ours_before + ours_after) / 2
+    return {"items_per_second": config.items / seconds, "our_items_per_second": config.items / ours,
+            "our_seconds_before_after": [ours_before, ours_after], "speedup": seconds / ours,
             "flops_per_item": flops, "batch_size": batch_size,
             "greedy_outputs_identical": bool(torch.equal(theirs, our_tokens.cpu()))}
 
@@ -423,7 +450,8 @@ def format_result(result: BenchResult) -> str:
     if result.openflamingo:
         o = result.openflamingo
         lines.append(f"OpenFlamingo generate() (batch {o['batch_size']}, demonstrations re-encoded per query): "
-                     f"{o['items_per_second']:.2f} items/s, {o['flops_per_item'] / 1e9:.2f} GFLOP/item -> "
+                     f"{o['items_per_second']:.2f} items/s, {o['flops_per_item'] / 1e9:.2f} GFLOP/item; ours "
+                     f"{o['our_items_per_second']:.2f} items/s timed just before and after it -> "
                      f"speed-up {o['speedup']:.1f}x; greedy outputs identical: {o['greedy_outputs_identical']}")
     return "\n".join(lines)
 
