@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from training.pretrain_vision import VisionPretrainConfig, build_clip, save_vision
-from training.probe_vision import ATTRIBUTES, load_tower, main, single_object_scenes
+from training.probe_vision import ATTRIBUTES, load_tower, main, recentred, single_object_scenes
+from training.synthetic import GRID
 
 
 def test_probe_scenes_are_single_objects_and_the_splits_differ() -> None:
@@ -43,7 +44,7 @@ def test_the_bundled_model_is_probed_through_its_resampler_too(tmp_path: Path, c
     main(["miniature", "--train", "300", "--test", "200", "--json", str(out)])
     result = json.loads(out.read_text())
     assert set(result) == {"pooled", "mean-patch", "patch", "resampled"}
-    assert result["resampled"]["colour"]["n"] == 100
+    assert result["resampled"]["colour"]["n"] == 200
     assert "resampled" in capsys.readouterr().out
 
 
@@ -56,3 +57,34 @@ def test_the_untrained_control_is_the_same_tower_with_fresh_weights() -> None:
     assert not torch.equal(trained.positional_embedding, fresh.positional_embedding)
     again, _ = load_tower("miniature", untrained=True)
     assert torch.equal(fresh.positional_embedding, again.positional_embedding)     # seeded
+
+
+def test_recentred_scenes_keep_their_cells_and_move_their_centres_in() -> None:
+    scenes = single_object_scenes(40, 0)
+    cell = 64 / GRID
+    for max_offset in (0.0, 1.7):
+        for scene, moved in zip(scenes, (recentred(s, max_offset) for s in scenes)):
+            (o,), (m,) = scene.objects, moved.objects
+            assert (m.row, m.col, m.shape, m.colour, m.size) == (o.row, o.col, o.shape, o.colour, o.size)
+            for value, index in ((m.x, m.col), (m.y, m.row)):
+                assert abs(value - (index + 0.5) * cell) <= max_offset + 0.01
+    wandering = [s for s in scenes if abs(s.objects[0].x - (s.objects[0].col + 0.5) * cell) > 1]
+    assert wandering and all((recentred(s, 0).image() != s.image()).any() for s in wandering)
+
+
+def test_small_objects_shape_is_probed_by_offset_with_a_pixel_control(tmp_path: Path, capsys) -> None:
+    # Centred exactly, a small shape of a given colour in a given cell is always the same pixels: even an
+    # untrained tower's tokens then tell the shapes apart, and raw pixels much better than when the shape
+    # wanders about its cell (near chance, 0.25): the difference is what the probe is for.
+    config = VisionPretrainConfig(layers=1, width=64, head_width=32)
+    save_vision(build_clip(config), config, tmp_path / "vision")
+    out = tmp_path / "small.json"
+    main([str(tmp_path / "vision"), "--small-shapes", "drawn,0", "--train", "400", "--test", "200",
+          "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result) == {"drawn", "0"}
+    assert all(set(row) == {"patch", "mean-patch", "pixels"} for row in result.values())
+    assert all(r["n"] == 200 for row in result.values() for r in row.values())
+    assert result["0"]["patch"]["accuracy"] >= 0.85
+    assert result["drawn"]["pixels"]["accuracy"] < result["0"]["pixels"]["accuracy"] - 0.15
+    assert "small objects' shape, centre within drawn px" in capsys.readouterr().out

@@ -14,6 +14,8 @@ interval.
     python -m training.probe_vision out/miniature/vision          # a stage-1 tower folder
     python -m training.probe_vision miniature                      # the tower of a Flamingo model
     python -m training.probe_vision miniature --untrained          # its architecture, freshly initialised
+    python -m training.probe_vision out/miniature/vision --small-shapes drawn,1.7,0   # small objects' shape,
+                                                                   # by how far they sit from their cell's centre
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -30,13 +33,13 @@ from torch import nn
 
 from training.evaluate import eval_seed, wilson_interval
 from training.pretrain_vision import pixels
-from training.synthetic import Scene, make_scene
+from training.synthetic import GRID, Scene, make_scene
 
 ATTRIBUTES = ("shape", "position", "colour", "size")
 FEATURES = ("pooled", "mean-patch", "patch", "resampled")
 # Inverse L2 strength per feature: the concatenated tokens have thousands of dimensions for a few thousand
 # scenes, and without a strong penalty would overfit and take minutes to fit.
-REGULARISATION = {"pooled": 1.0, "mean-patch": 1.0, "patch": 0.05, "resampled": 0.05}
+REGULARISATION = {"pooled": 1.0, "mean-patch": 1.0, "patch": 0.05, "resampled": 0.05, "pixels": 0.05}
 # Probe scenes are evaluation draws (training.evaluate.eval_seed), under a part number evaluate's own draws
 # (0-4) do not use; the probe's training and test scenes are two splits of it.
 _PROBES = 100
@@ -76,24 +79,60 @@ def features(visual: nn.Module, scenes: Sequence[Scene], perceiver: nn.Module | 
 def probe(visual: nn.Module, perceiver: nn.Module | None = None, train: int = 2000, test: int = 500,
           image_size: int = 64) -> dict[str, Any]:
     """{feature: {attribute: {accuracy, ci95, n}}} on `test` held-out single-object scenes."""
+    train_scenes = single_object_scenes(train, TRAIN_SPLIT, image_size)
+    test_scenes = single_object_scenes(test, TEST_SPLIT, image_size)
+    train_x, test_x = features(visual, train_scenes, perceiver), features(visual, test_scenes, perceiver)
+    return {name: {attribute: _score(name, train_x[name], labels(train_scenes, attribute),
+                                     test_x[name], labels(test_scenes, attribute)) for attribute in ATTRIBUTES}
+            for name in train_x}
+
+
+def small_shape_probe(visual: nn.Module, image_size: int = 64, max_offset: float | None = None, train: int = 2000,
+                      test: int = 500) -> dict[str, Any]:
+    """{feature: {accuracy, ci95, n}} for the shape of *small* lone objects, by a probe fitted on small ones only,
+    from the patch tokens, their mean, and the raw pixels (the control: what needs no tower at all).
+
+    A tower can read large objects' shape and not small ones' (docs/vision-tower.md). Besides size, the two
+    differ in how far the object's centre wanders inside its grid cell, and so against the patch grid: a large
+    object fills its cell (at most 1.7 px from the centre at 64 px), a small one moves up to 5.5 px.
+    `max_offset` (pixels, per axis) moves each small object's centre to within that distance of its cell's
+    centre, to tell the two causes apart; None keeps the scenes as drawn."""
+    def small(count: int, split: int) -> list[Scene]:
+        scenes = [s for s in single_object_scenes(4 * count, split, image_size) if s.objects[0].size == "small"]
+        scenes = scenes[:count]
+        return scenes if max_offset is None else [recentred(s, max_offset) for s in scenes]
+
+    train_scenes, test_scenes = small(train, TRAIN_SPLIT), small(test, TEST_SPLIT)
+    train_x, test_x = features(visual, train_scenes), features(visual, test_scenes)
+    for x, scenes in ((train_x, train_scenes), (test_x, test_scenes)):
+        x["pixels"] = pixels([s.image() for s in scenes]).flatten(1).numpy()
+    return {name: _score(name, train_x[name], labels(train_scenes, "shape"), test_x[name],
+                         labels(test_scenes, "shape")) for name in ("patch", "mean-patch", "pixels")}
+
+
+def recentred(scene: Scene, max_offset: float) -> Scene:
+    """`scene` with every object's centre moved to within `max_offset` pixels (per axis) of its cell's centre."""
+    cell = scene.image_size / GRID
+
+    def pull(value: float, index: int) -> float:
+        centre = (index + 0.5) * cell
+        return round(centre + float(np.clip(value - centre, -max_offset, max_offset)), 2)
+
+    return replace(scene, objects=tuple(replace(o, x=pull(o.x, o.col), y=pull(o.y, o.row)) for o in scene.objects))
+
+
+def _score(feature: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+           test_y: np.ndarray) -> dict[str, Any]:
+    """Accuracy (with its Wilson 95% interval) of a logistic regression fitted on the training split."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    train_scenes = single_object_scenes(train, TRAIN_SPLIT, image_size)
-    test_scenes = single_object_scenes(test, TEST_SPLIT, image_size)
-    train_x, test_x = features(visual, train_scenes, perceiver), features(visual, test_scenes, perceiver)
-    result: dict[str, Any] = {}
     warnings.filterwarnings("ignore", category=ConvergenceWarning)   # max_iter bounds the time on purpose
-    for name in train_x:
-        result[name] = {}
-        for attribute in ATTRIBUTES:
-            clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=REGULARISATION[name]))
-            clf.fit(train_x[name], labels(train_scenes, attribute))
-            correct = int((clf.predict(test_x[name]) == labels(test_scenes, attribute)).sum())
-            result[name][attribute] = {"accuracy": correct / test, "ci95": wilson_interval(correct, test), "n": test}
-    return result
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=REGULARISATION[feature]))
+    correct = int((clf.fit(train_x, train_y).predict(test_x) == test_y).sum())
+    return {"accuracy": correct / len(test_y), "ci95": wilson_interval(correct, len(test_y)), "n": len(test_y)}
 
 
 def load_tower(source: str, untrained: bool = False) -> tuple[nn.Module, nn.Module | None]:
@@ -138,10 +177,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--untrained", action="store_true",
                         help="probe the same tower architecture with fresh weights instead (the control)")
+    parser.add_argument("--image-size", type=int, default=64, help="the world's size (the tower's input size)")
+    parser.add_argument("--small-shapes", metavar="OFFSETS",
+                        help="instead: shape of small objects only, once per comma-separated max_offset in pixels "
+                             "('drawn': as drawn), e.g. drawn,1.7,0 (small_shape_probe)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
-    result = probe(*load_tower(args.tower, args.untrained), train=args.train, test=args.test)
-    print_table(result)
+    visual, perceiver = load_tower(args.tower, args.untrained)
+    if args.small_shapes:
+        result = {offset: small_shape_probe(visual, args.image_size, None if offset == "drawn" else float(offset),
+                                            args.train, args.test) for offset in args.small_shapes.split(",")}
+        for offset, row in result.items():
+            print(f"small objects' shape, centre within {offset} px: " + ", ".join(
+                f"{name} {r['accuracy']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" for name, r in row.items()))
+    else:
+        result = probe(visual, perceiver, train=args.train, test=args.test, image_size=args.image_size)
+        print_table(result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
