@@ -115,6 +115,15 @@ def test_scene_variants_change_exactly_one_attribute_of_one_object() -> None:
     assert set(changed) == {"shape", "colour", "size", "cell"}
 
 
+def test_scene_variants_change_only_the_attributes_asked_for() -> None:
+    for seed in SEEDS:
+        scene = make_scene(seed)
+        (old, new), = [(a, b) for a, b in zip(scene.objects, scene_variant(seed, scene, ("shape",)).objects)
+                       if a != b]
+        assert old.shape != new.shape and (old.colour, old.size, old.row, old.col) == (new.colour, new.size,
+                                                                                      new.row, new.col)
+
+
 def test_captions_and_answers_agree_with_the_pixels() -> None:
     for seed in SEEDS:
         scene = make_scene(seed)

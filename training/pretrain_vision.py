@@ -26,7 +26,7 @@ from open_clip.tokenizer import SimpleTokenizer
 
 from flamingo.config import FlamingoConfig
 from training.optim import adamw_warmup_cosine, check_optimisation, clip_gradients
-from training.synthetic import make_clip, make_scene, scene_variant
+from training.synthetic import VARIANT_ATTRIBUTES, make_clip, make_scene, scene_variant
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -54,6 +54,10 @@ class VisionPretrainConfig:
     # captions apart, and the tower barely learns shape or position (a linear probe found shape at 0.47,
     # chance 0.25). 1: independent scenes only.
     group_size: int = 4
+    # What a variant may change, drawn uniformly (a name given twice is drawn twice as often): shape is
+    # the attribute towers read worst (docs/vision-tower.md), and weighting it makes more of the hard
+    # negatives differ only in shape.
+    variant_attributes: tuple[str, ...] = VARIANT_ATTRIBUTES
     embed_dim: int = 64
     patch_size: int = 8
     width: int = 128
@@ -80,6 +84,10 @@ class VisionPretrainConfig:
         check_optimisation(self)
         if not 0 <= self.clip_fraction <= 1:
             raise ValueError(f"clip_fraction: must be in [0, 1], got {self.clip_fraction}")
+        unknown = set(self.variant_attributes) - set(VARIANT_ATTRIBUTES)
+        if unknown or not self.variant_attributes:
+            raise ValueError(f"variant_attributes: one or more of {VARIANT_ATTRIBUTES}, "
+                             f"got {self.variant_attributes!r}")
         if self.pos_embed_type not in POS_EMBED_TYPES:
             raise ValueError(f"pos_embed_type: one of {POS_EMBED_TYPES}, got {self.pos_embed_type!r}")
         if self.image_size % self.patch_size or self.width % self.head_width:
@@ -132,7 +140,8 @@ def sample_pairs(config: VisionPretrainConfig, index: int, stream: int = TRAIN_S
             captions.append(visible_caption(clip.objects))
             continue
         scene = make_scene(rng, image_size=config.image_size, max_objects=config.max_objects)
-        group = [scene] + [scene_variant(rng, scene) for _ in range(min(config.group_size, count - len(images)) - 1)]
+        variants = min(config.group_size, count - len(images)) - 1
+        group = [scene] + [scene_variant(rng, scene, config.variant_attributes) for _ in range(variants)]
         images += [s.image() for s in group]
         captions += [s.caption() for s in group]
     return images, captions

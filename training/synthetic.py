@@ -80,6 +80,7 @@ _RESERVED_WORDS = frozenset(
 # Far below the ~176,000 words the syllables make, so rejecting repeats stays cheap.
 _MAX_NONSENSE_WORDS = 10_000
 _MAX_PLACEMENT_TRIES = 1000
+VARIANT_ATTRIBUTES = ("shape", "colour", "size", "cell")   # what a hard negative may change
 _MP4_OPTIONS = MappingProxyType(
     # Near-lossless; no B-frames so frame-accurate seeking (decord) is trivial; one thread because x264's
     # output depends on its thread count, which would otherwise follow the machine's cores.
@@ -325,16 +326,17 @@ def make_clip(seed: Seed, *, image_size: int = 64, num_frames: int = 8, fps: int
     raise ValueError(f"cannot place {len(things)} moving objects apart in a {image_size}px frame; lower max_objects")
 
 
-def scene_variant(seed: Seed, scene: Scene) -> Scene:
+def scene_variant(seed: Seed, scene: Scene, attributes: Sequence[str] = VARIANT_ATTRIBUTES) -> Scene:
     """`scene` with one attribute of one object changed (shape, colour, size or grid cell): a hard
-    negative whose caption differs from the original's in exactly one word or position phrase."""
+    negative whose caption differs from the original's in exactly one word or position phrase. The attribute
+    is drawn uniformly from `attributes` (name one twice to draw it twice as often)."""
     rng = np.random.default_rng(seed)
     objects = list(scene.objects)
     index = int(rng.integers(len(objects)))
     old = objects[index]
     taken = {(o.colour, o.shape) for o in objects if o is not old}
     for _ in range(_MAX_PLACEMENT_TRIES):
-        attribute = pick(rng, ("shape", "colour", "size", "cell"))
+        attribute = pick(rng, attributes)
         if attribute == "cell":
             free = sorted(set(range(GRID * GRID)) - {o.row * GRID + o.col for o in objects})
             if not free:
