@@ -47,7 +47,7 @@ from training.pretrain_vision import (  # noqa: E402
     retrieval_accuracy,
     save_vision,
 )
-from training.probe_vision import print_table, probe, small_shape_probe  # noqa: E402
+from training.probe_vision import print_table, probe, small_shape_probe, small_shapes_line  # noqa: E402
 
 
 class PositionTable(nn.Module):
@@ -129,8 +129,7 @@ def main() -> None:
     small = small_shape_probe(model.visual, config.image_size)
     probe_s = time.perf_counter() - start
     print_table(result)
-    print("small objects' shape: " + ", ".join(f"{name} {r['accuracy']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
-                                               for name, r in small.items()))
+    print(f"small objects' shape: {small_shapes_line(small)}")
     retrieval = retrieval_accuracy(model, config)
     print(f"training {train_s:.0f} s, probes {probe_s:.0f} s, retrieval {retrieval:.3f}")
     (out / "result.json").write_text(json.dumps(

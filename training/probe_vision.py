@@ -166,8 +166,17 @@ def load_tower(source: str, untrained: bool = False) -> tuple[nn.Module, nn.Modu
 def print_table(result: dict[str, Any]) -> None:
     print(f"{'features':<12}" + "".join(f"{a:>22}" for a in ATTRIBUTES))
     for name, row in result.items():
-        cells = [f"{r['accuracy']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" for r in row.values()]
-        print(f"{name:<12}" + "".join(f"{c:>22}" for c in cells))
+        print(f"{name:<12}" + "".join(f"{accuracy_cell(r):>22}" for r in row.values()))
+
+
+def accuracy_cell(r: dict[str, Any]) -> str:
+    """'0.59 [0.55, 0.63]': an accuracy and its 95% interval."""
+    return f"{r['accuracy']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+
+
+def small_shapes_line(row: dict[str, Any]) -> str:
+    """One `small_shape_probe` result on a line: each feature's accuracy and interval."""
+    return ", ".join(f"{name} {accuracy_cell(r)}" for name, r in row.items())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -188,8 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         result = {offset: small_shape_probe(visual, args.image_size, None if offset == "drawn" else float(offset),
                                             args.train, args.test) for offset in args.small_shapes.split(",")}
         for offset, row in result.items():
-            print(f"small objects' shape, centre within {offset} px: " + ", ".join(
-                f"{name} {r['accuracy']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" for name, r in row.items()))
+            print(f"small objects' shape, centre within {offset} px: {small_shapes_line(row)}")
     else:
         result = probe(visual, perceiver, train=args.train, test=args.test, image_size=args.image_size)
         print_table(result)
