@@ -23,6 +23,10 @@ def test_bench_runs_and_matches_openflamingo(tmp_path):
     assert "greedy outputs identical: True" in result.output
     figures = json.loads(out.read_text())
     assert figures["openflamingo"]["greedy_outputs_identical"] is True
+    # The speed-up is against our own path timed just before and just after OpenFlamingo's loop.
+    before, after = figures["openflamingo"]["our_seconds_before_after"]
+    assert before > 0 and after > 0
+    assert figures["openflamingo"]["our_items_per_second"] == pytest.approx(8 / ((before + after) / 2))
     for stage in ("vision", "generation", "end_to_end"):
         assert figures[stage]["items_per_second"] > 0 and figures[stage]["flops_per_item"] > 0
     # The reference re-encodes the demonstrations and re-reads the whole prompt for every item.
@@ -93,3 +97,25 @@ def test_bench_pipeline_reports_a_steady_rate_as_a_ratio(tmp_path):
     # 6 items against 2 time nothing steady: only that the figures are there
     assert {"ratio_to_in_process", "job_start_seconds"} <= set(pipeline) and "in-process end to end" in result.output
     assert {"MapBatches(VisionEncoder)", "MapBatches(Annotator)"} <= {s["stage"] for s in pipeline["stages"]}
+
+
+def test_the_shots_sweep_times_every_count_in_rounds_and_keeps_the_median(monkeypatch):
+    """Each count is timed once per round, the order reversed every other round, so a load that drifts during
+    the sweep does not read as a cost of the shots; each count's figure is the median of its rounds."""
+    from flamingo_annotate import bench
+
+    calls: list[int] = []
+    seconds = {0: [3.0, 1.0, 2.0], 4: [9.0, 5.0, 7.0]}   # what each timed round of a count takes
+
+    def generate_batch(prefix: int) -> int:
+        calls.append(prefix)
+        return prefix
+
+    def fake_timed(fn, device):
+        shots = fn()
+        return None, seconds[shots][calls.count(shots) - 2]   # the first call of each count is its warm-up
+
+    monkeypatch.setattr(bench, "_timed", fake_timed)
+    sweep = bench.shots_sweep((0, 4), lambda shots: shots, generate_batch, batch_items=2, device="cpu")
+    assert calls == [0, 4] + [0, 4, 4, 0, 0, 4]          # warm-ups, then rounds in alternating order
+    assert sweep == {0: 1.0, 4: 3.5}                      # medians (2.0 and 7.0 s) per item of 2

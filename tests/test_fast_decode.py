@@ -142,3 +142,17 @@ def test_the_compiled_step_gives_the_eager_tokens():
     for c, e in zip(compiled, eager):
         assert torch.equal(c.sequences, e.sequences)
         torch.testing.assert_close(c.mean_logprob, e.mean_logprob, atol=1e-5, rtol=0)
+
+
+def test_the_prefix_media_is_carried_only_for_text_that_sees_it():
+    """A query that starts with its image never attends to the prefix's last image (OpenFlamingo's rule), so its
+    rows carry only their own media; text before a row's first image does see the prefix's, and keeps it."""
+    from flamingo import generation
+
+    model = build("llama")
+    prefix, _, _, visual, *_ = inputs(model, with_demos=True)
+    with torch.no_grad():
+        for queries, media in ((["<image>a", "<image>an object"], 1), (["<image>a", "x <image>an object"], 2)):
+            ids, mask = model.tokenize(queries)
+            state = generation.run_prompt(model.lm, ids, mask, visual, prefix)
+            assert state.cond.visual_tokens.shape[1] == media, queries

@@ -237,3 +237,15 @@ def test_build_miniature_loads_with_flamingo_tokens(tokenizer, tmp_path: Path):
     with torch.no_grad():
         logits = model(vision_x=vision_x, lang_x=lang_x, attention_mask=attention_mask).logits
     assert logits.shape[:2] == lang_x.shape and torch.isfinite(logits).all()
+
+
+def test_hard_negatives_vary_only_the_attributes_configured() -> None:
+    config = VisionPretrainConfig(max_objects=1, clip_fraction=0.0, group_size=4, batch_size=8,
+                                  variant_attributes=("shape",))
+    _, captions = sample_pairs(config, 0)
+    for group in (captions[:4], captions[4:]):
+        words = [c.split() for c in group]
+        differing = {i for w in words[1:] for i, (a, b) in enumerate(zip(words[0], w)) if a != b}
+        assert len(differing) == 1   # the shape word, and nothing else, changes within a group
+    with pytest.raises(ValueError, match="variant_attributes: one or more of"):
+        VisionPretrainConfig(variant_attributes=("texture",))
