@@ -2,7 +2,7 @@
 about single objects (training/probe_vision.py), on one torch thread:
 
     .venv/bin/python jobs/vision_experiment.py OUT [--set steps=500 --set warmup_steps=50 ...]
-        [--open-clip pool_type=avg] [--untrained] [--position-table] [--conv-stem]
+        [--open-clip pool_type=avg] [--untrained] [--position-table] [--conv-stem] [--patch-window 24]
 
 - `--set NAME=VALUE`: a `VisionPretrainConfig` field (VALUE read as JSON when it parses, else as a string).
 - `--open-clip NAME=VALUE`: an extra field of open_clip's vision config that is no config field here (to try
@@ -13,6 +13,9 @@ about single objects (training/probe_vision.py), on one torch thread:
 - `--conv-stem`: two 3x3 convolutions (16 and 32 channels, GELU) before the patch projection, which then reads
   their 32 channels instead of the pixels. open_clip's configs cannot express it, so the tower folder written
   holds its weights but cannot be loaded by name; the probes run in this process.
+- `--patch-window K`: overlapping patches: the patch projection reads a K x K window centred on each patch
+  (stride and grid unchanged), so some token sees a whole small shape wherever it falls. Saved like
+  `--conv-stem`.
 
 Every run also probes the shape of small objects alone (`small_shape_probe`, as drawn): where the towers so
 far fail.
@@ -72,6 +75,14 @@ def conv_stem(width: int, patch_size: int) -> nn.Module:
                          nn.Conv2d(32, width, patch_size, stride=patch_size, bias=False))
 
 
+def patch_window(width: int, patch_size: int, window: int) -> nn.Module:
+    """A patch projection over overlapping `window` x `window` windows at the patch stride: the same grid of
+    tokens, each seeing (window - patch_size) / 2 pixels into its neighbours on every side."""
+    if window < patch_size or (window - patch_size) % 2:
+        raise ValueError(f"--patch-window: patch_size ({patch_size}) plus an even number, got {window}")
+    return nn.Conv2d(3, width, window, stride=patch_size, padding=(window - patch_size) // 2, bias=False)
+
+
 def assignments(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -91,6 +102,7 @@ def main() -> None:
     parser.add_argument("--untrained", action="store_true")
     parser.add_argument("--position-table", action="store_true")
     parser.add_argument("--conv-stem", action="store_true")
+    parser.add_argument("--patch-window", type=int, default=0, metavar="K")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -105,6 +117,8 @@ def main() -> None:
         model = open_clip.CLIP(**cfg)
         if args.conv_stem:
             model.visual.conv1 = conv_stem(config.width, config.patch_size)
+        if args.patch_window:
+            model.visual.conv1 = patch_window(config.width, config.patch_size, args.patch_window)
     start = time.perf_counter()
     if not args.untrained:
         model = pretrain_vision(config, log_every=max(1, config.steps // 5), model=model)
@@ -134,6 +148,7 @@ def main() -> None:
     print(f"training {train_s:.0f} s, probes {probe_s:.0f} s, retrieval {retrieval:.3f}")
     (out / "result.json").write_text(json.dumps(
         {"set": assignments(args.set), "open_clip": extra, "untrained": args.untrained, "conv_stem": args.conv_stem,
+         "patch_window": args.patch_window,
          "train_seconds": train_s, "probe_seconds": probe_s, "retrieval": retrieval, "probe": result,
          "small_objects_shape": small}, indent=2) + "\n")
 
