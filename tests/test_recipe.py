@@ -11,8 +11,10 @@ import yaml
 from click.testing import CliRunner
 
 import flamingo
+from flamingo.presets import BUNDLED_DIR
 from flamingo_annotate.cli import main
 from training.config import ConfigError
+from training.pretrain_vision import clip_config
 from training.recipe import RECIPE_FILE, load_recipe, run_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,3 +80,10 @@ def test_the_bundled_recipe_file_is_valid():
     config = load_recipe(REPO / "jobs" / "train_configs" / "miniature.yaml")
     first, *_ = config.train_configs()
     assert first.model.endswith("miniature") and config.eval.shots == (0, 1, 2, 4, 8)
+
+
+def test_the_recipe_builds_the_tower_the_bundled_model_records():
+    # The bundled model must be what its recipe makes: a stage-1 setting changed in one and not the other fails.
+    bundled = json.loads((BUNDLED_DIR / "miniature" / "config.json").read_text())
+    recipe = load_recipe(REPO / "jobs" / "train_configs" / "miniature.yaml")
+    assert clip_config(recipe.vision) == bundled["vision_encoder_config"]
