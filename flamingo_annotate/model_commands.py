@@ -64,7 +64,8 @@ def recipe(config: str, local: bool) -> None:
               help="Nonsense words, one row each: train (training's generator), wide (a wider one).")
 @click.option("--task-items", type=click.IntRange(min=0), default=240, show_default=True,
               help="Held-out scenes for each example task file.")
-@click.option("--tasks", "task_files", default="jobs/tasks/caption.yaml,jobs/tasks/count.yaml", show_default=True,
+@click.option("--tasks", "task_files", show_default=True,     # training.evaluate.DEFAULT_TASKS, without its import
+              default="jobs/tasks/caption.yaml,jobs/tasks/count.yaml,jobs/tasks/has_red.yaml,jobs/tasks/binding.yaml",
               help="Example task files to score on held-out scenes ('' to skip).")
 @click.option("--parts", default="caption,qa,binding,tasks", show_default=True, help="What to measure.")
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads [default: torch's].")

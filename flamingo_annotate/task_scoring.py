@@ -20,7 +20,7 @@ from flamingo.calibration import calibrate, label_prior
 from media.decode import DecodeConfig
 from pipeline.generate import load_demonstration_pixels
 from pipeline.task import load_task
-from training.evaluate import NUMBER_WORDS, EvalConfig, caption_task_scores, count_task_scores
+from training.evaluate import EvalConfig, caption_task_scores, classify_task_scores, task_truth
 from training.sequences import image_transform
 from training.synthetic import Scene
 
@@ -30,8 +30,8 @@ def score_task(model: Flamingo, path: str | Path, scenes: Sequence[Scene], confi
     """Run one task file on `scenes` as the annotation pipeline does (pipeline.generate.Annotator: the
     demonstrations as a few-shot prefix, the query after each item's `<image>`, labels scored with their
     end-of-chunk, calibrated when the task says `calibrate: true`) and score the answers against the scenes'
-    truth. Classify tasks whose labels are number words (count.yaml) are scored as object counts; generate
-    tasks (caption.yaml) as captions."""
+    truth. Classify tasks are scored against `training.evaluate.task_truth` (count, has_red, binding), per
+    class; generate tasks (caption.yaml) as captions."""
     if not Path(path).is_absolute() and not Path(path).exists():
         path = Path(__file__).resolve().parents[1] / path      # the repository's own jobs/tasks
     task = load_task(path, check_remote_media=False)
@@ -64,9 +64,11 @@ def score_task(model: Flamingo, path: str | Path, scenes: Sequence[Scene], confi
                 out = model.generate(lang_x=query, visual_tokens=visual, prefix=prefix, max_new_tokens=g.max_new_tokens,
                                      num_beams=g.num_beams, do_sample=False, return_dict=True)
                 outputs += model.decode(out.new_tokens)
-    labels = [label.strip() for label in task.labels]
-    if task.kind == "classify" and set(labels) <= set(NUMBER_WORDS):
-        return task.name, count_task_scores(scenes, outputs, labels)
-    if task.kind == "classify":
-        raise ValueError(f"{path}: no truth in the synthetic world for labels {labels}")
-    return task.name, caption_task_scores(scenes, outputs)
+    if task.kind == "generate":
+        return task.name, caption_task_scores(scenes, outputs)
+    truths = [task_truth(task.name, scene) for scene in scenes]
+    if None in truths:
+        raise ValueError(f"{path}: task {task.name!r} has no truth in the synthetic world "
+                         "(the example tasks count, has_red and binding have)")
+    return task.name, classify_task_scores([t for t in truths if t is not None], outputs,
+                                           [label.strip() for label in task.labels])

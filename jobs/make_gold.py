@@ -27,18 +27,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from training.evaluate import NUMBER_WORDS, eval_seed
+from training.evaluate import BINDING_WORDS, NUMBER_WORDS, eval_seed, has_red
 from training.synthetic import Scene, make_scene
 
 JOBS_DIR = Path(__file__).resolve().parent
 DEMOS_DIR = JOBS_DIR / "tasks" / "demos"
 GOLD_PART = 100            # parts of the evaluation's seed sequences that `eval` (0-4) does not use
 DEMO_SEED = 1001           # make_demo_media.py draws from (1000, i)
-BINDING_WORDS = {"circle": "dovax", "square": "kimet"}   # made by the training's nonsense-word generator
-
-
-def has_red(scene: Scene) -> str:
-    return "yes" if any(o.colour == "red" for o in scene.objects) else "no"
 
 
 def find_scenes(start: int, count: int, want: Callable[[Scene], bool], *,

@@ -21,7 +21,7 @@ from training.evaluate import (
     binding_episodes,
     caption_scores,
     caption_task_scores,
-    count_task_scores,
+    classify_task_scores,
     eval_seed,
     gates_closed,
     is_training_word,
@@ -29,6 +29,8 @@ from training.evaluate import (
     proportion,
     qa_items,
     qa_scores,
+    task_scenes,
+    task_truth,
     wide_nonsense_words,
     wilson_interval,
 )
@@ -126,14 +128,30 @@ def test_qa_scores_are_exact_matches_per_attribute_with_baselines():
     assert scores["count"]["accuracy"] == 1.0 and scores["all"]["accuracy"] == 0.75
 
 
-def test_count_task_scores_per_class_and_label_bias():
+def test_classify_task_scores_per_class_and_label_bias():
     scenes = [make_scene(i) for i in range(30)]
     answers = ["one"] * 30                       # a model that always says 'one'
-    scores = count_task_scores(scenes, answers, ["one", "two", "three"])
+    scores = classify_task_scores([task_truth("count", s) for s in scenes], answers, ["one", "two", "three"])
     ones = sum(len(s.objects) == 1 for s in scenes)
     assert scores["accuracy"]["correct"] == ones and scores["accuracy"]["answers"] == {"one": 30}
     assert scores["true_one"]["accuracy"] == 1.0
     assert scores["true_two"]["correct"] == 0 and scores["true_three"]["correct"] == 0
+
+
+def test_each_example_task_is_scored_against_the_scenes_it_asks_about():
+    # binding.yaml binds its words to a circle and a square only: its scenes hold one of those, nothing else.
+    config = EvalConfig(task_items=40)
+    binding = task_scenes(config, 3, "binding")
+    assert len(binding) == 40 and {len(s.objects) for s in binding} == {1}
+    assert {s.objects[0].shape for s in binding} == {"circle", "square"}
+    assert {task_truth("binding", s) for s in binding} == {"dovax.", "kimet."}
+    assert all(task_truth("binding", s) == ("dovax." if s.objects[0].shape == "circle" else "kimet.") for s in binding)
+    scenes = task_scenes(config, 2, "has_red")
+    assert max(len(s.objects) for s in scenes) == 3 and scenes != task_scenes(config, 1, "count")
+    assert [task_truth("has_red", s) for s in scenes] == [
+        "yes" if "red" in [o.colour for o in s.objects] else "no" for s in scenes]
+    assert {task_truth("has_red", s) for s in scenes} == {"yes", "no"}
+    assert task_truth("caption", scenes[0]) is None
 
 
 def test_gates_closed_gives_the_bare_lm_and_restores_the_gates():
@@ -162,4 +180,7 @@ def test_eval_command_prints_intervals_and_writes_json(tmp_path):
     point = report["binding"]["shape"]["wide"]["gates_closed"]["2"]
     assert point["n"] == 2 and len(point["ci95"]) == 2 and point["chance"] == 0.5
     assert report["qa"]["position"]["n"] == 2 and report["qa"]["position"]["chance"] == pytest.approx(1 / 9, abs=1e-4)
-    assert set(report["tasks"]) == {"caption", "count"} and report["tasks"]["count"]["accuracy"]["n"] == 3
+    assert set(report["tasks"]) == {"caption", "count", "has_red", "binding"}
+    assert all(report["tasks"][name]["accuracy"]["n"] == 3 for name in ("count", "has_red", "binding"))
+    assert set(report["tasks"]["binding"]) == {"accuracy", "true_dovax.", "true_kimet."}
+    assert "task has_red (held-out scenes)" in result.output and "true yes" in result.output

@@ -23,10 +23,11 @@ visible as overlapping intervals. Four measurements, each a pure function of the
               and token counts, never a word the training generator can make). The same curves with
               every gate forced to 0 (the bare LM, which sees the support sentences but no pixels) are
               the control;
-  tasks    -- the example task files (jobs/tasks/caption.yaml, count.yaml) run exactly as the annotation
-              pipeline runs them (same prompt, few-shot prefix, label scoring), on held-out scenes: count
-              accuracy overall and per true class with the distribution of its answers, and for captions
-              exact match, object count and whether every colour / shape named is in the scene.
+  tasks    -- the example task files (jobs/tasks/caption.yaml, count.yaml, has_red.yaml, binding.yaml) run
+              exactly as the annotation pipeline runs them (same prompt, few-shot prefix, label scoring), on
+              held-out scenes (for binding: one circle or square each): classify accuracy overall and per
+              true class with the distribution of its answers, and for captions exact match, object count
+              and whether every colour / shape named is in the scene.
 
 Held out: every scene, clip and episode here is drawn from a `numpy` seed sequence whose entropy starts
 (seed, EVAL_STREAM, ...) with EVAL_STREAM = 7919. Training draws only from (seed, stream, index) with stream
@@ -50,6 +51,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -91,7 +93,10 @@ CLIP_ATTRIBUTES = ("direction", "speed")
 QA_CHANCE = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "size": 1 / len(SIZES), "count": 1 / 3,
              "position": 1 / 9, "relation": 1 / 2, "direction": 1 / len(DIRECTIONS), "speed": 1 / len(SPEEDS)}
 WORD_SETS = ("train", "wide")
-DEFAULT_TASKS = ("jobs/tasks/caption.yaml", "jobs/tasks/count.yaml")
+DEFAULT_TASKS = ("jobs/tasks/caption.yaml", "jobs/tasks/count.yaml", "jobs/tasks/has_red.yaml",
+                 "jobs/tasks/binding.yaml")
+# binding.yaml's words, by the shape its demonstrations show them with (made by the training's generator).
+BINDING_WORDS = MappingProxyType({"circle": "dovax", "square": "kimet"})
 Z95 = 1.959963984540054     # the standard normal's 97.5% quantile
 
 
@@ -266,7 +271,7 @@ def evaluate(model: Flamingo, config: EvalConfig = EvalConfig(),
                     curves["gates_closed"] = binding_curve(model, transform, config, category, words)
     if "tasks" in parts and score_task is not None:
         for index, path in enumerate(config.tasks):
-            name, scores = score_task(model, path, task_scenes(config, index), config)
+            name, scores = score_task(model, path, task_scenes(config, index, Path(path).stem), config)
             report.tasks[name] = scores
     report.seconds = time.perf_counter() - start
     return report
@@ -322,9 +327,37 @@ def binding_episodes(config: EvalConfig, category: str, shots: int, words: str) 
     return episodes
 
 
-def task_scenes(config: EvalConfig, task_index: int) -> list[Scene]:
-    return [make_scene(eval_seed(config.seed, _TASKS, task_index, i), image_size=config.image_size)
-            for i in range(config.task_items)]
+def task_scenes(config: EvalConfig, task_index: int, task_name: str = "") -> list[Scene]:
+    """`config.task_items` held-out scenes for one example task: 1-3 objects, or for `binding` one circle or
+    one square each (the only shapes its words are bound to)."""
+    if task_name != "binding":
+        return [make_scene(eval_seed(config.seed, _TASKS, task_index, i), image_size=config.image_size)
+                for i in range(config.task_items)]
+    scenes: list[Scene] = []
+    draw = 0
+    while len(scenes) < config.task_items:
+        scene = make_scene(eval_seed(config.seed, _TASKS, task_index, draw), image_size=config.image_size,
+                           max_objects=1)
+        draw += 1
+        if scene.objects[0].shape in BINDING_WORDS:
+            scenes.append(scene)
+    return scenes
+
+
+def has_red(scene: Scene) -> str:
+    return "yes" if any(o.colour == "red" for o in scene.objects) else "no"
+
+
+def task_truth(task_name: str, scene: Scene) -> str | None:
+    """The right answer of an example classify task (jobs/tasks/*.yaml) on `scene`; None for a task this
+    world gives no truth for."""
+    if task_name == "count":
+        return NUMBER_WORDS[len(scene.objects)]
+    if task_name == "has_red":
+        return has_red(scene)
+    if task_name == "binding":
+        return f"{BINDING_WORDS[scene.objects[0].shape]}."
+    return None
 
 
 # --- nonsense words ------------------------------------------------------------------------------
@@ -470,9 +503,10 @@ def gates_closed(model: Flamingo) -> Iterator[None]:
 # --- the example task files ----------------------------------------------------------------------
 
 
-def count_task_scores(scenes: Sequence[Scene], answers: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
-    """Accuracy overall and per true object count, each with the distribution of the answers given."""
-    truths = [NUMBER_WORDS[len(s.objects)] for s in scenes]
+def classify_task_scores(truths: Sequence[str], answers: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+    """Accuracy overall (with the majority baseline) and per true label (`true_<label>`, its recall), each
+    with the distribution of the answers given: a classify task's overall accuracy hides a class it never
+    gets, so each class is shown."""
     chance = 1 / len(labels)
     out: dict[str, Any] = {}
     by_truth: dict[str, list[int]] = {label: [] for label in labels}
