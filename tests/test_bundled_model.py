@@ -39,7 +39,8 @@ def test_the_card_reports_the_default_evaluation_with_intervals():
     for by_words in card["binding"].values():
         for curves in by_words.values():
             assert all(point["n"] >= 200 for curve in curves.values() for point in curve.values())
-    assert card["tasks"]["count"]["accuracy"]["n"] >= 200
+    assert set(card["tasks"]) == {"caption", "count", "has_red", "binding"}     # every example task file
+    assert all(card["tasks"][name]["accuracy"]["n"] >= 200 for name in ("count", "has_red", "binding"))
 
 
 # Floors: just under the lower 95% bound of each figure in eval.json (seed 0, the default settings).
