@@ -19,6 +19,7 @@ from training.evaluate import (
     SCENE_ATTRIBUTES,
     EvalConfig,
     binding_episodes,
+    by_object_count,
     caption_scores,
     caption_task_scores,
     classify_task_scores,
@@ -128,6 +129,17 @@ def test_qa_scores_are_exact_matches_per_attribute_with_baselines():
     assert scores["count"]["accuracy"] == 1.0 and scores["all"]["accuracy"] == 0.75
 
 
+def test_qa_is_split_by_how_many_objects_the_scene_holds():
+    # A model that reads a lone object's position but not one among several: the split must show it.
+    scenes = [make_scene(i) for i in range(40)]
+    asked = [(s, next(qa for qa in s.qa() if qa.attribute == "count")) for s in scenes]
+    answers = [qa.answer if len(s.objects) == 1 else "seven" for s, qa in asked]
+    split = by_object_count(asked, answers, 1 / 3)
+    sizes = {k: sum(len(s.objects) == int(k) for s in scenes) for k in split}
+    assert set(split) == {"1", "2", "3"} and all(split[k]["n"] == sizes[k] for k in split)
+    assert split["1"]["accuracy"] == 1.0 and split["2"]["correct"] == split["3"]["correct"] == 0
+
+
 def test_classify_task_scores_per_class_and_label_bias():
     scenes = [make_scene(i) for i in range(30)]
     answers = ["one"] * 30                       # a model that always says 'one'
@@ -184,3 +196,6 @@ def test_eval_command_prints_intervals_and_writes_json(tmp_path):
     assert all(report["tasks"][name]["accuracy"]["n"] == 3 for name in ("count", "has_red", "binding"))
     assert set(report["tasks"]["binding"]) == {"accuracy", "true_dovax.", "true_kimet."}
     assert "task has_red (held-out scenes)" in result.output and "true yes" in result.output
+    assert "question answering by objects in the scene" in result.output
+    split = report["qa"]["position"]["by_objects"]
+    assert sum(p["n"] for p in split.values()) == 2 and "by_objects" not in report["qa"]["speed"]

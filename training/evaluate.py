@@ -205,6 +205,15 @@ class EvalReport:
             lines.append("question answering (exact match)" + head[32:] + "  majority  most frequent answer")
             for attribute, p in self.qa.items():
                 row(attribute, p, f"  {p['majority']:8.2f}  {p['top_answer']!r} {p['top_answer_share']:.2f}")
+            split = {attribute: p["by_objects"] for attribute, p in self.qa.items() if p.get("by_objects")}
+            counts = sorted({int(k) for by in split.values() for k in by})
+            if split:
+                lines.append("question answering by objects in the scene, accuracy [95% interval] n")
+                lines.append(f"  {'':<30}" + "".join(f"  {f'{k} object' + 's' * (k > 1):<21}" for k in counts))
+                for attribute, by in split.items():
+                    lines.append(f"  {attribute:<30}" + "".join(
+                        f"  {by[str(k)]['accuracy']:.2f} [{by[str(k)]['ci95'][0]:.2f},{by[str(k)]['ci95'][1]:.2f}]"
+                        f" {by[str(k)]['n']:>4}" if str(k) in by else " " * 23 for k in counts))
         for category, by_words in self.binding.items():
             words_name = "colour + shape pairs" if category == "colour_shape" else "shapes, any colour"
             lines.append(f"binding {words_name}, {self.config.ways}-way (chance {self.chance:.2f}), "
@@ -260,6 +269,8 @@ def evaluate(model: Flamingo, config: EvalConfig = EvalConfig(),
             answers = _generate(model, transform, [_pixels(s) for s, _ in asked],
                                 [f"Question: {qa.question} Answer:" for _, qa in asked], config, config.answer_tokens)
             report.qa[attribute] = qa_score([qa for _, qa in asked], answers, QA_CHANCE[attribute])
+            if attribute in SCENE_ATTRIBUTES:
+                report.qa[attribute]["by_objects"] = by_object_count(asked, answers, QA_CHANCE[attribute])
     if "binding" in parts:
         for words in config.words:
             report.word_tokens[words] = word_token_summary(model, config, words)
@@ -438,6 +449,16 @@ def qa_score(questions: Sequence[QA], answers: Sequence[str], chance: float) -> 
     top, top_count = given.most_common(1)[0] if given else ("", 0)
     return proportion(sum(hits), len(hits), chance, majority=round(truths.most_common(1)[0][1] / len(questions), 4),
                       top_answer=top, top_answer_share=round(top_count / len(answers), 4))
+
+
+def by_object_count(asked: Sequence[tuple[Scene | Clip, QA]], answers: Sequence[str], chance: float
+                    ) -> dict[str, dict[str, Any]]:
+    """Exact match split by how many objects each question's scene holds ('1', '2', '3'): an attribute read
+    right for a lone object can still be lost, or bound to the wrong object, among several."""
+    hits: dict[int, list[bool]] = defaultdict(list)
+    for (sample, qa), answer in zip(asked, answers):
+        hits[len(sample.objects)].append(normalise(answer) == normalise(qa.answer))
+    return {str(k): proportion(sum(hits[k]), len(hits[k]), chance) for k in sorted(hits)}
 
 
 def qa_scores(questions: Sequence[QA], answers: Sequence[str]) -> dict[str, dict[str, Any]]:
