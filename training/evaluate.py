@@ -453,12 +453,12 @@ def qa_score(questions: Sequence[QA], answers: Sequence[str], chance: float) -> 
 
 def by_object_count(asked: Sequence[tuple[Scene | Clip, QA]], answers: Sequence[str], chance: float
                     ) -> dict[str, dict[str, Any]]:
-    """Exact match split by how many objects each question's scene holds ('1', '2', '3'): an attribute read
+    """`qa_score` split by how many objects each question's scene holds ('1', '2', '3'): an attribute read
     right for a lone object can still be lost, or bound to the wrong object, among several."""
-    hits: dict[int, list[bool]] = defaultdict(list)
-    for (sample, qa), answer in zip(asked, answers):
-        hits[len(sample.objects)].append(normalise(answer) == normalise(qa.answer))
-    return {str(k): proportion(sum(hits[k]), len(hits[k]), chance) for k in sorted(hits)}
+    by: dict[int, list[int]] = defaultdict(list)
+    for i, (sample, _) in enumerate(asked):
+        by[len(sample.objects)].append(i)
+    return {str(k): qa_score([asked[i][1] for i in by[k]], [answers[i] for i in by[k]], chance) for k in sorted(by)}
 
 
 def qa_scores(questions: Sequence[QA], answers: Sequence[str]) -> dict[str, dict[str, Any]]:
