@@ -15,6 +15,7 @@ import flamingo
 from flamingo_annotate.cli import main
 from training.evaluate import (
     CLIP_ATTRIBUTES,
+    DEFAULT_TASKS,
     EVAL_STREAM,
     SCENE_ATTRIBUTES,
     EvalConfig,
@@ -176,6 +177,14 @@ def test_gates_closed_gives_the_bare_lm_and_restores_the_gates():
         other = model(vision_x=torch.randn_like(pixels), lang_x=lang_x, attention_mask=mask).logits
     assert torch.equal(closed, other)               # the pixels no longer matter
     assert all(torch.equal(b.attn_gate, g) for b, g in zip(model.gated_cross_attn_layers(), before))
+
+
+def test_the_eval_command_defaults_to_every_example_task():
+    # The CLI spells DEFAULT_TASKS out (importing training at start-up is slow): the two must not drift.
+    from flamingo_annotate.model_commands import evaluate as eval_command
+
+    option = next(p for p in eval_command.params if p.name == "task_files")
+    assert option.default == ",".join(DEFAULT_TASKS)
 
 
 def test_eval_command_prints_intervals_and_writes_json(tmp_path):
