@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--conv-stem", action="store_true")
     parser.add_argument("--patch-window", type=int, default=0, metavar="K")
     args = parser.parse_args()
+    if args.conv_stem and args.patch_window:
+        parser.error("--conv-stem and --patch-window both replace the patch projection: give one")
     torch.set_num_threads(1)
 
     config = replace(VisionPretrainConfig(), **assignments(args.set))

@@ -119,7 +119,6 @@ def test_a_fixed_position_embedding_survives_training_and_saving(tmp_path: Path)
         VisionPretrainConfig(pos_embed_type="rope")
 
 
-
 # --- stage 2: language ----------------------------------------------------------------------------
 
 
