@@ -61,8 +61,7 @@ def recipe(config: str, local: bool) -> None:
 @click.option("--categories", default="colour_shape,shape", show_default=True,
               help="What the binding words name, one curve each: colour_shape ('red circle'), shape.")
 @click.option("--words", default="train,wide", show_default=True,
-              help="Nonsense words, one row each: train (training's generator), wide (held out: each word holds a "
-                   "letter no training word holds).")
+              help="Nonsense words, one row each: train (training's generator), wide (a wider one).")
 @click.option("--task-items", type=click.IntRange(min=0), default=240, show_default=True,
               help="Held-out scenes for each example task file.")
 @click.option("--tasks", "task_files", show_default=True,     # training.evaluate.DEFAULT_TASKS, without its import
@@ -77,7 +76,7 @@ def evaluate(model: str | None, scenes: int, clips: int, questions: int, episode
              categories: str, words: str, task_items: int, task_files: str, parts: str, threads: int | None,
              seed: int, json_path: str | None, trust_remote_code: bool) -> None:
     """Accuracy with Wilson 95% intervals and chance, on held-out draws of the synthetic world: 0-shot
-    captions, question answering per attribute, the few-shot binding curves (training-like and held-out
+    captions, question answering per attribute, the few-shot binding curves (training-like and wider
     nonsense words, each with every gate at 0 as the no-vision control) and the example task files."""
     import torch
 

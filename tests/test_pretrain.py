@@ -128,7 +128,7 @@ def test_tokenizer_round_trips_world_text_and_unseen_words(tokenizer):
     eos = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     assert tokenizer.eos_token == END_OF_TEXT and tokenizer(END_OF_TEXT)["input_ids"] == [eos]
     text = "a large red circle at the top left."
-    assert len(tokenizer(text)["input_ids"]) < 0.6 * len(text)                      # merges were learnt
+    assert len(tokenizer(text)["input_ids"]) < len(text) / 2                        # merges were learnt
 
 
 def test_batches_end_documents_and_ignore_only_padding(tokenizer):

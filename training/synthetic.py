@@ -61,21 +61,15 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 SUPPORT_TEXT = "This is a {word}."
 QUERY_TEXT = "This is a"
 
-# Nonsense words are 1-3 syllables of onset + vowel + optional coda ("bliket", "dovax", "strooblenk",
-# "fa"): many letters, clusters, lengths (2-21 letters) and token counts, so the model learns to copy a
-# word it has never seen rather than words of one shape (a model trained on two-syllable words of single
-# vowels alone lost a third of its binding accuracy on other words). Onsets are consonants so "a bliket"
-# always has the right article. The letters c, h, j, q and y never appear (`NONSENSE_LETTERS`): the
-# evaluation draws its held-out words with them, so they are unlike any training word. There is no
-# dictionary check: the model only ever sees this world, so a word is nonsense to it as long as the
-# world's own vocabulary never uses it, which the reserved set below ensures.
+# Nonsense words are two onset + vowel syllables closed by a coda ("bliket", "dovax"): two syllables
+# rarely make an English word, where one ("bat", "gap") often does. Onsets are consonants so "a bliket"
+# always has the right article. There is no dictionary check: the model only ever sees this world, so
+# a word is nonsense to it as long as the world's own vocabulary never uses it, which the reserved set
+# below ensures.
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z",
-           "bl", "br", "dr", "fl", "gl", "gr", "kl", "pl", "sk", "sn", "sp", "st", "tr",
-           "sm", "sw", "kn", "dw", "gw", "str", "spl", "spr")
-_VOWELS = ("a", "e", "i", "o", "u", "ee", "oo", "ai", "ou", "ea", "oi", "au", "ie")
-_CODAS = ("", "", "", "b", "d", "g", "k", "m", "n", "p", "t", "x", "l", "ll", "lf", "ff", "ng", "nk", "r",
-          "rk", "s", "st", "z", "zz", "f")
-NONSENSE_LETTERS = frozenset("".join(_ONSETS + _VOWELS + _CODAS))
+           "bl", "br", "dr", "fl", "gl", "gr", "kl", "pl", "sk", "sn", "sp", "st", "tr")
+_VOWELS = ("a", "e", "i", "o", "u")
+_CODAS = ("b", "d", "g", "k", "m", "n", "p", "t", "x")
 _TEMPLATE_WORDS = ("a", "the", "and", "is", "are", "there", "this", "what", "which", "how", "many", "where",
                    "colour", "shape", "size", "object", "way", "does", "move", "moves", "of", "above", "in",
                    "on", "at", "yes", "no", "shapes")
@@ -83,7 +77,7 @@ _RESERVED_WORDS = frozenset(
     (*_TEMPLATE_WORDS, *SHAPES, *(f"{s}s" for s in SHAPES), *COLOURS, *SIZES, *ROWS, *COLUMNS, *DIRECTIONS,
      *SPEEDS, *SPEED_ADVERBS.values(), *NUMBER_WORDS)
 )
-# Far below the ~10^10 words the syllables make, so rejecting repeats stays cheap.
+# Far below the ~176,000 words the syllables make, so rejecting repeats stays cheap.
 _MAX_NONSENSE_WORDS = 10_000
 _MAX_PLACEMENT_TRIES = 1000
 VARIANT_ATTRIBUTES = ("shape", "colour", "size", "cell")   # what a hard negative may change
@@ -399,15 +393,14 @@ def make_binding_episode(
 
 
 def nonsense_words(seed: Seed, count: int) -> tuple[str, ...]:
-    """`count` distinct pronounceable nonsense words ('bliket', 'dovax', 'spraunkzee') of 1-3 syllables and
-    at least 2 letters, none used by the world's captions or questions."""
+    """`count` distinct pronounceable nonsense words ('bliket', 'dovax'), none used by the world's
+    captions or questions."""
     if not 0 <= count <= _MAX_NONSENSE_WORDS:
         raise ValueError(f"count must be in 0..{_MAX_NONSENSE_WORDS}, got {count}")
     rng = np.random.default_rng(seed)
     words: list[str] = []
     while len(words) < count:
-        syllables = int(rng.integers(1, 4))
-        word = "".join(pick(rng, _ONSETS) + pick(rng, _VOWELS) + pick(rng, _CODAS) for _ in range(syllables))
+        word = "".join(pick(rng, _ONSETS) + pick(rng, _VOWELS) for _ in range(2)) + pick(rng, _CODAS)
         if word not in _RESERVED_WORDS and word not in words:
             words.append(word)
     return tuple(words)
