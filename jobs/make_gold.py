@@ -10,7 +10,7 @@ holds one task's rows, without the task column):
   count     the number of shapes as a word (one, two, three);
   caption   the scene's caption as training.synthetic writes it;
   has_red   yes when a red shape is in the scene, else no;
-  binding   single-shape scenes of a circle or a square (any colour), answered with the nonsense word the
+  binding   single-shape scenes of a circle or a star (any colour), answered with the nonsense word the
             task's demonstrations bind to that shape ('dovax.' or 'kimet.'); no other scene has this task.
 Held out: every scene's numpy seed sequence starts (seed, EVAL_STREAM, GOLD_PART, ...) as
 training.evaluate.eval_seed builds it, a stream no training draw uses and no part that `eval` uses
@@ -50,13 +50,18 @@ def find_scenes(start: int, count: int, want: Callable[[Scene], bool], *,
 
 
 def draw_demos() -> None:
-    """has_red: two scenes with a red shape, two without; binding: two circles and two squares (one shape
-    each, colours as drawn), so the word names the shape."""
+    """has_red: two scenes with a red shape, two without; binding: two circles and two stars, one shape
+    each, the circles in the same colours and sizes as the stars (a large red one, a small blue one), so
+    that only the shape tells the words apart."""
+    def lone(shape: str, colour: str, size: str) -> Callable[[Scene], bool]:
+        return lambda s: (s.objects[0].shape, s.objects[0].colour, s.objects[0].size) == (shape, colour, size)
+
     demos = {
         "red_yes": find_scenes(0, 2, lambda s: has_red(s) == "yes" and len(s.objects) > 1),
         "red_no": find_scenes(0, 2, lambda s: has_red(s) == "no"),
-        "circle": find_scenes(0, 2, lambda s: s.objects[0].shape == "circle", max_objects=1),
-        "square": find_scenes(0, 2, lambda s: s.objects[0].shape == "square", max_objects=1),
+        **{shape: [*find_scenes(0, 1, lone(shape, "red", "large"), max_objects=1),
+                   *find_scenes(0, 1, lone(shape, "blue", "small"), max_objects=1)]
+           for shape in BINDING_WORDS},
     }
     for kind, scenes in demos.items():
         for j, (seed, scene) in enumerate(scenes, start=1):

@@ -152,11 +152,11 @@ def test_classify_task_scores_per_class_and_label_bias():
 
 
 def test_each_example_task_is_scored_against_the_scenes_it_asks_about():
-    # binding.yaml binds its words to a circle and a square only: its scenes hold one of those, nothing else.
+    # binding.yaml binds its words to a circle and a star only: its scenes hold one of those, nothing else.
     config = EvalConfig(task_items=40)
     binding = task_scenes(config, 3, "binding")
     assert len(binding) == 40 and {len(s.objects) for s in binding} == {1}
-    assert {s.objects[0].shape for s in binding} == {"circle", "square"}
+    assert {s.objects[0].shape for s in binding} == {"circle", "star"}
     assert {task_truth("binding", s) for s in binding} == {"dovax.", "kimet."}
     assert all(task_truth("binding", s) == ("dovax." if s.objects[0].shape == "circle" else "kimet.") for s in binding)
     scenes = task_scenes(config, 2, "has_red")
