@@ -31,7 +31,7 @@ from training.evaluate import (
     wide_nonsense_words,
 )
 from training.sequences import image_transform
-from training.synthetic import _CODAS, _ONSETS, _VOWELS, BINDING_CATEGORIES, nonsense_words, pick
+from training.synthetic import _CODAS, _ONSETS, _VOWELS, BINDING_CATEGORIES, BindingEpisode, nonsense_words, pick
 
 WordFamily = Callable[[np.random.Generator, int], tuple[str, ...]]
 
@@ -54,7 +54,7 @@ def syllable_words(onsets: tuple[str, ...], vowels: tuple[str, ...], syllables: 
 
 
 FAMILIES: dict[str, WordFamily] = {
-    "training's generator": lambda rng, count: nonsense_words(rng, count),
+    "training's generator": nonsense_words,
     "training's letters, 1 or 3 syllables": syllable_words(_ONSETS, _VOWELS, (1, 3)),
     "new onsets (c, h, j, y, sh, qu, ...)": syllable_words(NEW_ONSETS, _VOWELS, (2,)),
     "new vowels (ee, oo, ai, ou, y)": syllable_words(_ONSETS, NEW_VOWELS, (2,)),
@@ -77,6 +77,12 @@ def main() -> None:
     model = flamingo.load_model(args.model).eval()
     transform = image_transform(model)
     config = EvalConfig(episodes=args.episodes)
+
+    def is_right(episode: BindingEpisode) -> bool:
+        support = list(zip(episode.support_images(), episode.support_texts))
+        with torch.no_grad():
+            return binding_choice(model, transform, support, episode.query_image(), episode.words) == episode.answer
+
     print(f"{'words':40s}" + "".join(f"{c:>22s}" for c in BINDING_CATEGORIES) + "   tokens as ' word.'  e.g.")
     for name, family in FAMILIES.items():
         cells: list[str] = []
@@ -86,10 +92,7 @@ def main() -> None:
             for i, episode in enumerate(binding_episodes(config, category, args.shots, "train")):
                 episode = rename_words(episode, family(np.random.default_rng((config.seed, 31, i)), config.ways))
                 drawn += episode.words
-                support = list(zip(episode.support_images(), episode.support_texts))
-                with torch.no_grad():
-                    answer = binding_choice(model, transform, support, episode.query_image(), episode.words)
-                hits += answer == episode.answer
+                hits += is_right(episode)
             p = proportion(hits, config.episodes, 1 / config.ways)
             cells.append(f"{p['accuracy']:.2f} [{p['ci95'][0]:.2f},{p['ci95'][1]:.2f}]")
         tokens = [len(model.tokenizer(f" {w}.", add_special_tokens=False)["input_ids"]) for w in drawn]
@@ -99,10 +102,7 @@ def main() -> None:
           f"(chance {1 / config.ways:.2f})")
     by_pair: dict[tuple[str, ...], list[bool]] = defaultdict(list)
     for episode in binding_episodes(replace(config, episodes=args.pair_episodes, ways=2), "shape", args.shots, "train"):
-        support = list(zip(episode.support_images(), episode.support_texts))
-        with torch.no_grad():
-            answer = binding_choice(model, transform, support, episode.query_image(), episode.words)
-        by_pair[tuple(sorted(episode.categories))].append(answer == episode.answer)
+        by_pair[tuple(sorted(episode.categories))].append(is_right(episode))
     print(f"shapes, any colour, by pair ({args.shots} shots per word, training's words, chance 0.50):")
     for pair, right in sorted(by_pair.items()):
         p = proportion(sum(right), len(right), 0.5)

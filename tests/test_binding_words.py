@@ -38,7 +38,7 @@ def test_each_family_changes_what_its_name_says():
 
 def test_the_script_prints_every_family_and_pair(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), "--episodes", "2", "--pair-episodes", "12", "--shots", "1",
-                             "--threads", "1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                             "--threads", "1"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     cell = r"(\d\.\d\d) \[\d\.\d\d,\d\.\d\d\]"
     rows = [line for line in result.stdout.splitlines() if len(re.findall(cell, line)) == 2]
