@@ -96,8 +96,9 @@ WORD_SETS = ("train", "wide")
 DEFAULT_TASKS = ("jobs/tasks/caption.yaml", "jobs/tasks/count.yaml", "jobs/tasks/has_red.yaml",
                  "jobs/tasks/binding.yaml")
 # binding.yaml's words, by the shape its demonstrations show them with (made by the training's generator).
-# Circle and star: the bundled model binds words to them 0.99 of the time, where it cannot tell a circle from
-# a square (jobs/binding_words.py), so the task shows binding rather than the tower's weakest pair.
+# Circle and star: the bundled model binds words to them 1.00 of the time (217 episodes), and a circle apart
+# from a square only 0.62 (jobs/binding_words.py), so the task shows binding rather than the tower's weakest
+# pair.
 BINDING_WORDS = MappingProxyType({"circle": "dovax", "star": "kimet"})
 Z95 = 1.959963984540054     # the standard normal's 97.5% quantile
 
