@@ -7,7 +7,6 @@ imports the other. `flamingo-annotate eval` passes `score_task` to `training.eva
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +19,23 @@ from flamingo.calibration import calibrate, label_prior
 from media.decode import DecodeConfig
 from pipeline.generate import load_demonstration_pixels
 from pipeline.task import load_task
-from training.evaluate import EvalConfig, caption_task_scores, classify_task_scores, task_truth
+from training.evaluate import EvalConfig, caption_task_scores, classify_task_scores, task_scenes, task_truth
 from training.sequences import image_transform
-from training.synthetic import Scene
 
 
-def score_task(model: Flamingo, path: str | Path, scenes: Sequence[Scene], config: EvalConfig
+def score_task(model: Flamingo, path: str | Path, task_index: int, config: EvalConfig
                ) -> tuple[str, dict[str, Any]]:
-    """Run one task file on `scenes` as the annotation pipeline does (pipeline.generate.Annotator: the
-    demonstrations as a few-shot prefix, the query after each item's `<image>`, labels scored with their
-    end-of-chunk, calibrated when the task says `calibrate: true`) and score the answers against the scenes'
-    truth. Classify tasks are scored against `training.evaluate.task_truth` (count, has_red, binding), per
-    class; generate tasks (caption.yaml) as captions."""
+    """Run one task file on its held-out scenes (`training.evaluate.task_scenes`, drawn for the task's
+    `name:` and its place `task_index` in `config.tasks`) as the annotation pipeline does
+    (pipeline.generate.Annotator: the demonstrations as a few-shot prefix, the query after each item's
+    `<image>`, labels scored with their end-of-chunk, calibrated when the task says `calibrate: true`) and
+    score the answers against the scenes' truth. Classify tasks are scored against
+    `training.evaluate.task_truth` (count, has_red, binding), per class; generate tasks (caption.yaml) as
+    captions."""
     if not Path(path).is_absolute() and not Path(path).exists():
         path = Path(__file__).resolve().parents[1] / path      # the repository's own jobs/tasks
     task = load_task(path, check_remote_media=False)
+    scenes = task_scenes(config, task_index, task.name)
     decode = DecodeConfig.for_model(model.config)
     with torch.inference_mode():
         prefix_ids, _ = model.tokenize([task.prefix_text()])

@@ -4,6 +4,8 @@ answers, the no-vision control, and the command."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +39,8 @@ from training.evaluate import (
     wilson_interval,
 )
 from training.synthetic import QA, make_scene, nonsense_words
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("k, n", [(0, 10), (5, 10), (10, 10), (200, 200), (37, 200), (1, 3)])
@@ -208,3 +212,18 @@ def test_eval_command_prints_intervals_and_writes_json(tmp_path):
     assert "question answering by objects in the scene" in result.output
     split = report["qa"]["position"]["by_objects"]
     assert sum(p["n"] for p in split.values()) == 2 and "by_objects" not in report["qa"]["speed"]
+
+
+def test_a_task_file_is_scored_by_the_name_inside_it_not_its_file_name(tmp_path):
+    # binding.yaml saved as names.yaml is still the binding task: its scenes hold one circle or one star,
+    # the only shapes its words name, so every scene has a truth.
+    tasks = tmp_path / "tasks"
+    shutil.copytree(PROJECT_ROOT / "jobs" / "tasks", tasks)
+    (tasks / "binding.yaml").rename(tasks / "names.yaml")
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(main, ["eval", "--model", "tiny-random", "--parts", "tasks", "--task-items", "12",
+                                       "--tasks", str(tasks / "names.yaml"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(out.read_text())["tasks"]["binding"]
+    assert scores["accuracy"]["n"] == 12
+    assert scores["true_dovax."]["n"] + scores["true_kimet."]["n"] == 12

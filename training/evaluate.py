@@ -244,10 +244,10 @@ class EvalReport:
         return "\n".join(lines)
 
 
-# Runs one task file on held-out scenes and scores it: (task name, scores). Task files and their decoding belong to
-# the annotation pipeline, which this package does not import; the eval command passes
-# `flamingo_annotate.task_scoring.score_task`.
-TaskScorer = Callable[[Flamingo, "str | Path", Sequence[Scene], "EvalConfig"], tuple[str, dict[str, Any]]]
+# Runs one task file (the `int`: its place in `config.tasks`) on its held-out scenes, `task_scenes`, and scores it:
+# (task name, scores). Task files and their decoding belong to the annotation pipeline, which this package does not
+# import; the eval command passes `flamingo_annotate.task_scoring.score_task`.
+TaskScorer = Callable[[Flamingo, "str | Path", int, "EvalConfig"], tuple[str, dict[str, Any]]]
 
 
 def evaluate(model: Flamingo, config: EvalConfig = EvalConfig(),
@@ -285,7 +285,7 @@ def evaluate(model: Flamingo, config: EvalConfig = EvalConfig(),
                     curves["gates_closed"] = binding_curve(model, transform, config, category, words)
     if "tasks" in parts and score_task is not None:
         for index, path in enumerate(config.tasks):
-            name, scores = score_task(model, path, task_scenes(config, index, Path(path).stem), config)
+            name, scores = score_task(model, path, index, config)
             report.tasks[name] = scores
     report.seconds = time.perf_counter() - start
     return report
@@ -343,7 +343,8 @@ def binding_episodes(config: EvalConfig, category: str, shots: int, words: str) 
 
 def task_scenes(config: EvalConfig, task_index: int, task_name: str = "") -> list[Scene]:
     """`config.task_items` held-out scenes for one example task: 1-3 objects, or for `binding` one circle or
-    one star each (the only shapes its words are bound to)."""
+    one star each (the only shapes its words are bound to). `task_name` is the `name:` inside the task file,
+    the same name `task_truth` reads, whatever the file is called."""
     if task_name != "binding":
         return [make_scene(eval_seed(config.seed, _TASKS, task_index, i), image_size=config.image_size)
                 for i in range(config.task_items)]
