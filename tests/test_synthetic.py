@@ -164,7 +164,31 @@ def test_questions_cover_every_attribute_with_unambiguous_references() -> None:
             match = re.search(r"the (\w+ )?(circle|square|triangle|star)\b", qa.question)
             if match:
                 _referred(scene.objects, match.group(0)[len("the "):])
-    assert attributes == {"count", "colour", "shape", "size", "position", "relation"}
+    assert attributes == {"count", "colour", "shape", "size", "position", "relation", "existence"}
+
+
+def test_existence_questions_are_true_of_the_pixels_and_balanced() -> None:
+    """'Is there a red shape?' / 'Is there a circle?': the answer follows the drawn pixels (a red object's
+    centre is red), every scene gets each kind once with 'yes' and once with 'no', and over many scenes
+    every colour and every shape is asked about both ways (no colour is a cue for the answer)."""
+    asked: Counter[tuple[str, str]] = Counter()
+    for seed in range(200):
+        scene = make_scene(seed)
+        centres = {_centre_colour(scene.image(), o.x, o.y) for o in scene.objects}
+        drawn = {name for name, rgb in COLOURS.items() if rgb in centres}
+        existence = [qa for qa in scene.qa() if qa.attribute == "existence"]
+        assert sorted(qa.answer for qa in existence) == ["no", "no", "yes", "yes"]
+        for qa in existence:
+            colour = re.fullmatch(r"Is there a (\w+) shape\?", qa.question)
+            if colour:
+                assert qa.answer == ("yes" if colour.group(1) in drawn else "no"), (seed, qa)
+                asked[colour.group(1), qa.answer] += 1
+            else:
+                shape = re.fullmatch(r"Is there a (\w+)\?", qa.question)
+                assert shape is not None and shape.group(1) in SHAPES, qa
+                assert qa.answer == ("yes" if any(o.shape == shape.group(1) for o in scene.objects) else "no")
+                asked[shape.group(1), qa.answer] += 1
+    assert all(asked[option, answer] >= 10 for option in (*COLOURS, *SHAPES) for answer in ("yes", "no")), asked
 
 
 # --- clips ---------------------------------------------------------------------------------------

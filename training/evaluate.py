@@ -87,11 +87,12 @@ from training.synthetic import (
 # data-parallel ranks of stage 3, far below this.
 EVAL_STREAM = 7919
 _CAPTIONS, _CLIPS, _QA, _BINDING, _TASKS = range(5)
-SCENE_ATTRIBUTES = ("colour", "shape", "size", "count", "position", "relation")
+SCENE_ATTRIBUTES = ("colour", "shape", "size", "count", "position", "relation", "existence")
 CLIP_ATTRIBUTES = ("direction", "speed")
 # One over the number of answers each attribute's questions can have (count: one, two or three).
 QA_CHANCE = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "size": 1 / len(SIZES), "count": 1 / 3,
-             "position": 1 / 9, "relation": 1 / 2, "direction": 1 / len(DIRECTIONS), "speed": 1 / len(SPEEDS)}
+             "position": 1 / 9, "relation": 1 / 2, "existence": 1 / 2, "direction": 1 / len(DIRECTIONS),
+             "speed": 1 / len(SPEEDS)}
 WORD_SETS = ("train", "wide")
 DEFAULT_TASKS = ("jobs/tasks/caption.yaml", "jobs/tasks/count.yaml", "jobs/tasks/has_red.yaml",
                  "jobs/tasks/binding.yaml")

@@ -91,7 +91,7 @@ _MP4_OPTIONS = MappingProxyType(
 @dataclass(frozen=True)
 class QA:
     """One question about a single attribute; `attribute` is colour, shape, size, count, position,
-    relation, direction or speed, so accuracy can be reported per attribute."""
+    relation, existence, direction or speed, so accuracy can be reported per attribute."""
 
     question: str
     answer: str
@@ -551,6 +551,22 @@ def _thing_questions(things: Sequence[Thing]) -> list[QA]:
         if colour_counts[thing.colour] == 1:
             qa.append(QA(f"What shape is the {thing.colour} object?", thing.shape, "shape"))
         qa.append(QA(f"What size is {_reference(thing, things)}?", thing.size, "size"))
+    return qa + _existence_questions(things)
+
+
+def _existence_questions(things: Sequence[Thing]) -> list[QA]:
+    """'Is there a red shape?' and 'Is there a circle?', each once with 'yes' and once with 'no', so a
+    yes/no classify task has an answer the model was taught to give from the image. The 'yes' asks about
+    the first object (objects come in random order); the 'no' about the next colour / shape absent from
+    the scene, so every colour and shape is asked about both ways."""
+    qa = []
+    for kind, options, template in (("colour", tuple(COLOURS), "Is there a {} shape?"),
+                                    ("shape", SHAPES, "Is there a {}?")):
+        present = {getattr(t, kind) for t in things}
+        first = options.index(getattr(things[0], kind))
+        absent = next(o for o in options[first + 1:] + options[:first] if o not in present)
+        qa += [QA(template.format(options[first]), "yes", "existence"),
+               QA(template.format(absent), "no", "existence")]
     return qa
 
 
