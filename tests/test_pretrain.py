@@ -21,6 +21,7 @@ from training.pretrain_lm import (
     IGNORE_INDEX,
     DocumentMix,
     LMPretrainConfig,
+    answered_question,
     binding_accuracy,
     build_lm,
     documents,
@@ -191,6 +192,35 @@ def test_repeated_words_say_the_same_run_twice():
     for _ in range(20):
         first, second = repeated_words(rng).removesuffix(".").split(". ")
         assert first == second and 4 <= len(first.split()) <= 12
+
+
+def test_answered_questions_follow_from_the_caption_before_them():
+    import re
+
+    import numpy as np
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(300):
+        document = re.fullmatch(r"(.+\.) Question: (.+\?) Answer: (.+)", answered_question(rng))
+        assert document is not None
+        caption, question, answer = document.groups()
+        colour = re.fullmatch(r"What colour is the (\w+)\?", question)
+        shape = re.fullmatch(r"What shape is the (\w+) object\?", question)
+        if colour:
+            assert f"{answer} {colour.group(1)}" in caption
+        elif shape:
+            assert f"{shape.group(1)} {answer}" in caption
+        elif question == "How many shapes are there?":
+            assert answer == ["one", "two", "three"][caption.count(", a ") + caption.count(" and a ")]
+        else:
+            continue
+        checked += 1
+    assert checked > 100
+
+
+def test_the_default_mix_draws_no_answered_questions():
+    # the bundled model's stage 2 drew without them: a default recipe must draw the same documents
+    assert DocumentMix().answered == 0.0 and DOCUMENT_KINDS[-1] == "answered"
 
 
 def test_document_mix_weights_choose_the_kinds():

@@ -62,6 +62,9 @@ class DocumentMix:
     binding: float = 1.0            # "This is a bliket." sentences: a word seen before comes back
     named_binding: float = 2.0      # "This is a red circle bliket. ...": the object before the word picks it
     repeat: float = 4.0             # a run of words said twice: the copying that binding rests on
+    # "a red circle at the top. Question: Is there a red shape? Answer: yes": a question answered from the
+    # caption before it. Last, so that at 0 the other kinds are drawn exactly as before (numpy's choice).
+    answered: float = 0.0
 
     def __post_init__(self) -> None:
         for name in DOCUMENT_KINDS:
@@ -139,7 +142,20 @@ def world_document(rng: np.random.Generator, config: LMPretrainConfig) -> str:
         return " ".join([*episode.support_texts, SUPPORT_TEXT.format(word=episode.answer)])
     if kind == "named_binding":
         return named_binding(rng, config.binding_shots)
+    if kind == "answered":
+        return answered_question(rng)
     return repeated_words(rng)
+
+
+def answered_question(rng: np.random.Generator) -> str:
+    """'a red circle at the top. Question: Is there a red shape? Answer: yes': a scene's or clip's caption,
+    then one of its questions. In text alone a question's answer is a guess; here the LM learns to carry
+    what the question names to 'Answer:' and look it up in what came before, which the bridges can reuse
+    with an image in the caption's place (as named_binding does for binding)."""
+    sample = _sample(rng)
+    questions = sample.qa()
+    qa = questions[int(rng.integers(len(questions)))]
+    return f"{sample.caption()} Question: {qa.question} Answer: {qa.answer}"
 
 
 def named_binding(rng: np.random.Generator, max_shots: int = 3) -> str:
