@@ -77,6 +77,7 @@ from training.synthetic import (
     BindingEpisode,
     Clip,
     Scene,
+    existence_questions,
     make_binding_episode,
     make_clip,
     make_scene,
@@ -89,6 +90,9 @@ EVAL_STREAM = 7919
 _CAPTIONS, _CLIPS, _QA, _BINDING, _TASKS = range(5)
 SCENE_ATTRIBUTES = ("colour", "shape", "size", "count", "position", "relation", "existence")
 CLIP_ATTRIBUTES = ("direction", "speed")
+# Each attribute's questions come from its own seed stream, its place here: a new attribute goes last, so the
+# others keep their draws (and their figures stay comparable across versions of the evaluation).
+_QA_STREAMS = ("colour", "shape", "size", "count", "position", "relation", "direction", "speed", "existence")
 # One over the number of answers each attribute's questions can have (count: one, two or three).
 QA_CHANCE = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "size": 1 / len(SIZES), "count": 1 / 3,
              "position": 1 / 9, "relation": 1 / 2, "existence": 1 / 2, "direction": 1 / len(DIRECTIONS),
@@ -312,17 +316,20 @@ def caption_clips(config: EvalConfig) -> list[Clip]:
 
 def qa_items(config: EvalConfig) -> dict[str, list[tuple[Scene | Clip, QA]]]:
     """`questions` (sample, question) pairs per attribute, each on a fresh scene (clip for direction and
-    speed) with one question of that attribute picked at random; samples that have none are skipped."""
+    speed) with one question of that attribute picked at random; samples that have none are skipped.
+    Existence questions ('Is there a red shape?', yes and no equally often) are asked of the model though
+    training never asks them: they measure what a yes/no task such as has_red.yaml can expect."""
     items: dict[str, list[tuple[Scene | Clip, QA]]] = {}
-    for index, attribute in enumerate(SCENE_ATTRIBUTES + CLIP_ATTRIBUTES):
+    for attribute in SCENE_ATTRIBUTES + CLIP_ATTRIBUTES:
         asked: list[tuple[Scene | Clip, QA]] = []
         draw = 0
         while len(asked) < config.questions:
-            rng = np.random.default_rng(eval_seed(config.seed, _QA, index, draw))
+            rng = np.random.default_rng(eval_seed(config.seed, _QA, _QA_STREAMS.index(attribute), draw))
             draw += 1
             sample: Scene | Clip = (make_clip(rng, image_size=config.image_size, num_frames=config.num_frames)
                                     if attribute in CLIP_ATTRIBUTES else make_scene(rng, image_size=config.image_size))
-            questions = [qa for qa in sample.qa() if qa.attribute == attribute]
+            questions = (existence_questions(sample.objects) if attribute == "existence"   # not in qa(): see there
+                         else [qa for qa in sample.qa() if qa.attribute == attribute])
             if questions:
                 asked.append((sample, pick(rng, questions)))
         items[attribute] = asked
