@@ -38,6 +38,8 @@ from training.synthetic import (
     SHAPES,
     SUPPORT_TEXT,
     BindingEpisode,
+    Clip,
+    Scene,
     make_binding_episode,
     make_clip,
     make_scene,
@@ -132,9 +134,7 @@ def world_document(rng: np.random.Generator, config: LMPretrainConfig) -> str:
     if kind == "caption":
         return _sample(rng).caption()
     if kind == "qa":
-        questions = _sample(rng).qa()
-        qa = questions[int(rng.integers(len(questions)))]
-        return f"Question: {qa.question} Answer: {qa.answer}"
+        return _asked(rng, _sample(rng))
     if kind == "captions":
         return " ".join(_sample(rng).caption() for _ in range(int(rng.integers(2, config.max_captions + 1))))
     if kind == "binding":
@@ -153,9 +153,14 @@ def answered_question(rng: np.random.Generator) -> str:
     what the question names to 'Answer:' and look it up in what came before, which the bridges can reuse
     with an image in the caption's place (as named_binding does for binding)."""
     sample = _sample(rng)
+    return f"{sample.caption()} {_asked(rng, sample)}"
+
+
+def _asked(rng: np.random.Generator, sample: Scene | Clip) -> str:
+    """'Question: ... Answer: ...' for one of `sample`'s questions, picked at random."""
     questions = sample.qa()
     qa = questions[int(rng.integers(len(questions)))]
-    return f"{sample.caption()} Question: {qa.question} Answer: {qa.answer}"
+    return f"Question: {qa.question} Answer: {qa.answer}"
 
 
 def named_binding(rng: np.random.Generator, max_shots: int = 3) -> str:

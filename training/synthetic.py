@@ -561,8 +561,8 @@ def existence_questions(things: Sequence[Thing]) -> list[QA]:
     object (objects come in random order); the 'no' about the next colour / shape absent from the scene,
     so every colour and shape is asked about both ways.
 
-    Only the evaluation asks them; `qa()` leaves them out. Training on them too (stages 2 and 3, one
-    recipe run) left the model at chance on them, and moved the other figures (docs/existence.md)."""
+    Only the evaluation asks them; `qa()` leaves them out. Training on them too (stages 2 and 3, two
+    recipe runs) left the model at chance on them, and moved the other figures (docs/existence.md)."""
     qa = []
     for kind, options, template in (("colour", tuple(COLOURS), "Is there a {} shape?"),
                                     ("shape", SHAPES, "Is there a {}?")):
