@@ -21,17 +21,19 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .conv_stem import build_clip
 from .tokens import BYTE_LEVEL_TOKENIZER
 
 
 def build_vision_encoder(name: str, pretrained: str | None, config: dict | None,
                          device: str | torch.device | None = None) -> nn.Module:
-    """An open_clip model: by name (with a pretrained tag: downloads) or from a CLIP(...) config dict.
-    `device="meta"` makes it without memory, to count its parameters."""
+    """An open_clip model: by name (with a pretrained tag: downloads) or from a CLIP(...) config dict (which
+    may add a convolutional stem, `flamingo.conv_stem`). `device="meta"` makes it without memory, to count its
+    parameters."""
     # open_clip moves what it creates to `device`: make it there to begin with.
     with torch.device(device) if device is not None else contextlib.nullcontext():
         if config is not None:
-            return open_clip.CLIP(**config)
+            return build_clip(config)
         return open_clip.create_model(name, pretrained=pretrained, device=device or "cpu")
 
 

@@ -44,9 +44,12 @@ from training.pretrain_vision import (
     pixels,
     pretrain_vision,
     retrieval_accuracy,
+    sample_batch,
     sample_pairs,
     save_vision,
+    shape_map,
 )
+from training.synthetic import BACKGROUND, SHAPES
 
 VISION = VisionPretrainConfig(steps=2, batch_size=8, warmup_steps=1, image_size=32, patch_size=8, width=32, layers=1,
                               head_width=16, embed_dim=16, text_width=32, text_layers=1, text_heads=2)
@@ -118,6 +121,52 @@ def test_a_fixed_position_embedding_survives_training_and_saving(tmp_path: Path)
     assert torch.equal(loaded.visual.positional_embedding, table)
     with pytest.raises(ValueError, match="pos_embed_type"):
         VisionPretrainConfig(pos_embed_type="rope")
+
+
+def test_the_shape_map_covers_every_drawn_pixel_with_its_objects_shape():
+    # The map is the target of the patch tokens: a patch with any of an object's pixels must name that
+    # object's shape, and a patch no object reaches must say none.
+    config = VisionPretrainConfig(image_size=64, max_objects=1, batch_size=32)
+    batch = sample_batch(config, 0)
+    labels = shape_map(batch.footprints, 64, 8).view(-1, 8, 8)
+    for image, footprint, label in zip(batch.images, batch.footprints, labels):
+        drawn = torch.from_numpy((image != BACKGROUND).any(-1))                  # (64, 64) object pixels
+        touched = drawn.view(8, 8, 8, 8).any(-1).any(1)                         # (8, 8) patches with any
+        named = {1 + SHAPES.index(shape) for *_, shape in footprint}
+        assert touched.any() and torch.equal(label > 0, touched)
+        assert set(label[label > 0].tolist()) <= named
+        if len(footprint) == 1:
+            assert set(label[touched].tolist()) == named
+
+
+def test_the_shape_map_loss_is_seeded_and_changes_what_the_tower_learns():
+    config = replace(VISION, shape_map_weight=1.0)
+    first, second, plain = pretrain_vision(config), pretrain_vision(config), pretrain_vision(VISION)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(first.visual.conv1.weight, plain.visual.conv1.weight)
+    with pytest.raises(ValueError, match="shape_map_weight"):
+        VisionPretrainConfig(shape_map_weight=-1.0)
+
+
+def test_a_conv_stem_tower_saves_loads_and_joins_a_flamingo(tokenizer, tmp_path: Path):
+    # The stem lives in the tower's config: saved with it, rebuilt from it by load_vision and by the
+    # Flamingo that records it, with the same patch-token grid as the ViT's own projection.
+    config = replace(VISION, conv_stem=((8, 3, 1), (16, 3, 2), (32, 3, 4)))
+    trained = pretrain_vision(config)
+    save_vision(trained, config, tmp_path / "vision")
+    loaded, saved = load_vision(tmp_path / "vision")
+    assert saved["conv_stem"] == [[8, 3, 1], [16, 3, 2], [32, 3, 4]]
+    x = pixels(sample_pairs(config, 0)[0])
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), trained.encode_image(x))
+    save_lm(build_lm(LM, tokenizer), tokenizer, tmp_path / "lm")
+    model = flamingo.load_model(str(build_miniature(tmp_path / "vision", tmp_path / "lm", tmp_path / "miniature")))
+    with torch.no_grad():
+        tokens = model.vision_encoder(x)[1]
+        assert tokens.shape == (len(x), (config.image_size // config.patch_size) ** 2, config.width)
+        trained.visual.output_tokens = True
+        assert torch.equal(tokens, trained.visual(x)[1])
 
 
 # --- stage 2: language ----------------------------------------------------------------------------

@@ -21,12 +21,16 @@ import numpy as np
 import open_clip
 import safetensors.torch
 import torch
+import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from open_clip.tokenizer import SimpleTokenizer
+from torch import nn
 
 from flamingo.config import FlamingoConfig
+from flamingo.conv_stem import STEM_KEY, conv_stem
+from flamingo.conv_stem import build_clip as build_open_clip
 from training.optim import adamw_warmup_cosine, check_optimisation, clip_gradients
-from training.synthetic import VARIANT_ATTRIBUTES, make_clip, make_scene, scene_variant
+from training.synthetic import SHAPES, VARIANT_ATTRIBUTES, drawn_mask, make_clip, make_scene, scene_variant
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -69,6 +73,14 @@ class VisionPretrainConfig:
     # the fixed table cannot be unlearned and kept it at 0.88 (docs/vision-tower.md). The Perceiver
     # Resampler is a set operation: it sees position only through what the tokens contain.
     pos_embed_type: str = "learnable"
+    # Weight of a dense auxiliary loss beside the contrastive one: a linear head reads each patch token (what
+    # the Perceiver Resampler reads) and names the shape of the object over that patch, or none. The caption
+    # alone left a small shape unread wherever it fell against the patch grid (linear probes 0.59-0.62 from
+    # every tower tried, docs/vision-tower.md); the head is dropped after training. 0: contrastive only.
+    shape_map_weight: float = 0.0
+    # Convolutions in place of the ViT's patch projection, [out_channels, kernel, stride] each
+    # (`flamingo.conv_stem`); empty: open_clip's linear patch projection.
+    conv_stem: tuple[tuple[int, int, int], ...] = ()
     text_width: int = 128
     text_layers: int = 2
     text_heads: int = 4
@@ -88,6 +100,10 @@ class VisionPretrainConfig:
         if unknown or not self.variant_attributes:
             raise ValueError(f"variant_attributes: one or more of {VARIANT_ATTRIBUTES}, "
                              f"got {self.variant_attributes!r}")
+        if self.conv_stem:    # refused here, before any training, if it does not fit the ViT
+            conv_stem([list(layer) for layer in self.conv_stem], self.width, self.patch_size)
+        if self.shape_map_weight < 0:
+            raise ValueError(f"shape_map_weight: must be at least 0, got {self.shape_map_weight}")
         if self.pos_embed_type not in POS_EMBED_TYPES:
             raise ValueError(f"pos_embed_type: one of {POS_EMBED_TYPES}, got {self.pos_embed_type!r}")
         if self.image_size % self.patch_size or self.width % self.head_width:
@@ -95,26 +111,30 @@ class VisionPretrainConfig:
 
 
 def clip_config(config: VisionPretrainConfig) -> dict[str, Any]:
-    """Keyword arguments of `open_clip.CLIP(...)`: what `save_vision` writes as JSON and what a Flamingo
-    built from this tower stores as `vision_encoder_config`. A default position embedding is left out, so a
-    default tower's config stays the one the bundled model records."""
+    """Keyword arguments of `open_clip.CLIP(...)`, plus a `conv_stem` when set (`flamingo.conv_stem`): what
+    `save_vision` writes as JSON and what a Flamingo built from this tower stores as `vision_encoder_config`.
+    Defaults (position embedding, stem) are left out, so a default tower's config stays the one the bundled
+    model records."""
     vision_cfg: dict[str, Any] = {"image_size": config.image_size, "patch_size": config.patch_size,
                                   "width": config.width, "layers": config.layers, "head_width": config.head_width}
     if config.pos_embed_type != "learnable":
         vision_cfg["pos_embed_type"] = config.pos_embed_type
-    return {
+    kwargs: dict[str, Any] = {
         "embed_dim": config.embed_dim,
         "vision_cfg": vision_cfg,
         "text_cfg": {"context_length": config.context_length, "vocab_size": SimpleTokenizer().vocab_size,
                      "width": config.text_width, "heads": config.text_heads, "layers": config.text_layers},
     }
+    if config.conv_stem:
+        kwargs[STEM_KEY] = [list(layer) for layer in config.conv_stem]
+    return kwargs
 
 
 def build_clip(config: VisionPretrainConfig) -> open_clip.CLIP:
     """A randomly initialised tower, seeded without touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return open_clip.CLIP(**clip_config(config))
+        return build_open_clip(clip_config(config))
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -126,25 +146,63 @@ def visible_caption(objects) -> str:
     return " and ".join(f"a {o.description}" for o in objects) + "."
 
 
+# One object as the shape map draws it: centre x, y and radius in pixels (as `_place` sets them), its shape.
+Footprint = tuple[float, float, float, str]
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """A batch of (image, caption) pairs and, per image, where each object lies (for the shape map)."""
+
+    images: list[np.ndarray]
+    captions: list[str]
+    footprints: list[tuple[Footprint, ...]]
+
+
+def sample_batch(config: VisionPretrainConfig, index: int, stream: int = TRAIN_STREAM,
+                 count: int | None = None) -> Pairs:
+    """`count` (default batch_size) pairs: a pure function of (seed, stream, index)."""
+    rng = np.random.default_rng((config.seed, stream, index))
+    batch = Pairs([], [], [])
+    count = count or config.batch_size
+    while len(batch.images) < count:
+        if rng.random() < config.clip_fraction:
+            clip = make_clip(rng, image_size=config.image_size)
+            frame = int(rng.integers(clip.num_frames))
+            batch.images.append(clip.frames()[frame])
+            batch.captions.append(visible_caption(clip.objects))
+            batch.footprints.append(tuple((*o.centre(frame), o.radius, o.shape) for o in clip.objects))
+            continue
+        scene = make_scene(rng, image_size=config.image_size, max_objects=config.max_objects)
+        variants = min(config.group_size, count - len(batch.images)) - 1
+        group = [scene] + [scene_variant(rng, scene, config.variant_attributes) for _ in range(variants)]
+        batch.images.extend(s.image() for s in group)
+        batch.captions.extend(s.caption() for s in group)
+        batch.footprints.extend(tuple((o.x, o.y, o.radius, o.shape) for o in s.objects) for s in group)
+    return batch
+
+
 def sample_pairs(config: VisionPretrainConfig, index: int, stream: int = TRAIN_STREAM,
                  count: int | None = None) -> tuple[list[np.ndarray], list[str]]:
     """`count` (default batch_size) (image, caption) pairs: a pure function of (seed, stream, index)."""
-    rng = np.random.default_rng((config.seed, stream, index))
-    images: list[np.ndarray] = []
-    captions: list[str] = []
-    count = count or config.batch_size
-    while len(images) < count:
-        if rng.random() < config.clip_fraction:
-            clip = make_clip(rng, image_size=config.image_size)
-            images.append(clip.frames()[int(rng.integers(clip.num_frames))])
-            captions.append(visible_caption(clip.objects))
-            continue
-        scene = make_scene(rng, image_size=config.image_size, max_objects=config.max_objects)
-        variants = min(config.group_size, count - len(images)) - 1
-        group = [scene] + [scene_variant(rng, scene, config.variant_attributes) for _ in range(variants)]
-        images += [s.image() for s in group]
-        captions += [s.caption() for s in group]
-    return images, captions
+    batch = sample_batch(config, index, stream, count)
+    return batch.images, batch.captions
+
+
+def shape_map(footprints: list[tuple[Footprint, ...]], image_size: int, patch_size: int) -> torch.Tensor:
+    """(N, patches) class per patch, in the tower's row-major patch order: 0 where no object is drawn, else
+    1 + the index in SHAPES of the object with the most pixels in the patch."""
+    grid = image_size // patch_size
+    labels = np.zeros((len(footprints), grid * grid), dtype=np.int64)
+    for n, objects in enumerate(footprints):
+        most = np.zeros(grid * grid)
+        for x, y, radius, shape in objects:
+            mask = drawn_mask(shape, x, y, radius, image_size)
+            pixels_in = mask.reshape(grid, patch_size, grid, patch_size).sum(axis=(1, 3)).reshape(-1)
+            mine = pixels_in > most
+            labels[n][mine] = 1 + SHAPES.index(shape)
+            most[mine] = pixels_in[mine]
+    return torch.from_numpy(labels)
 
 
 def pixels(images: list[np.ndarray]) -> torch.Tensor:
@@ -159,13 +217,43 @@ def pixels(images: list[np.ndarray]) -> torch.Tensor:
 # --- training and evaluation ---------------------------------------------------------------------
 
 
+class ShapeMapHead(nn.Module):
+    """Names the shape under each patch token, or none (`shape_map`): trained beside the tower in stage 1 when
+    `shape_map_weight` > 0, and dropped after it."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = nn.Linear(width, 1 + len(SHAPES))
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N, patches, width) patch tokens, (N, patches) classes -> cross-entropy, the mean over object patches
+        plus the mean over empty ones: most patches are empty, and an unweighted mean taught the head little
+        more than 'empty' (a small object's patches named 0.25 of the time after 500 steps)."""
+        losses = F.cross_entropy(self.linear(tokens).flatten(0, 1), labels.flatten(), reduction="none")
+        drawn = labels.flatten() > 0
+        return sum((losses[part].mean() for part in (drawn, ~drawn) if part.any()), torch.zeros(()))
+
+
 def contrastive_step(model: open_clip.CLIP, optimizer: torch.optim.Optimizer, loss_fn: ClipLoss,
                      tokenizer: SimpleTokenizer, images: list[np.ndarray], captions: list[str],
-                     max_grad_norm: float) -> float:
-    """One AdamW step on one batch; returns the loss before the step."""
+                     max_grad_norm: float, shapes: tuple[ShapeMapHead, torch.Tensor, float] | None = None) -> float:
+    """One AdamW step on one batch; returns the loss before the step. `shapes`: (head, `shape_map` labels,
+    weight) adds the shape-map loss on the patch tokens."""
     model.train()
-    image_features, text_features, logit_scale = model(pixels(images), tokenizer(captions))
-    loss = loss_fn(image_features, text_features, logit_scale)
+    x, text = pixels(images), tokenizer(captions)
+    if shapes is None:
+        image_features, text_features, logit_scale = model(x, text)
+        loss = loss_fn(image_features, text_features, logit_scale)
+    else:
+        head, labels, weight = shapes
+        saved, model.visual.output_tokens = model.visual.output_tokens, True
+        try:
+            pooled, tokens = model.visual(x)            # open_clip: (N, D') pooled, (N, patches, width) tokens
+        finally:
+            model.visual.output_tokens = saved
+        text_features = model.encode_text(text, normalize=True)
+        loss = loss_fn(F.normalize(pooled, dim=-1), text_features, model.logit_scale.exp())
+        loss = loss + weight * head.loss(tokens, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clip_gradients(model.parameters(), max_grad_norm)
@@ -181,15 +269,24 @@ def pretrain_vision(config: VisionPretrainConfig, log_every: int = 0,
     with linear warm-up and cosine decay; prints the loss every `log_every` steps (0: silent)."""
     model = model if model is not None else build_clip(config)
     tokenizer = SimpleTokenizer(context_length=config.context_length)
-    optimizer, scheduler = adamw_warmup_cosine((p for p in model.parameters() if p.requires_grad), config.lr,
-                                               config.weight_decay, config.warmup_steps, config.steps,
-                                               config.min_lr_ratio)
+    head = None
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if config.shape_map_weight:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            head = ShapeMapHead(config.width)
+        parameters += list(head.parameters())
+    optimizer, scheduler = adamw_warmup_cosine(parameters, config.lr, config.weight_decay, config.warmup_steps,
+                                               config.steps, config.min_lr_ratio)
     loss_fn = ClipLoss()
     with torch.random.fork_rng(devices=[]):   # dropout-free, but keep the caller's RNG untouched anyway
         torch.manual_seed(config.seed)
         for step in range(config.steps):
-            images, captions = sample_pairs(config, step)
-            loss = contrastive_step(model, optimizer, loss_fn, tokenizer, images, captions, config.max_grad_norm)
+            batch = sample_batch(config, step)
+            shapes = None if head is None else (
+                head, shape_map(batch.footprints, config.image_size, config.patch_size), config.shape_map_weight)
+            loss = contrastive_step(model, optimizer, loss_fn, tokenizer, batch.images, batch.captions,
+                                    config.max_grad_norm, shapes)
             scheduler.step()
             if log_every and ((step + 1) % log_every == 0 or step + 1 == config.steps):
                 print(f"vision step {step + 1:>5}/{config.steps}  loss {loss:.4f}", flush=True)
@@ -230,7 +327,7 @@ def load_vision(directory: str | Path) -> tuple[open_clip.CLIP, dict[str, Any]]:
     """The tower `save_vision` wrote, and its CLIP config."""
     directory = Path(directory)
     cfg = json.loads((directory / CONFIG_FILE).read_text())["clip_config"]
-    model = open_clip.CLIP(**cfg)
+    model = build_open_clip(cfg)
     missing, unexpected = safetensors.torch.load_model(model, str(directory / WEIGHTS_FILE), strict=False)
     if missing or unexpected:
         raise ValueError(f"{directory / WEIGHTS_FILE} does not match {CONFIG_FILE}: missing {sorted(missing)}, "

@@ -156,11 +156,11 @@ def load_tower(source: str, untrained: bool = False) -> tuple[nn.Module, nn.Modu
         return visual, perceiver
     if clip_config is None:
         raise ValueError(f"{source}: --untrained needs a tower built from an open_clip config (a custom tower)")
-    import open_clip
+    from flamingo.conv_stem import build_clip
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return open_clip.CLIP(**clip_config).visual, None
+        return build_clip(clip_config).visual, None
 
 
 def print_table(result: dict[str, Any]) -> None:

@@ -529,6 +529,12 @@ def _render(image_size: int, shapes: Iterable[tuple[str, str, float, float, floa
     return np.asarray(image)
 
 
+def drawn_mask(shape: str, x: float, y: float, radius: float, image_size: int) -> np.ndarray:
+    """(image_size, image_size) bools: the pixels one object covers, drawn as `_render` draws it (a square's
+    corners and the rasteriser's edge pixels reach beyond `radius`)."""
+    return (_render(image_size, [(shape, "red", x, y, radius)]) != BACKGROUND).any(-1)
+
+
 def _star_points(x: float, y: float, radii: Sequence[float], points: int) -> list[tuple[float, float]]:
     """`points` vertices around (x, y), the first straight up, at the `radii` in turn (one radius: a
     regular polygon; two: a star)."""
