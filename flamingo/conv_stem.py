@@ -3,9 +3,10 @@
 open_clip's ViT cuts the image into patches with one linear projection, so a patch token starts from a
 fragment of whatever shape crosses its patch, and the transformer must learn to join fragments wherever they
 fall. At the miniature's scale it does not: given each patch's shape as a direct training target, a 4-layer ViT
-named the shape under an object's patches 0.30 of the time after 400 steps (chance 0.25), where a small
-convolutional network reached 0.99 on the same data (docs/vision-tower.md). Early convolutions (Xiao et al.,
-2021, "Early convolutions help transformers see better") give the tokens local edges and corners first.
+named the shape under an object's patches 0.31-0.34 of the time after 400 steps (chance 0.25), where six
+convolutions reached 1.00 on the same data (`jobs/shape_map_ceiling.py`, docs/vision-tower.md). Early
+convolutions (Xiao et al., 2021, "Early convolutions help transformers see better") give the tokens local edges
+and corners first.
 
 A tower config (the keyword arguments of `open_clip.CLIP`) may carry one extra key, `conv_stem`: a list of
 `[out_channels, kernel, stride]`, one per convolution, GELU between them, that replaces the ViT's patch

@@ -75,7 +75,7 @@ class VisionPretrainConfig:
     pos_embed_type: str = "learnable"
     # Weight of a dense auxiliary loss beside the contrastive one: a linear head reads each patch token (what
     # the Perceiver Resampler reads) and names the shape of the object over that patch, or none. The caption
-    # alone left a small shape unread wherever it fell against the patch grid (linear probes 0.59-0.62 from
+    # alone left a small shape unread wherever it fell against the patch grid (linear probes 0.58-0.65 from
     # every tower tried, docs/vision-tower.md); the head is dropped after training. 0: contrastive only.
     shape_map_weight: float = 0.0
     # Convolutions in place of the ViT's patch projection, [out_channels, kernel, stride] each
@@ -227,8 +227,7 @@ class ShapeMapHead(nn.Module):
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(N, patches, width) patch tokens, (N, patches) classes -> cross-entropy, the mean over object patches
-        plus the mean over empty ones: most patches are empty, and an unweighted mean taught the head little
-        more than 'empty' (a small object's patches named 0.25 of the time after 500 steps)."""
+        plus the mean over empty ones: most patches are empty, and an unweighted mean mostly teaches 'empty'."""
         losses = F.cross_entropy(self.linear(tokens).flatten(0, 1), labels.flatten(), reduction="none")
         drawn = labels.flatten() > 0
         return sum((losses[part].mean() for part in (drawn, ~drawn) if part.any()), torch.zeros(()))
