@@ -3,9 +3,9 @@
     .venv/bin/python jobs/shape_map_ceiling.py {vit,stem,cnn} [--steps 400]
 
 Each patch token is given, as a direct target, the shape drawn over its patch (`training.pretrain_vision.
-shape_map`, the loss `ShapeMapHead.loss`), on the recipe's stage-1 scenes (one object, sine-cosine position
-table). What is printed: on held-out scenes, the share of an object's patches whose token names its shape,
-for small and large objects (chance 0.25 among the 4 shapes; a token may also say 'none').
+object_map` with shape alone, the loss `ObjectMapHead.loss`), on the recipe's stage-1 scenes (one object,
+sine-cosine position table). What is printed: on held-out scenes, the share of an object's patches whose
+token names its shape, for small and large objects (chance 0.25 among the 4 shapes; a token may also say 'none').
 
 - `vit`: open_clip's ViT as the recipe builds it (8 px patches, one linear projection per patch).
 - `stem`: the same ViT with the convolutional stem `--stem` describes (`flamingo.conv_stem`).
@@ -32,14 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flamingo.conv_stem import conv_stem  # noqa: E402  (after the path: run as a script from anywhere)
 from training.pretrain_vision import (  # noqa: E402
     EVAL_STREAM,
-    ShapeMapHead,
+    ObjectMapHead,
     VisionPretrainConfig,
     build_clip,
+    object_map,
     pixels,
     sample_batch,
-    shape_map,
 )
 
+SHAPE_ONLY = ("shape",)
 STEM = [[32, 3, 1], [64, 3, 1], [128, 3, 2], [128, 3, 2], [128, 3, 2], [128, 3, 1]]
 
 
@@ -68,13 +69,13 @@ def main() -> None:
         def encode(x: torch.Tensor) -> torch.Tensor:
             return visual(x)[1]                                             # (B, patches, width)
         parameters = list(visual.parameters())
-    head = ShapeMapHead(config.width)
+    head = ObjectMapHead(config.width, SHAPE_ONLY)
     optimizer = torch.optim.AdamW(parameters + list(head.parameters()), lr=args.lr)
 
     start = time.perf_counter()
     for step in range(args.steps):
         batch = sample_batch(config, step)
-        labels = shape_map(batch.footprints, config.image_size, config.patch_size)
+        labels = object_map(batch.footprints, config.image_size, config.patch_size, SHAPE_ONLY)
         loss = head.loss(encode(pixels(batch.images)), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -87,13 +88,13 @@ def main() -> None:
     with torch.no_grad():
         for index in range(args.scenes // config.batch_size):
             batch = sample_batch(config, index, stream=EVAL_STREAM)
-            labels = shape_map(batch.footprints, config.image_size, config.patch_size)
-            named = head.linear(encode(pixels(batch.images))).argmax(-1)
+            labels = object_map(batch.footprints, config.image_size, config.patch_size, SHAPE_ONLY)[..., 0]
+            named = head(encode(pixels(batch.images)))[0].argmax(-1)
             for footprint, label, said in zip(batch.footprints, labels, named):
                 if len(footprint) != 1:
                     continue                                  # a video frame with two objects: left out
                 drawn = label > 0
-                size = "small" if footprint[0][2] < 0.11 * config.image_size else "large"   # SIZES: 0.08 / 0.14
+                size = footprint[0].thing.size
                 right[size] += (said[drawn] == label[drawn]).float().tolist()
     cells = ", ".join(f"{size} {sum(r) / len(r):.2f} (n = {len(r)} patches)" for size, r in right.items())
     print(f"{args.tower}, {args.steps} steps: object patches naming their shape: {cells}; training {seconds:.0f} s")

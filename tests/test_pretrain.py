@@ -37,19 +37,20 @@ from training.pretrain_lm import (
 )
 from training.pretrain_vision import (
     EVAL_STREAM,
+    MAP_VALUES,
     VisionPretrainConfig,
     build_clip,
     contrastive_step,
     load_vision,
+    object_map,
     pixels,
     pretrain_vision,
     retrieval_accuracy,
     sample_batch,
     sample_pairs,
     save_vision,
-    shape_map,
 )
-from training.synthetic import BACKGROUND, SHAPES
+from training.synthetic import BACKGROUND, COLOURS, GRID, SHAPES, SIZES, SceneObject
 
 VISION = VisionPretrainConfig(steps=2, batch_size=8, warmup_steps=1, image_size=32, patch_size=8, width=32, layers=1,
                               head_width=16, embed_dim=16, text_width=32, text_layers=1, text_heads=2)
@@ -123,30 +124,40 @@ def test_a_fixed_position_embedding_survives_training_and_saving(tmp_path: Path)
         VisionPretrainConfig(pos_embed_type="rope")
 
 
-def test_the_shape_map_covers_every_drawn_pixel_with_its_objects_shape():
+def test_the_object_map_covers_every_drawn_pixel_with_its_objects_attributes():
     # The map is the target of the patch tokens: a patch with any of an object's pixels must name that
-    # object's shape, and a patch no object reaches must say none.
+    # object's shape, colour, size and cell, and a patch no object reaches must say none.
     config = VisionPretrainConfig(image_size=64, max_objects=1, batch_size=32)
     batch = sample_batch(config, 0)
-    labels = shape_map(batch.footprints, 64, 8).view(-1, 8, 8)
+    labels = object_map(batch.footprints, 64, 8).view(-1, 8, 8, len(MAP_VALUES))
     for image, footprint, label in zip(batch.images, batch.footprints, labels):
         drawn = torch.from_numpy((image != BACKGROUND).any(-1))                  # (64, 64) object pixels
         touched = drawn.view(8, 8, 8, 8).any(-1).any(1)                         # (8, 8) patches with any
-        named = {1 + SHAPES.index(shape) for *_, shape in footprint}
-        assert touched.any() and torch.equal(label > 0, touched)
-        assert set(label[label > 0].tolist()) <= named
+        named = {(1 + SHAPES.index(f.thing.shape), 1 + list(COLOURS).index(f.thing.colour),
+                  1 + list(SIZES).index(f.thing.size)) for f in footprint}
+        for column in range(len(MAP_VALUES)):
+            assert touched.any() and torch.equal(label[..., column] > 0, touched)
+        assert {tuple(row[:3]) for row in label[touched].tolist()} <= named
         if len(footprint) == 1:
-            assert set(label[touched].tolist()) == named
+            assert {tuple(row[:3]) for row in label[touched].tolist()} == named
+            if isinstance(footprint[0].thing, SceneObject):   # a still: the object lies inside its cell
+                thing = footprint[0].thing
+                assert set(label[touched][:, 3].tolist()) == {1 + thing.row * GRID + thing.col}
+    only_shape = object_map(batch.footprints, 64, 8, ("shape",))
+    assert torch.equal(only_shape[..., 0], labels.flatten(1, 2)[..., 0])
 
 
-def test_the_shape_map_loss_is_seeded_and_changes_what_the_tower_learns():
-    config = replace(VISION, shape_map_weight=1.0)
+def test_the_object_map_loss_is_seeded_and_changes_what_the_tower_learns():
+    config = replace(VISION, object_map_weight=1.0)
     first, second, plain = pretrain_vision(config), pretrain_vision(config), pretrain_vision(VISION)
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.equal(first.visual.conv1.weight, plain.visual.conv1.weight)
-    with pytest.raises(ValueError, match="shape_map_weight"):
-        VisionPretrainConfig(shape_map_weight=-1.0)
+    with pytest.raises(ValueError, match="object_map_weight"):
+        VisionPretrainConfig(object_map_weight=-1.0)
+    for wrong in ((), ("shape", "shape"), ("shape", "texture")):
+        with pytest.raises(ValueError, match="object_map_attributes"):
+            VisionPretrainConfig(object_map_attributes=wrong)
 
 
 def test_a_conv_stem_tower_saves_loads_and_joins_a_flamingo(tokenizer, tmp_path: Path):

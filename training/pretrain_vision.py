@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import open_clip
@@ -30,12 +30,29 @@ from flamingo.config import FlamingoConfig
 from flamingo.conv_stem import STEM_KEY, conv_stem
 from flamingo.conv_stem import build_clip as build_open_clip
 from training.optim import adamw_warmup_cosine, check_optimisation, clip_gradients
-from training.synthetic import SHAPES, VARIANT_ATTRIBUTES, drawn_mask, make_clip, make_scene, scene_variant
+from training.synthetic import (
+    COLOURS,
+    GRID,
+    SHAPES,
+    SIZES,
+    VARIANT_ATTRIBUTES,
+    Thing,
+    drawn_mask,
+    make_clip,
+    make_scene,
+    scene_variant,
+)
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAIN_STREAM, EVAL_STREAM = 0, 1
 POS_EMBED_TYPES = ("learnable", "sin_cos_2d")   # open_clip's names
+# What the object map can name for each patch an object covers: the values of each attribute, in label order
+# (label 0 is 'no object here'); a position is the grid cell of the object's centre, row-major.
+MAP_VALUES: dict[str, tuple[str, ...]] = {
+    "shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES),
+    "position": tuple(f"{row},{col}" for row in range(GRID) for col in range(GRID)),
+}
 
 
 @dataclass(frozen=True)
@@ -73,11 +90,16 @@ class VisionPretrainConfig:
     # the fixed table cannot be unlearned and kept it at 0.88 (docs/vision-tower.md). The Perceiver
     # Resampler is a set operation: it sees position only through what the tokens contain.
     pos_embed_type: str = "learnable"
-    # Weight of a dense auxiliary loss beside the contrastive one: a linear head reads each patch token (what
-    # the Perceiver Resampler reads) and names the shape of the object over that patch, or none. The caption
-    # alone left a small shape unread wherever it fell against the patch grid (linear probes 0.58-0.65 from
-    # every tower tried, docs/vision-tower.md); the head is dropped after training. 0: contrastive only.
-    shape_map_weight: float = 0.0
+    # Weight of a dense auxiliary loss beside the contrastive one, the object map: linear heads read each patch
+    # token (what the Perceiver Resampler reads) and name each of `object_map_attributes` of the object over
+    # that patch, or none. The caption alone left a small shape unread wherever it fell against the patch grid
+    # (linear probes 0.58-0.65 from every tower tried, docs/vision-tower.md); the heads are dropped after
+    # training. 0: contrastive only.
+    object_map_weight: float = 0.0
+    # A map of shape alone taught the tokens to say 'circle' alike wherever and however large the circle was,
+    # and the bridges trained on that tower lost position and size (docs/vision-tower.md); naming every
+    # attribute keeps each of them in what a token says.
+    object_map_attributes: tuple[str, ...] = tuple(MAP_VALUES)
     # Convolutions in place of the ViT's patch projection, [out_channels, kernel, stride] each
     # (`flamingo.conv_stem`); empty: open_clip's linear patch projection.
     conv_stem: tuple[tuple[int, int, int], ...] = ()
@@ -102,8 +124,13 @@ class VisionPretrainConfig:
                              f"got {self.variant_attributes!r}")
         if self.conv_stem:    # refused here, before any training, if it does not fit the ViT
             conv_stem([list(layer) for layer in self.conv_stem], self.width, self.patch_size)
-        if self.shape_map_weight < 0:
-            raise ValueError(f"shape_map_weight: must be at least 0, got {self.shape_map_weight}")
+        if self.object_map_weight < 0:
+            raise ValueError(f"object_map_weight: must be at least 0, got {self.object_map_weight}")
+        unknown = set(self.object_map_attributes) - set(MAP_VALUES)
+        if unknown or not self.object_map_attributes or len(set(self.object_map_attributes)) < len(
+                self.object_map_attributes):
+            raise ValueError(f"object_map_attributes: distinct names among {tuple(MAP_VALUES)}, "
+                             f"got {self.object_map_attributes!r}")
         if self.pos_embed_type not in POS_EMBED_TYPES:
             raise ValueError(f"pos_embed_type: one of {POS_EMBED_TYPES}, got {self.pos_embed_type!r}")
         if self.image_size % self.patch_size or self.width % self.head_width:
@@ -146,13 +173,19 @@ def visible_caption(objects) -> str:
     return " and ".join(f"a {o.description}" for o in objects) + "."
 
 
-# One object as the shape map draws it: centre x, y and radius in pixels (as `_place` sets them), its shape.
-Footprint = tuple[float, float, float, str]
+class Footprint(NamedTuple):
+    """One object as the object map draws it: centre x, y and radius in pixels (as `_place` sets them), and
+    what it is."""
+
+    x: float
+    y: float
+    radius: float
+    thing: Thing
 
 
 @dataclass(frozen=True)
 class Pairs:
-    """A batch of (image, caption) pairs and, per image, where each object lies (for the shape map)."""
+    """A batch of (image, caption) pairs and, per image, where each object lies (for the object map)."""
 
     images: list[np.ndarray]
     captions: list[str]
@@ -171,14 +204,14 @@ def sample_batch(config: VisionPretrainConfig, index: int, stream: int = TRAIN_S
             frame = int(rng.integers(clip.num_frames))
             batch.images.append(clip.frames()[frame])
             batch.captions.append(visible_caption(clip.objects))
-            batch.footprints.append(tuple((*o.centre(frame), o.radius, o.shape) for o in clip.objects))
+            batch.footprints.append(tuple(Footprint(*o.centre(frame), o.radius, o) for o in clip.objects))
             continue
         scene = make_scene(rng, image_size=config.image_size, max_objects=config.max_objects)
         variants = min(config.group_size, count - len(batch.images)) - 1
         group = [scene] + [scene_variant(rng, scene, config.variant_attributes) for _ in range(variants)]
         batch.images.extend(s.image() for s in group)
         batch.captions.extend(s.caption() for s in group)
-        batch.footprints.extend(tuple((o.x, o.y, o.radius, o.shape) for o in s.objects) for s in group)
+        batch.footprints.extend(tuple(Footprint(o.x, o.y, o.radius, o) for o in s.objects) for s in group)
     return batch
 
 
@@ -189,18 +222,22 @@ def sample_pairs(config: VisionPretrainConfig, index: int, stream: int = TRAIN_S
     return batch.images, batch.captions
 
 
-def shape_map(footprints: list[tuple[Footprint, ...]], image_size: int, patch_size: int) -> torch.Tensor:
-    """(N, patches) class per patch, in the tower's row-major patch order: 0 where no object is drawn, else
-    1 + the index in SHAPES of the object with the most pixels in the patch."""
+def object_map(footprints: list[tuple[Footprint, ...]], image_size: int, patch_size: int,
+               attributes: tuple[str, ...] = tuple(MAP_VALUES)) -> torch.Tensor:
+    """(N, patches, len(attributes)) labels, in the tower's row-major patch order: 0 where no object is
+    drawn, else 1 + the index in MAP_VALUES[attribute] of that attribute of the object with the most pixels
+    in the patch."""
     grid = image_size // patch_size
-    labels = np.zeros((len(footprints), grid * grid), dtype=np.int64)
+    labels = np.zeros((len(footprints), grid * grid, len(attributes)), dtype=np.int64)
     for n, objects in enumerate(footprints):
         most = np.zeros(grid * grid)
-        for x, y, radius, shape in objects:
-            mask = drawn_mask(shape, x, y, radius, image_size)
+        for x, y, radius, thing in objects:
+            mask = drawn_mask(thing.shape, x, y, radius, image_size)
             pixels_in = mask.reshape(grid, patch_size, grid, patch_size).sum(axis=(1, 3)).reshape(-1)
             mine = pixels_in > most
-            labels[n][mine] = 1 + SHAPES.index(shape)
+            cell = f"{min(int(y * GRID / image_size), GRID - 1)},{min(int(x * GRID / image_size), GRID - 1)}"
+            values = {"shape": thing.shape, "colour": thing.colour, "size": thing.size, "position": cell}
+            labels[n][mine] = [1 + MAP_VALUES[a].index(values[a]) for a in attributes]
             most[mine] = pixels_in[mine]
     return torch.from_numpy(labels)
 
@@ -217,34 +254,43 @@ def pixels(images: list[np.ndarray]) -> torch.Tensor:
 # --- training and evaluation ---------------------------------------------------------------------
 
 
-class ShapeMapHead(nn.Module):
-    """Names the shape under each patch token, or none (`shape_map`): trained beside the tower in stage 1 when
-    `shape_map_weight` > 0, and dropped after it."""
+class ObjectMapHead(nn.Module):
+    """Names, for each patch token, each attribute of the object under it, or none (`object_map`): trained
+    beside the tower in stage 1 when `object_map_weight` > 0, and dropped after it."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, attributes: tuple[str, ...] = tuple(MAP_VALUES)):
         super().__init__()
-        self.linear = nn.Linear(width, 1 + len(SHAPES))
+        self.attributes = attributes
+        self.linear = nn.ModuleList(nn.Linear(width, 1 + len(MAP_VALUES[a])) for a in attributes)
+
+    def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """(N, patches, width) -> per attribute, (N, patches, 1 + values) logits."""
+        return [linear(tokens) for linear in self.linear]
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(N, patches, width) patch tokens, (N, patches) classes -> cross-entropy, the mean over object patches
-        plus the mean over empty ones: most patches are empty, and an unweighted mean mostly teaches 'empty'."""
-        losses = F.cross_entropy(self.linear(tokens).flatten(0, 1), labels.flatten(), reduction="none")
-        drawn = labels.flatten() > 0
-        return sum((losses[part].mean() for part in (drawn, ~drawn) if part.any()), torch.zeros(()))
+        """(N, patches, width) patch tokens, (N, patches, attributes) labels -> the mean over attributes of a
+        cross-entropy that is the mean over object patches plus the mean over empty ones: most patches are
+        empty, and an unweighted mean mostly teaches 'empty'."""
+        drawn = labels[..., 0].flatten() > 0
+        total = torch.zeros(())
+        for logits, target in zip(self(tokens), labels.unbind(-1)):
+            losses = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+            total = total + sum((losses[part].mean() for part in (drawn, ~drawn) if part.any()), torch.zeros(()))
+        return total / len(self.linear)
 
 
 def contrastive_step(model: open_clip.CLIP, optimizer: torch.optim.Optimizer, loss_fn: ClipLoss,
                      tokenizer: SimpleTokenizer, images: list[np.ndarray], captions: list[str],
-                     max_grad_norm: float, shapes: tuple[ShapeMapHead, torch.Tensor, float] | None = None) -> float:
-    """One AdamW step on one batch; returns the loss before the step. `shapes`: (head, `shape_map` labels,
-    weight) adds the shape-map loss on the patch tokens."""
+                     max_grad_norm: float, objects: tuple[ObjectMapHead, torch.Tensor, float] | None = None) -> float:
+    """One AdamW step on one batch; returns the loss before the step. `objects`: (head, `object_map` labels,
+    weight) adds the object-map loss on the patch tokens."""
     model.train()
     x, text = pixels(images), tokenizer(captions)
-    if shapes is None:
+    if objects is None:
         image_features, text_features, logit_scale = model(x, text)
         loss = loss_fn(image_features, text_features, logit_scale)
     else:
-        head, labels, weight = shapes
+        head, labels, weight = objects
         saved, model.visual.output_tokens = model.visual.output_tokens, True
         try:
             pooled, tokens = model.visual(x)            # open_clip: (N, D') pooled, (N, patches, width) tokens
@@ -270,10 +316,10 @@ def pretrain_vision(config: VisionPretrainConfig, log_every: int = 0,
     tokenizer = SimpleTokenizer(context_length=config.context_length)
     head = None
     parameters = [p for p in model.parameters() if p.requires_grad]
-    if config.shape_map_weight:
+    if config.object_map_weight:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            head = ShapeMapHead(config.width)
+            head = ObjectMapHead(config.width, config.object_map_attributes)
         parameters += list(head.parameters())
     optimizer, scheduler = adamw_warmup_cosine(parameters, config.lr, config.weight_decay, config.warmup_steps,
                                                config.steps, config.min_lr_ratio)
@@ -282,10 +328,11 @@ def pretrain_vision(config: VisionPretrainConfig, log_every: int = 0,
         torch.manual_seed(config.seed)
         for step in range(config.steps):
             batch = sample_batch(config, step)
-            shapes = None if head is None else (
-                head, shape_map(batch.footprints, config.image_size, config.patch_size), config.shape_map_weight)
+            objects = None if head is None else (
+                head, object_map(batch.footprints, config.image_size, config.patch_size,
+                                 config.object_map_attributes), config.object_map_weight)
             loss = contrastive_step(model, optimizer, loss_fn, tokenizer, batch.images, batch.captions,
-                                    config.max_grad_norm, shapes)
+                                    config.max_grad_norm, objects)
             scheduler.step()
             if log_every and ((step + 1) % log_every == 0 or step + 1 == config.steps):
                 print(f"vision step {step + 1:>5}/{config.steps}  loss {loss:.4f}", flush=True)
