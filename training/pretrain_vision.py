@@ -40,6 +40,7 @@ from training.synthetic import (
     drawn_mask,
     make_clip,
     make_scene,
+    position_name,
     scene_variant,
 )
 
@@ -51,7 +52,7 @@ POS_EMBED_TYPES = ("learnable", "sin_cos_2d")   # open_clip's names
 # (label 0 is 'no object here'); a position is the grid cell of the object's centre, row-major.
 MAP_VALUES: dict[str, tuple[str, ...]] = {
     "shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES),
-    "position": tuple(f"{row},{col}" for row in range(GRID) for col in range(GRID)),
+    "position": tuple(position_name(row, col) for row in range(GRID) for col in range(GRID)),
 }
 
 
@@ -235,8 +236,9 @@ def object_map(footprints: list[tuple[Footprint, ...]], image_size: int, patch_s
             mask = drawn_mask(thing.shape, x, y, radius, image_size)
             pixels_in = mask.reshape(grid, patch_size, grid, patch_size).sum(axis=(1, 3)).reshape(-1)
             mine = pixels_in > most
-            cell = f"{min(int(y * GRID / image_size), GRID - 1)},{min(int(x * GRID / image_size), GRID - 1)}"
-            values = {"shape": thing.shape, "colour": thing.colour, "size": thing.size, "position": cell}
+            row, col = (min(int(v * GRID / image_size), GRID - 1) for v in (y, x))   # a clip's object moves
+            values = {"shape": thing.shape, "colour": thing.colour, "size": thing.size,
+                      "position": position_name(row, col)}
             labels[n][mine] = [1 + MAP_VALUES[a].index(values[a]) for a in attributes]
             most[mine] = pixels_in[mine]
     return torch.from_numpy(labels)
@@ -260,7 +262,6 @@ class ObjectMapHead(nn.Module):
 
     def __init__(self, width: int, attributes: tuple[str, ...] = tuple(MAP_VALUES)):
         super().__init__()
-        self.attributes = attributes
         self.linear = nn.ModuleList(nn.Linear(width, 1 + len(MAP_VALUES[a])) for a in attributes)
 
     def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
