@@ -18,6 +18,7 @@ key, `build_clip` is `open_clip.CLIP(**config)`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import open_clip
@@ -26,9 +27,11 @@ from torch import nn
 STEM_KEY = "conv_stem"
 
 
-def conv_stem(layers: list[list[int]], width: int, patch_size: int) -> nn.Sequential:
-    """The convolutions `layers` describes, checked against the ViT they feed: (B, 3, H, W) pixels ->
-    (B, width, H / patch_size, W / patch_size), as the patch projection it replaces."""
+def conv_stem(layers: Sequence[Sequence[int]], width: int, patch_size: int) -> nn.Sequential:
+    """The convolutions `layers` describes (lists from JSON or tuples from a config), checked against the ViT
+    they feed: (B, 3, H, W) pixels -> (B, width, H / patch_size, W / patch_size), as the patch projection it
+    replaces."""
+    layers = [list(layer) for layer in layers]
     if not layers or any(len(layer) != 3 or min(layer) < 1 for layer in layers):
         raise ValueError(f"{STEM_KEY}: a list of [out_channels, kernel, stride], each at least 1, got {layers!r}")
     if layers[-1][0] != width:
@@ -64,5 +67,5 @@ def build_clip(config: dict[str, Any]) -> open_clip.CLIP:
     model = open_clip.CLIP(**config)
     if layers:
         vision = config["vision_cfg"]
-        model.visual.conv1 = conv_stem([list(layer) for layer in layers], vision["width"], vision["patch_size"])
+        model.visual.conv1 = conv_stem(layers, vision["width"], vision["patch_size"])
     return model

@@ -124,7 +124,7 @@ class VisionPretrainConfig:
             raise ValueError(f"variant_attributes: one or more of {VARIANT_ATTRIBUTES}, "
                              f"got {self.variant_attributes!r}")
         if self.conv_stem:    # refused here, before any training, if it does not fit the ViT
-            conv_stem([list(layer) for layer in self.conv_stem], self.width, self.patch_size)
+            conv_stem(self.conv_stem, self.width, self.patch_size)
         if self.object_map_weight < 0:
             raise ValueError(f"object_map_weight: must be at least 0, got {self.object_map_weight}")
         unknown = set(self.object_map_attributes) - set(MAP_VALUES)
