@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from training.pretrain_vision import VisionPretrainConfig, build_clip, save_vision
-from training.probe_vision import ATTRIBUTES, load_tower, main, recentred, single_object_scenes
-from training.synthetic import GRID
+from training.probe_vision import (
+    ATTRIBUTES,
+    OBJECT_ATTRIBUTES,
+    fit_attention_probe,
+    load_tower,
+    main,
+    object_scenes,
+    recentred,
+    single_object_scenes,
+)
+from training.synthetic import GRID, SHAPES
 
 
 def test_probe_scenes_are_single_objects_and_the_splits_differ() -> None:
@@ -88,3 +97,46 @@ def test_small_objects_shape_is_probed_by_offset_with_a_pixel_control(tmp_path: 
     assert result["0"]["patch"]["accuracy"] >= 0.85
     assert result["drawn"]["pixels"]["accuracy"] < result["0"]["pixels"]["accuracy"] - 0.15
     assert "small objects' shape, centre within drawn px" in capsys.readouterr().out
+
+
+def test_object_scenes_name_one_object_by_its_shape() -> None:
+    train, test = object_scenes(30, 0), object_scenes(30, 1)
+    for scene, asked in train + test:
+        shapes = [o.shape for o in scene.objects]
+        assert 2 <= len(shapes) <= 3 and len(set(shapes)) == len(shapes) and 0 <= asked < len(shapes)
+    assert [s.objects for s, _ in train] != [s.objects for s, _ in test]
+    assert [(s.objects, i) for s, i in train] == [(s.objects, i) for s, i in object_scenes(30, 0)]
+
+
+def test_the_attention_probe_reads_a_kept_binding_and_not_a_pooled_one() -> None:
+    # Tokens that each say (shape, colour) of one object keep which colour goes with which shape; their mean
+    # says which shapes and colours are there but not which with which. The probe must tell the two apart.
+    generator = torch.Generator().manual_seed(0)
+    n, objects, colours = 3000, 3, 5
+    shape = torch.stack([torch.randperm(len(SHAPES), generator=generator)[:objects] for _ in range(n)])
+    colour = torch.randint(colours, (n, objects), generator=generator)
+    kept = torch.cat([torch.nn.functional.one_hot(shape, len(SHAPES)),
+                      torch.nn.functional.one_hot(colour, colours)], -1).float()   # (n, objects, 9)
+    pooled = kept.mean(1, keepdim=True).expand_as(kept)
+    asked = torch.randint(objects, (n,), generator=generator)
+    target, asked_shape = colour[torch.arange(n), asked], shape[torch.arange(n), asked]
+    train, test = slice(0, 2500), slice(2500, n)
+    accuracy = {}
+    for name, tokens in (("kept", kept), ("pooled", pooled)):
+        model = fit_attention_probe(tokens[train], asked_shape[train], target[train], colours, steps=400)
+        with torch.no_grad():
+            accuracy[name] = (model(tokens[test], asked_shape[test]).argmax(-1) == target[test]).float().mean().item()
+    assert accuracy["kept"] >= 0.95
+    assert accuracy["pooled"] <= 0.55        # one of the scene's (up to) 3 colours, by guess
+
+
+def test_objects_are_probed_from_the_command_line(tmp_path: Path, capsys) -> None:
+    config = VisionPretrainConfig(layers=1, width=64, head_width=32)
+    save_vision(build_clip(config), config, tmp_path / "vision")
+    out = tmp_path / "objects.json"
+    main([str(tmp_path / "vision"), "--objects", "--train", "300", "--test", "100", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result) == {"patch"}                                       # no resampler in a stage-1 folder
+    assert set(result["patch"]) == set(OBJECT_ATTRIBUTES)
+    assert all(r["n"] == 100 and r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] for r in result["patch"].values())
+    assert capsys.readouterr().out.splitlines()[0].split() == ["features", *OBJECT_ATTRIBUTES]

@@ -11,11 +11,18 @@ fitted on `train` scenes and scored on `test` scenes of another seed stream:
 Attributes: shape (4 classes), position (3 x 3 grid cells), colour, size. Accuracy comes with its Wilson 95%
 interval.
 
+A linear probe of one object cannot say whether features keep which attribute goes with which object. With
+`--objects`, an *attention probe* (one learned query per shape asked, one head, a linear readout: a one-layer
+stand-in for the LM's cross-attention) answers 'what colour / size / cell is the <shape>?' from the patch
+tokens and from the resampler's tokens, in scenes of 2-3 objects of different shapes.
+
     python -m training.probe_vision out/miniature/vision          # a stage-1 tower folder
     python -m training.probe_vision miniature                      # the tower of a Flamingo model
     python -m training.probe_vision miniature --untrained          # its architecture, freshly initialised
     python -m training.probe_vision out/miniature/vision --small-shapes drawn,1.7,0   # small objects' shape,
                                                                    # by how far they sit from their cell's centre
+    python -m training.probe_vision miniature --objects                           # 2-3 objects: attribute of
+                                                                   # the object a shape names
 """
 
 from __future__ import annotations
@@ -33,9 +40,10 @@ from torch import nn
 
 from training.evaluate import eval_seed, wilson_interval
 from training.pretrain_vision import pixels
-from training.synthetic import GRID, Scene, make_scene
+from training.synthetic import GRID, SHAPES, Scene, make_scene
 
 ATTRIBUTES = ("shape", "position", "colour", "size")
+OBJECT_ATTRIBUTES = ("colour", "size", "position")   # asked of the object a shape names (--objects)
 FEATURES = ("pooled", "mean-patch", "patch", "resampled")
 # Inverse L2 strength per feature: the concatenated tokens have thousands of dimensions for a few thousand
 # scenes, and without a strong penalty would overfit and take minutes to fit.
@@ -44,6 +52,7 @@ REGULARISATION = {"pooled": 1.0, "mean-patch": 1.0, "patch": 0.05, "resampled": 
 # (0-4) do not use; the probe's training and test scenes are two splits of it.
 _PROBES = 100
 TRAIN_SPLIT, TEST_SPLIT = 0, 1
+_OBJECT_PROBES = 102
 
 
 def single_object_scenes(count: int, split: int, image_size: int = 64) -> list[Scene]:
@@ -55,25 +64,34 @@ def labels(scenes: Sequence[Scene], attribute: str) -> np.ndarray:
 
 
 @torch.no_grad()
-def features(visual: nn.Module, scenes: Sequence[Scene], perceiver: nn.Module | None = None,
-             batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Each kind of feature, (N, dim), for the scenes' images (`resampled` only with a `perceiver`)."""
+def encode(visual: nn.Module, scenes: Sequence[Scene], perceiver: nn.Module | None = None,
+           batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """The scenes' pooled output (N, D'), patch tokens (N, v, D) and, with a `perceiver`, its visual tokens
+    (N, n, D), as float32."""
     visual.eval()
     saved = getattr(visual, "output_tokens", None)
     visual.output_tokens = True  # type: ignore[assignment]  # open_clip: (pooled, patch tokens)
-    out: dict[str, list[np.ndarray]] = {name: [] for name in FEATURES}
+    out: dict[str, list[torch.Tensor]] = {"pooled": [], "patch": [], "resampled": []}
     try:
         for start in range(0, len(scenes), batch_size):
             x = pixels([s.image() for s in scenes[start:start + batch_size]])
             pooled, tokens = visual(x.to(next(visual.parameters()).dtype))   # (B, D'), (B, v, D)
-            out["pooled"].append(pooled.float().numpy())
-            out["mean-patch"].append(tokens.float().mean(1).numpy())
-            out["patch"].append(tokens.float().flatten(1).numpy())
+            out["pooled"].append(pooled.float())
+            out["patch"].append(tokens.float())
             if perceiver is not None:                                        # (B, 1, 1, v, D) -> (B, 1, n, D)
-                out["resampled"].append(perceiver(tokens[:, None, None]).float().flatten(1).numpy())
+                out["resampled"].append(perceiver(tokens[:, None, None])[:, 0].float())
     finally:
         visual.output_tokens = saved  # type: ignore[assignment]
-    return {name: np.concatenate(parts) for name, parts in out.items() if parts}
+    return {name: torch.cat(parts) for name, parts in out.items() if parts}
+
+
+def features(visual: nn.Module, scenes: Sequence[Scene], perceiver: nn.Module | None = None) -> dict[str, np.ndarray]:
+    """Each kind of feature of FEATURES, (N, dim), for the scenes' images (`resampled` only with a `perceiver`)."""
+    encoded = encode(visual, scenes, perceiver)
+    out = {"pooled": encoded["pooled"], "mean-patch": encoded["patch"].mean(1), "patch": encoded["patch"].flatten(1)}
+    if "resampled" in encoded:
+        out["resampled"] = encoded["resampled"].flatten(1)
+    return {name: x.numpy() for name, x in out.items()}
 
 
 def probe(visual: nn.Module, perceiver: nn.Module | None = None, train: int = 2000, test: int = 500,
@@ -108,6 +126,83 @@ def small_shape_probe(visual: nn.Module, image_size: int = 64, max_offset: float
         x["pixels"] = pixels([s.image() for s in scenes]).flatten(1).numpy()
     return {name: _score(name, train_x[name], labels(train_scenes, "shape"), test_x[name],
                          labels(test_scenes, "shape")) for name in ("patch", "mean-patch", "pixels")}
+
+
+def object_scenes(count: int, split: int, image_size: int = 64) -> list[tuple[Scene, int]]:
+    """`count` (scene, index of the object asked about): scenes of 2-3 objects whose shapes all differ, so
+    that a shape names one object."""
+    out: list[tuple[Scene, int]] = []
+    draw = 0
+    while len(out) < count:
+        rng = np.random.default_rng(eval_seed(0, _OBJECT_PROBES, split, draw))
+        draw += 1
+        scene = make_scene(rng, image_size=image_size, max_objects=3)
+        shapes = [o.shape for o in scene.objects]
+        if len(shapes) >= 2 and len(set(shapes)) == len(shapes):
+            out.append((scene, int(rng.integers(len(shapes)))))
+    return out
+
+
+class AttentionProbe(nn.Module):
+    """'What <attribute> is the <shape>?' over a set of tokens: a learned query per shape, one attention head,
+    a linear readout, the least that can pick one object out of a set."""
+
+    def __init__(self, width: int, classes: int, dim: int = 64):
+        super().__init__()
+        self.query = nn.Embedding(len(SHAPES), dim)
+        self.key, self.value = nn.Linear(width, dim), nn.Linear(width, dim)
+        self.readout = nn.Linear(dim, classes)
+
+    def forward(self, tokens: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+        """(N, L, width) tokens, (N,) shape indices -> (N, classes) logits."""
+        weights = torch.einsum("nd,nld->nl", self.query(shape), self.key(tokens))
+        weights = (weights / self.key.out_features ** 0.5).softmax(-1)
+        return self.readout(torch.einsum("nl,nld->nd", weights, self.value(tokens)))
+
+
+def fit_attention_probe(tokens: torch.Tensor, shape: torch.Tensor, target: torch.Tensor, classes: int,
+                        steps: int, batch_size: int = 128) -> AttentionProbe:
+    """An `AttentionProbe` fitted by Adam on (tokens, shape asked) -> target class; seeded, the caller's RNG kept."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AttentionProbe(tokens.shape[-1], classes)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(steps):
+            batch = torch.randint(len(tokens), (batch_size,))
+            loss = nn.functional.cross_entropy(model(tokens[batch], shape[batch]), target[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model
+
+
+def object_probe(visual: nn.Module, perceiver: nn.Module | None = None, train: int = 4000, test: int = 1000,
+                 image_size: int = 64, steps: int = 1500) -> dict[str, Any]:
+    """{feature: {attribute: {accuracy, ci95, n}}}: an `AttentionProbe` per feature (patch tokens; the
+    resampler's tokens with a `perceiver`) and attribute of OBJECT_ATTRIBUTES, trained with Adam (seed 0) on
+    `train` scenes of `object_scenes` and scored on `test` others. The patch tokens are the ceiling: what the
+    resampler's tokens lose against them, it lost in pooling."""
+    splits = {split: object_scenes(count, split, image_size) for split, count in ((TRAIN_SPLIT, train),
+                                                                                  (TEST_SPLIT, test))}
+    tokens = {split: encode(visual, [scene for scene, _ in asked], perceiver) for split, asked in splits.items()}
+    shapes = {split: torch.tensor([SHAPES.index(s.objects[i].shape) for s, i in asked])
+              for split, asked in splits.items()}
+    result: dict[str, Any] = {}
+    for feature in ("patch", "resampled"):
+        if feature not in tokens[TRAIN_SPLIT]:
+            continue
+        result[feature] = {}
+        for attribute in OBJECT_ATTRIBUTES:
+            values = sorted({str(getattr(s.objects[i], attribute)) for asked in splits.values() for s, i in asked})
+            target = {split: torch.tensor([values.index(str(getattr(s.objects[i], attribute))) for s, i in asked])
+                      for split, asked in splits.items()}
+            model = fit_attention_probe(tokens[TRAIN_SPLIT][feature], shapes[TRAIN_SPLIT], target[TRAIN_SPLIT],
+                                        len(values), steps)
+            with torch.no_grad():
+                predicted = model(tokens[TEST_SPLIT][feature], shapes[TEST_SPLIT]).argmax(-1)
+            correct = int((predicted == target[TEST_SPLIT]).sum())
+            result[feature][attribute] = {"accuracy": correct / test, "ci95": wilson_interval(correct, test), "n": test}
+    return result
 
 
 def recentred(scene: Scene, max_offset: float) -> Scene:
@@ -163,8 +258,8 @@ def load_tower(source: str, untrained: bool = False) -> tuple[nn.Module, nn.Modu
         return build_clip(clip_config).visual, None
 
 
-def print_table(result: dict[str, Any]) -> None:
-    print(f"{'features':<12}" + "".join(f"{a:>22}" for a in ATTRIBUTES))
+def print_table(result: dict[str, Any], attributes: Sequence[str] = ATTRIBUTES) -> None:
+    print(f"{'features':<12}" + "".join(f"{a:>22}" for a in attributes))
     for name, row in result.items():
         print(f"{name:<12}" + "".join(f"{accuracy_cell(r):>22}" for r in row.values()))
 
@@ -182,24 +277,32 @@ def small_shapes_line(row: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("tower", help="a stage-1 tower folder or a Flamingo model name / folder")
-    parser.add_argument("--train", type=int, default=2000)
-    parser.add_argument("--test", type=int, default=500)
+    parser.add_argument("--train", type=int, help="scenes to fit on (default 2000; --objects: 4000)")
+    parser.add_argument("--test", type=int, help="scenes to score on (default 500; --objects: 1000)")
     parser.add_argument("--untrained", action="store_true",
                         help="probe the same tower architecture with fresh weights instead (the control)")
     parser.add_argument("--image-size", type=int, default=64, help="the world's size (the tower's input size)")
     parser.add_argument("--small-shapes", metavar="OFFSETS",
                         help="instead: shape of small objects only, once per comma-separated max_offset in pixels "
                              "('drawn': as drawn), e.g. drawn,1.7,0 (small_shape_probe)")
+    parser.add_argument("--objects", action="store_true",
+                        help="instead: in scenes of 2-3 objects, the colour, size and cell of the object a shape "
+                             "names, by an attention probe (object_probe; --train/--test default 4000/1000)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     visual, perceiver = load_tower(args.tower, args.untrained)
     if args.small_shapes:
         result = {offset: small_shape_probe(visual, args.image_size, None if offset == "drawn" else float(offset),
-                                            args.train, args.test) for offset in args.small_shapes.split(",")}
+                                            args.train or 2000, args.test or 500)
+                  for offset in args.small_shapes.split(",")}
         for offset, row in result.items():
             print(f"small objects' shape, centre within {offset} px: {small_shapes_line(row)}")
+    elif args.objects:
+        result = object_probe(visual, perceiver, train=args.train or 4000, test=args.test or 1000,
+                              image_size=args.image_size)
+        print_table(result, OBJECT_ATTRIBUTES)
     else:
-        result = probe(visual, perceiver, train=args.train, test=args.test, image_size=args.image_size)
+        result = probe(visual, perceiver, train=args.train or 2000, test=args.test or 500, image_size=args.image_size)
         print_table(result)
     if args.json:
         with open(args.json, "w") as f:
