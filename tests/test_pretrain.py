@@ -16,11 +16,13 @@ import flamingo
 from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from training.miniature import build_miniature
 from training.pretrain_lm import (
+    ANSWERED_ATTRIBUTES,
     DOCUMENT_KINDS,
     END_OF_TEXT,
     IGNORE_INDEX,
     DocumentMix,
     LMPretrainConfig,
+    answered_accuracy,
     answered_question,
     binding_accuracy,
     build_lm,
@@ -299,6 +301,26 @@ def test_document_mix_weights_choose_the_kinds():
 def test_binding_accuracy_of_an_untrained_lm_is_near_chance(tokenizer):
     accuracy = binding_accuracy(build_lm(LM, tokenizer), tokenizer, LM, episodes=60)
     assert 0.2 <= accuracy <= 0.7   # chance is about 0.42 over 2..3 words
+
+
+def test_answered_accuracy_scores_the_greedy_answer_per_attribute(tokenizer):
+    """An untrained LM answers nothing; an LM that always says 'red' then ends is right only on colour
+    questions, about as often as a colour question's answer is red (one colour in 5)."""
+    untrained = answered_accuracy(build_lm(LM, tokenizer), tokenizer, LM, questions=40)
+    assert set(untrained) == {*ANSWERED_ATTRIBUTES, "all"} and untrained["all"] <= 0.1
+
+    class SaysRed:
+        def eval(self):
+            return self
+
+        def generate(self, ids, **_):
+            red = tokenizer(" red<|endoftext|> blue", add_special_tokens=False, return_tensors="pt")["input_ids"]
+            return torch.cat([ids, red], 1)
+
+    scores = answered_accuracy(SaysRed(), tokenizer, LM, questions=400)
+    assert 0.08 <= scores["colour"] <= 0.4, scores
+    assert scores["shape"] == scores["size"] == scores["position"] == 0.0, scores
+    assert 0 < scores["all"] < scores["colour"]
 
 
 # --- the miniature --------------------------------------------------------------------------------

@@ -105,13 +105,15 @@ def run_recipe(config: RecipeConfig, local: bool = False, log_every: int = 100) 
         pretrain_vision.save_vision(tower, config.vision, paths["vision"])
         return {"retrieval_top1": accuracy}
 
-    def lm() -> dict[str, float]:
+    def lm() -> dict[str, Any]:
         model, tokenizer = pretrain_lm.pretrain_lm(config.lm, log_every=log_every)
         ppl = pretrain_lm.perplexity(model, tokenizer, pretrain_lm.held_out_texts(config.lm))
         binding = pretrain_lm.binding_accuracy(model, tokenizer, config.lm)
-        print(f"held-out perplexity: {ppl:.2f}; binding in text: {binding:.2f} (chance about 0.42)", flush=True)
+        answers = pretrain_lm.answered_accuracy(model, tokenizer, config.lm)
+        print(f"held-out perplexity: {ppl:.2f}; binding in text: {binding:.2f} (chance about 0.42); questions "
+              f"about 2-3 objects answered from their caption in text: {answers['all']:.2f}", flush=True)
         pretrain_lm.save_lm(model, tokenizer, paths["lm"])
-        return {"perplexity": ppl, "text_binding": binding}
+        return {"perplexity": ppl, "text_binding": binding, "text_answers": answers}
 
     def bridges_and_eval() -> dict[str, Any]:
         for i, settings in enumerate(config.train_configs()):
