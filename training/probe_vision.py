@@ -44,7 +44,6 @@ from training.synthetic import GRID, SHAPES, Scene, make_scene
 
 ATTRIBUTES = ("shape", "position", "colour", "size")
 OBJECT_ATTRIBUTES = ("colour", "size", "position")   # asked of the object a shape names (--objects)
-FEATURES = ("pooled", "mean-patch", "patch", "resampled")
 # Inverse L2 strength per feature: the concatenated tokens have thousands of dimensions for a few thousand
 # scenes, and without a strong penalty would overfit and take minutes to fit.
 REGULARISATION = {"pooled": 1.0, "mean-patch": 1.0, "patch": 0.05, "resampled": 0.05, "pixels": 0.05}
@@ -86,7 +85,7 @@ def encode(visual: nn.Module, scenes: Sequence[Scene], perceiver: nn.Module | No
 
 
 def features(visual: nn.Module, scenes: Sequence[Scene], perceiver: nn.Module | None = None) -> dict[str, np.ndarray]:
-    """Each kind of feature of FEATURES, (N, dim), for the scenes' images (`resampled` only with a `perceiver`)."""
+    """pooled, mean-patch, patch and (only with a `perceiver`) resampled features, (N, dim) each."""
     encoded = encode(visual, scenes, perceiver)
     out = {"pooled": encoded["pooled"], "mean-patch": encoded["patch"].mean(1), "patch": encoded["patch"].flatten(1)}
     if "resampled" in encoded:
@@ -277,8 +276,8 @@ def small_shapes_line(row: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("tower", help="a stage-1 tower folder or a Flamingo model name / folder")
-    parser.add_argument("--train", type=int, help="scenes to fit on (default 2000; --objects: 4000)")
-    parser.add_argument("--test", type=int, help="scenes to score on (default 500; --objects: 1000)")
+    parser.add_argument("--train", type=int, help="scenes to fit on (default: the probe's own, 2000; --objects 4000)")
+    parser.add_argument("--test", type=int, help="scenes to score on (default: the probe's own, 500; --objects 1000)")
     parser.add_argument("--untrained", action="store_true",
                         help="probe the same tower architecture with fresh weights instead (the control)")
     parser.add_argument("--image-size", type=int, default=64, help="the world's size (the tower's input size)")
@@ -291,18 +290,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     visual, perceiver = load_tower(args.tower, args.untrained)
+    sizes = {name: getattr(args, name) for name in ("train", "test") if getattr(args, name) is not None}
     if args.small_shapes:
         result = {offset: small_shape_probe(visual, args.image_size, None if offset == "drawn" else float(offset),
-                                            args.train or 2000, args.test or 500)
-                  for offset in args.small_shapes.split(",")}
+                                            **sizes) for offset in args.small_shapes.split(",")}
         for offset, row in result.items():
             print(f"small objects' shape, centre within {offset} px: {small_shapes_line(row)}")
     elif args.objects:
-        result = object_probe(visual, perceiver, train=args.train or 4000, test=args.test or 1000,
-                              image_size=args.image_size)
+        result = object_probe(visual, perceiver, image_size=args.image_size, **sizes)
         print_table(result, OBJECT_ATTRIBUTES)
     else:
-        result = probe(visual, perceiver, train=args.train or 2000, test=args.test or 500, image_size=args.image_size)
+        result = probe(visual, perceiver, image_size=args.image_size, **sizes)
         print_table(result)
     if args.json:
         with open(args.json, "w") as f:
