@@ -33,6 +33,7 @@ from training.pretrain_lm import (
     named_binding,
     perplexity,
     pretrain_lm,
+    repeated_strings,
     repeated_words,
     save_lm,
     train_tokenizer,
@@ -280,9 +281,25 @@ def test_answered_questions_follow_from_the_caption_before_them():
     assert checked > 100
 
 
-def test_the_default_mix_draws_no_answered_questions():
-    # the bundled model's stage 2 drew without them: a default recipe must draw the same documents
-    assert DocumentMix().answered == 0.0 and DOCUMENT_KINDS[-1] == "answered"
+def test_repeated_strings_say_a_run_of_any_letters_twice():
+    import string
+
+    import numpy as np
+    rng = np.random.default_rng(0)
+    letters = set()
+    for _ in range(50):
+        first, second = repeated_strings(rng).removesuffix(".").split(". ")
+        assert first == second and 4 <= len(first.split()) <= 12
+        assert all(1 <= len(word) <= 10 for word in first.split())
+        letters |= set(first.replace(" ", ""))
+    assert letters == set(string.ascii_lowercase)       # every letter, not only the nonsense words'
+
+
+def test_the_default_mix_draws_no_answered_questions_and_no_strings():
+    # the bundled model's stage 2 drew without them: a default recipe must draw the same documents, which it
+    # does because zero-weight kinds come last (numpy's choice then maps every draw to the same kind)
+    assert DocumentMix().answered == 0.0 and DocumentMix().strings == 0.0
+    assert DOCUMENT_KINDS[-2:] == ("answered", "strings")
 
 
 def test_document_mix_weights_choose_the_kinds():
@@ -301,6 +318,35 @@ def test_document_mix_weights_choose_the_kinds():
 def test_binding_accuracy_of_an_untrained_lm_is_near_chance(tokenizer):
     accuracy = binding_accuracy(build_lm(LM, tokenizer), tokenizer, LM, episodes=60)
     assert 0.2 <= accuracy <= 0.7   # chance is about 0.42 over 2..3 words
+
+
+def test_binding_accuracy_scores_wide_words_on_the_same_episodes(tokenizer):
+    import re
+
+    from training.evaluate import is_training_word
+
+    class Recording:
+        """The tokenizer, noting every text it encodes."""
+        def __init__(self):
+            self.texts = []
+
+        def __call__(self, text, **kwargs):
+            self.texts.append(text)
+            return tokenizer(text, **kwargs)
+
+    lm = build_lm(LM, tokenizer)
+    scored = {}
+    for words in ("train", "wide"):
+        recording = Recording()
+        binding_accuracy(lm, recording, LM, episodes=5, words=words)
+        scored[words] = recording.texts
+    candidates = {words: [re.fullmatch(r" (\w+)\.", t).group(1) for t in texts if re.fullmatch(r" \w+\.", t)]
+                  for words, texts in scored.items()}
+    assert candidates["train"] and all(is_training_word(w) for w in candidates["train"])
+    assert len(candidates["wide"]) == len(candidates["train"])      # the same episodes, each word renamed
+    assert not any(is_training_word(w) for w in candidates["wide"])
+    with pytest.raises(ValueError, match="words: must be train or wide"):
+        binding_accuracy(lm, tokenizer, LM, episodes=1, words="other")
 
 
 def test_answered_accuracy_scores_the_greedy_answer_per_attribute(tokenizer):

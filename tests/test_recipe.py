@@ -53,6 +53,7 @@ def test_recipe_runs_every_stage_then_skips_them(tmp_path: Path, capsys):
     assert (tmp_path / "out" / "stage3" / "phase1" / "model" / "config.json").is_file()   # phase 2 started there
     assert 0 <= record["stages"]["stage 1: vision tower"]["retrieval_top1"] <= 1
     assert 0 <= record["stages"]["stage 2: language model"]["text_binding"] <= 1
+    assert 0 <= record["stages"]["stage 2: language model"]["text_binding_wide"] <= 1
     assert set(record["stages"]["stage 2: language model"]["text_answers"]) == {*ANSWERED_ATTRIBUTES, "all"}
     report = json.loads((model_dir / "eval.json").read_text())
     assert set(report["binding"]["shape"]["train"]) == {"model", "gates_closed"}

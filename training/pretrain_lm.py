@@ -15,6 +15,7 @@ Every document is a pure function of (seed, stream, index): training reads strea
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from training.evaluate import rename_words, wide_nonsense_words
 from training.optim import adamw_warmup_cosine, check_optimisation, clip_gradients
 from training.synthetic import (
     BINDING_CATEGORIES,
@@ -67,6 +69,9 @@ class DocumentMix:
     # "a red circle at the top. Question: Is there a red shape? Answer: yes": a question answered from the
     # caption before it. Last, so that at 0 the other kinds are drawn exactly as before (numpy's choice).
     answered: float = 0.0
+    # "qzuv ek shoobmir. qzuv ek shoobmir.": runs of random letter strings said twice, so copying is learnt for
+    # every letter and not only for the nonsense words' (docs/binding-words.md). Last, for the same reason.
+    strings: float = 0.0
 
     def __post_init__(self) -> None:
         for name in DOCUMENT_KINDS:
@@ -144,6 +149,8 @@ def world_document(rng: np.random.Generator, config: LMPretrainConfig) -> str:
         return named_binding(rng, config.binding_shots)
     if kind == "answered":
         return answered_question(rng)
+    if kind == "strings":
+        return repeated_strings(rng)
     return repeated_words(rng)
 
 
@@ -192,6 +199,15 @@ def repeated_words(rng: np.random.Generator) -> str:
     words = [nonsense_words(rng, 1)[0] if rng.random() < 0.5 else pick(rng, vocabulary)
              for _ in range(int(rng.integers(4, 13)))]
     return " ".join(words) + ". " + " ".join(words) + "."
+
+
+def repeated_strings(rng: np.random.Generator) -> str:
+    """'qzuv ek shoobmir. qzuv ek shoobmir.': 4..12 strings of 1..10 random lowercase letters, said twice.
+    `repeated_words` teaches copying only on the tokens of the world's words and of training's nonsense
+    words, and the LM then copies only those: a word with other letters binds near chance even in text."""
+    strings = ["".join(rng.choice(list(string.ascii_lowercase), size=int(rng.integers(1, 11))))
+               for _ in range(int(rng.integers(4, 13)))]
+    return " ".join(strings) + ". " + " ".join(strings) + "."
 
 
 def _sample(rng: np.random.Generator):
@@ -296,15 +312,24 @@ def perplexity(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: l
 
 @torch.no_grad()
 def binding_accuracy(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: LMPretrainConfig,
-                     episodes: int = 150) -> float:
+                     episodes: int = 200, words: str = "train") -> float:
     """How often the LM, given a held-out named-binding episode up to its last word, puts the right word
     above the episode's other words (chance about 0.42 over 2..3 words). Stage 3's few-shot binding
-    from images needs this near 1 first: the frozen LM does the matching and copying there too."""
+    from images needs this near 1 first: the frozen LM does the matching and copying there too.
+
+    `words`: "train" keeps training's nonsense words; "wide" renames the same episodes' words with the
+    evaluation's held-out ones (`training.evaluate.wide_nonsense_words`). Few-shot binding from images with
+    such words cannot beat what the LM does with them in text."""
+    if words not in ("train", "wide"):
+        raise ValueError(f"words: must be train or wide, got {words!r}")
     lm.eval()
     rng = np.random.default_rng((config.seed, EVAL_STREAM, 1))
+    word_rng = np.random.default_rng((config.seed, EVAL_STREAM, 3))
     correct = 0
     for _ in range(episodes):
         episode = named_binding_episode(rng, config.binding_shots)
+        if words == "wide":
+            episode = rename_words(episode, wide_nonsense_words(word_rng, len(episode.words)))
         prompt = named_binding_text(episode).removesuffix(f" {episode.answer}.")   # the text, less its last word
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         scores = []

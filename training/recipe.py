@@ -109,11 +109,14 @@ def run_recipe(config: RecipeConfig, local: bool = False, log_every: int = 100) 
         model, tokenizer = pretrain_lm.pretrain_lm(config.lm, log_every=log_every)
         ppl = pretrain_lm.perplexity(model, tokenizer, pretrain_lm.held_out_texts(config.lm))
         binding = pretrain_lm.binding_accuracy(model, tokenizer, config.lm)
+        binding_wide = pretrain_lm.binding_accuracy(model, tokenizer, config.lm, words="wide")
         answers = pretrain_lm.answered_accuracy(model, tokenizer, config.lm)
-        print(f"held-out perplexity: {ppl:.2f}; binding in text: {binding:.2f} (chance about 0.42); questions "
-              f"about 2-3 objects answered from their caption in text: {answers['all']:.2f}", flush=True)
+        print(f"held-out perplexity: {ppl:.2f}; binding in text: {binding:.2f}, with the evaluation's wide words "
+              f"{binding_wide:.2f} (chance about 0.42); questions about 2-3 objects answered from their caption in "
+              f"text: {answers['all']:.2f}", flush=True)
         pretrain_lm.save_lm(model, tokenizer, paths["lm"])
-        return {"perplexity": ppl, "text_binding": binding, "text_answers": answers}
+        return {"perplexity": ppl, "text_binding": binding, "text_binding_wide": binding_wide,
+                "text_answers": answers}
 
     def bridges_and_eval() -> dict[str, Any]:
         for i, settings in enumerate(config.train_configs()):
