@@ -31,7 +31,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from training.evaluate import rename_words, wide_nonsense_words
+from training.evaluate import WORD_SETS, rename_words, wide_nonsense_words
 from training.optim import adamw_warmup_cosine, check_optimisation, clip_gradients
 from training.synthetic import (
     BINDING_CATEGORIES,
@@ -198,7 +198,7 @@ def repeated_words(rng: np.random.Generator) -> str:
     vocabulary = (*COLOURS, *SHAPES, *NUMBER_WORDS[1:6])
     words = [nonsense_words(rng, 1)[0] if rng.random() < 0.5 else pick(rng, vocabulary)
              for _ in range(int(rng.integers(4, 13)))]
-    return " ".join(words) + ". " + " ".join(words) + "."
+    return _said_twice(words)
 
 
 def repeated_strings(rng: np.random.Generator) -> str:
@@ -207,7 +207,13 @@ def repeated_strings(rng: np.random.Generator) -> str:
     words, and the LM then copies only those: a word with other letters binds near chance even in text."""
     strings = ["".join(rng.choice(list(string.ascii_lowercase), size=int(rng.integers(1, 11))))
                for _ in range(int(rng.integers(4, 13)))]
-    return " ".join(strings) + ". " + " ".join(strings) + "."
+    return _said_twice(strings)
+
+
+def _said_twice(words: list[str]) -> str:
+    """'a b c. a b c.': the run, then the same run again."""
+    run = " ".join(words)
+    return f"{run}. {run}."
 
 
 def _sample(rng: np.random.Generator):
@@ -320,8 +326,8 @@ def binding_accuracy(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, co
     `words`: "train" keeps training's nonsense words; "wide" renames the same episodes' words with the
     evaluation's held-out ones (`training.evaluate.wide_nonsense_words`). Few-shot binding from images with
     such words cannot beat what the LM does with them in text."""
-    if words not in ("train", "wide"):
-        raise ValueError(f"words: must be train or wide, got {words!r}")
+    if words not in WORD_SETS:
+        raise ValueError(f"words: must be {' or '.join(WORD_SETS)}, got {words!r}")
     lm.eval()
     rng = np.random.default_rng((config.seed, EVAL_STREAM, 1))
     word_rng = np.random.default_rng((config.seed, EVAL_STREAM, 3))
