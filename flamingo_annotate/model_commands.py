@@ -93,11 +93,18 @@ def evaluate(model: str | None, scenes: int, clips: int, questions: int, episode
                               words=listed(words), task_items=task_items, tasks=listed(task_files))
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
+    from flamingo_annotate.task_scoring import check_task_files, score_task
+    from pipeline.task import TaskError
+
+    if "tasks" in listed(parts):
+        try:
+            check_task_files(settings.tasks)
+        except TaskError as error:       # before the model is loaded and minutes of the other parts run
+            raise click.UsageError(f"task files:\n{error}") from None
     if threads:
         torch.set_num_threads(threads)
     with refused_models():
         loaded = load_model(model or DEFAULT_MODEL, trust_remote_code=trust_remote_code)
-    from flamingo_annotate.task_scoring import score_task
 
     report = run_evaluation(loaded, settings, parts=listed(parts), score_task=score_task)
     click.echo(report.table())

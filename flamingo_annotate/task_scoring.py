@@ -18,9 +18,22 @@ from flamingo import Flamingo
 from flamingo.calibration import calibrate, label_prior
 from media.decode import DecodeConfig
 from pipeline.generate import load_demonstration_pixels
-from pipeline.task import load_task
+from pipeline.task import load_task, load_tasks
 from training.evaluate import EvalConfig, caption_task_scores, classify_task_scores, task_scenes, task_truth
 from training.sequences import image_transform
+
+
+def task_path(path: str | Path) -> Path:
+    """A task file as given, or else the repository's own (`jobs/tasks/count.yaml` from any directory)."""
+    if not Path(path).is_absolute() and not Path(path).exists():
+        return Path(__file__).resolve().parents[1] / path
+    return Path(path)
+
+
+def check_task_files(paths: list[str] | tuple[str, ...]) -> None:
+    """Raise pipeline.task.TaskError for any problem in the task files, before the model is loaded: each
+    task's scores are kept under its `name:`, so two files with one name are refused too."""
+    load_tasks([task_path(path) for path in paths], check_remote_media=False)
 
 
 def score_task(model: Flamingo, path: str | Path, task_index: int, config: EvalConfig
@@ -32,9 +45,7 @@ def score_task(model: Flamingo, path: str | Path, task_index: int, config: EvalC
     score the answers against the scenes' truth. Classify tasks are scored against
     `training.evaluate.task_truth` (count, has_red, binding), per class; generate tasks (caption.yaml) as
     captions."""
-    if not Path(path).is_absolute() and not Path(path).exists():
-        path = Path(__file__).resolve().parents[1] / path      # the repository's own jobs/tasks
-    task = load_task(path, check_remote_media=False)
+    task = load_task(task_path(path), check_remote_media=False)
     scenes = task_scenes(config, task_index, task.name)
     decode = DecodeConfig.for_model(model.config)
     with torch.inference_mode():

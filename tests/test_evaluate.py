@@ -227,3 +227,22 @@ def test_a_task_file_is_scored_by_the_name_inside_it_not_its_file_name(tmp_path)
     scores = json.loads(out.read_text())["tasks"]["binding"]
     assert scores["accuracy"]["n"] == 12
     assert scores["true_dovax."]["n"] + scores["true_kimet."]["n"] == 12
+
+
+def test_eval_refuses_bad_or_same_named_task_files_before_loading_the_model(tmp_path):
+    # Scores are kept under each task's `name:`: a second file named `count` would silently replace the
+    # first's scores. Both that and a broken file are refused before minutes of the other parts run.
+    tasks = tmp_path / "tasks"
+    shutil.copytree(PROJECT_ROOT / "jobs" / "tasks", tasks)
+    (tasks / "count_again.yaml").write_text((tasks / "count.yaml").read_text().replace(
+        "output_column: shapes", "output_column: shapes_again"))
+    (tasks / "broken.yaml").write_text("name: broken\nkind: classify\nlabels: []\n")
+    out = tmp_path / "eval.json"
+    for files, problem in [((tasks / "count.yaml", tasks / "count_again.yaml"), "name"),
+                           ((tasks / "broken.yaml",), "labels")]:
+        result = CliRunner().invoke(main, ["eval", "--model", "no-such-model", "--parts", "tasks",
+                                           "--tasks", ",".join(map(str, files)), "--json", str(out)])
+        assert result.exit_code == 2, result.output
+        assert f"{files[-1]}: {problem}: " in result.output
+        assert "no-such-model" not in result.output      # refused before the model was looked up
+        assert not out.exists()
