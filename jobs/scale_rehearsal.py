@@ -38,6 +38,7 @@ import concurrent.futures
 import io
 import json
 import multiprocessing
+import os
 import resource
 import secrets
 import shutil
@@ -127,9 +128,15 @@ def rehearse(args: argparse.Namespace, endpoint: str, result: dict[str, Any], sa
     upload(client, bucket, {f"pool/{i:06d}.parquet": pool_shard for i in range(pool_shards)})
     result.update(settings={k: v for k, v in vars(args).items() if k != "endpoint"}, item_seconds=args.item_seconds,
                   pool_input={"shards": pool_shards, "items": pool_shards * args.pool_shard_items})
+    # Ray's Cluster writes its address to $RAY_TMPDIR/ray/ray_current_cluster whatever the head's temp_dir,
+    # and that folder need not exist on a fresh machine: this run gets one of its own for both (short, under
+    # /tmp: Ray's socket paths must stay < 108 chars).
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    (ray_tmp / "ray").mkdir()
+    os.environ["RAY_TMPDIR"] = str(ray_tmp)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": False, "object_store_memory": 512 * 2**20,
-        "temp_dir": tempfile.mkdtemp(prefix="ray-", dir="/tmp")})
+        "temp_dir": str(ray_tmp / "ray")})
     try:
         for _ in range(args.nodes):
             cluster.add_node(num_cpus=2, resources={RESOURCE: args.gpus_per_node},
@@ -161,6 +168,7 @@ def rehearse(args: argparse.Namespace, endpoint: str, result: dict[str, Any], sa
     finally:
         cluster.shutdown()
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     if args.list_objects:
         result["listing"] = listing_time(client, bucket, args.list_objects, options)
         save()

@@ -9,8 +9,10 @@ the shared local instance), bounded by a timeout so that a hang fails the test i
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -31,20 +33,20 @@ query: "Colour:"
 # The child: a head that runs no work (num_cpus=0) and two workers with 2 logical CPUs each, so the node
 # left after the removal still fits both actor pools (0.5 CPU each) and the read tasks.
 CHILD = textwrap.dedent("""
-    import json, sys, tempfile, threading, time
+    import json, sys, threading, time
     import ray
     from ray.cluster_utils import Cluster
     from pipeline.job import JobConfig, StageResources, run_job
     from pipeline.task import load_tasks
 
-    task_file, input_dir, output_dir, events_file = sys.argv[1:5]
+    task_file, input_dir, output_dir, events_file, ray_dir = sys.argv[1:6]
 
     def record(event):
         # A file of its own: Ray prints a dead raylet's log tail to stdout, on the same line as anything else.
         with open(events_file, "a") as f:
             f.write(json.dumps(event) + "\\n")
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "temp_dir": tempfile.mkdtemp(prefix="ray-", dir="/tmp")})
+        "num_cpus": 0, "include_dashboard": False, "temp_dir": ray_dir})
     workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
@@ -89,11 +91,18 @@ def test_a_node_removed_mid_job_loses_and_repeats_nothing(tmp_path):
         (inputs / f"{i:03d}.png").write_bytes(image_bytes((i * 5 % 256, 100, 200 - i * 3)))
     out = tmp_path / "out"
     events_file = tmp_path / "events.jsonl"
-
-    result = subprocess.run([sys.executable, "-c", CHILD, str(tasks / "colour.yaml"), str(inputs), str(out),
-                             str(events_file)],
-                            cwd=ROOT, env={**_env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                            timeout=420)
+    # Ray's Cluster writes its address to $RAY_TMPDIR/ray/ray_current_cluster whatever the head's temp_dir,
+    # and /tmp/ray need not exist on a fresh machine: the child gets a folder of its own for both.
+    # (Short, under /tmp: Ray's socket paths must stay < 108 chars.)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fa-mn-", dir="/tmp"))
+    (ray_tmp / "ray").mkdir()
+    try:
+        result = subprocess.run([sys.executable, "-c", CHILD, str(tasks / "colour.yaml"), str(inputs), str(out),
+                                 str(events_file), str(ray_tmp / "ray")],
+                                cwd=ROOT, env={**_env(), "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmp)},
+                                capture_output=True, text=True, timeout=420)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     events = [json.loads(line) for line in events_file.read_text().splitlines()]
     assert any("removed" in e for e in events), result.stdout      # the fault did happen, mid-job
