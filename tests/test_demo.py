@@ -42,4 +42,4 @@ def test_the_demo_annotations_agree_with_the_scenes(tmp_path):
     words = {1: "one", 2: "two", 3: "three"}
     counts_right = np.mean([counts[i] == words[len(object_phrases(truth[i]))] for i in truth])
     assert colours_right >= 0.8, report     # measured 1.00
-    assert counts_right >= 0.5, report      # measured 0.85 (17 of 20); chance 0.33
+    assert counts_right >= 0.5, report      # measured 0.75 (15 of 20); chance 0.33
