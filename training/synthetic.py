@@ -102,8 +102,8 @@ class QA:
     @property
     def said(self) -> str:
         """What stage 3 trains the model to say after 'Answer:' and the evaluation expects word for word:
-        'the circle is red' for colour, shape, size and position questions, which restates the object so
-        that the answer comes right after its name; the bare answer for the others."""
+        'circle red' for colour, size and position questions and 'red circle' for shape, so that the answer
+        is predicted at the object's own name; the bare answer for the others."""
         return self.reply or self.answer
 
 
@@ -195,7 +195,7 @@ class Scene:
     def qa(self) -> list[QA]:
         qa = _thing_questions(self.objects)
         qa += [QA(f"Where is {_reference(o, self.objects)}?", o.position, "position",
-                  f"{_reference(o, self.objects)} is {_position_phrase(o.position)}") for o in self.objects]
+                  f"{_reference(o, self.objects)[4:]} {o.position}") for o in self.objects]
         for a, b in permutations(self.objects, 2):  # both orders, so yes and no are equally common
             first, second = _reference(a, self.objects), _reference(b, self.objects)
             if a.col != b.col:
@@ -564,12 +564,12 @@ def _thing_questions(things: Sequence[Thing]) -> list[QA]:
     for thing in things:
         if shape_counts[thing.shape] == 1:
             qa.append(QA(f"What colour is the {thing.shape}?", thing.colour, "colour",
-                         f"the {thing.shape} is {thing.colour}"))
+                         f"{thing.shape} {thing.colour}"))
         if colour_counts[thing.colour] == 1:
             qa.append(QA(f"What shape is the {thing.colour} object?", thing.shape, "shape",
-                         f"the {thing.colour} object is a {thing.shape}"))
+                         f"{thing.colour} {thing.shape}"))
         qa.append(QA(f"What size is {_reference(thing, things)}?", thing.size, "size",
-                     f"{_reference(thing, things)} is {thing.size}"))
+                     f"{_reference(thing, things)[4:]} {thing.size}"))
     return qa
 
 
