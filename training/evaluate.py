@@ -150,7 +150,7 @@ class EvalConfig:
     num_frames: int = 4
     batch_size: int = 32                 # prompts per generate() call
     max_new_tokens: int = 48             # a three-object caption is ~40 tokens
-    answer_tokens: int = 12              # 'the yellow star is at the top left' is 8 tokens
+    answer_tokens: int = 8               # QA answers are 1-3 tokens
 
     def __post_init__(self) -> None:
         if self.ways < 2 or min(self.shots, default=-1) < 0 or self.episodes < 1:
@@ -454,9 +454,8 @@ def object_recall(truth: str, generated: str) -> float:
 
 
 def qa_score(questions: Sequence[QA], answers: Sequence[str], chance: float) -> dict[str, Any]:
-    """Exact match of the whole reply (`QA.said`), with chance, the majority baseline (of the bare answers) and
-    the model's most frequent answer."""
-    hits = [normalise(answer) == normalise(qa.said) for qa, answer in zip(questions, answers)]
+    """Exact match with chance, the majority baseline and the model's most frequent answer."""
+    hits = [normalise(answer) == normalise(qa.answer) for qa, answer in zip(questions, answers)]
     truths = Counter(normalise(qa.answer) for qa in questions)
     given = Counter(normalise(answer) for answer in answers)
     top, top_count = given.most_common(1)[0] if given else ("", 0)

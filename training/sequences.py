@@ -104,7 +104,7 @@ def make_episode(rng: np.random.Generator, task: str, video: bool, config: DataC
         for sample in samples:
             questions = sample.qa()
             qa = questions[int(rng.integers(len(questions)))]
-            texts.append(f"Question: {qa.question} Answer: {qa.said}")
+            texts.append(f"Question: {qa.question} Answer: {qa.answer}")
     else:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     return Episode(tuple(media), tuple(texts), task)

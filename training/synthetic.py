@@ -97,14 +97,6 @@ class QA:
     question: str
     answer: str
     attribute: str
-    reply: str = ""     # the whole answer as trained and scored, where it says more than `answer`
-
-    @property
-    def said(self) -> str:
-        """What stage 3 trains the model to say after 'Answer:' and the evaluation expects word for word:
-        'circle red' for colour, size and position questions and 'red circle' for shape, so that the answer
-        is predicted at the object's own name; the bare answer for the others."""
-        return self.reply or self.answer
 
 
 @dataclass(frozen=True)
@@ -194,8 +186,7 @@ class Scene:
 
     def qa(self) -> list[QA]:
         qa = _thing_questions(self.objects)
-        qa += [QA(f"Where is {_reference(o, self.objects)}?", o.position, "position",
-                  f"{_reference(o, self.objects)[4:]} {o.position}") for o in self.objects]
+        qa += [QA(f"Where is {_reference(o, self.objects)}?", o.position, "position") for o in self.objects]
         for a, b in permutations(self.objects, 2):  # both orders, so yes and no are equally common
             first, second = _reference(a, self.objects), _reference(b, self.objects)
             if a.col != b.col:
@@ -563,13 +554,10 @@ def _thing_questions(things: Sequence[Thing]) -> list[QA]:
     qa += [QA(f"How many {shape}s are there?", NUMBER_WORDS[n], "count") for shape, n in shape_counts.items() if n]
     for thing in things:
         if shape_counts[thing.shape] == 1:
-            qa.append(QA(f"What colour is the {thing.shape}?", thing.colour, "colour",
-                         f"{thing.shape} {thing.colour}"))
+            qa.append(QA(f"What colour is the {thing.shape}?", thing.colour, "colour"))
         if colour_counts[thing.colour] == 1:
-            qa.append(QA(f"What shape is the {thing.colour} object?", thing.shape, "shape",
-                         f"{thing.colour} {thing.shape}"))
-        qa.append(QA(f"What size is {_reference(thing, things)}?", thing.size, "size",
-                     f"{_reference(thing, things)[4:]} {thing.size}"))
+            qa.append(QA(f"What shape is the {thing.colour} object?", thing.shape, "shape"))
+        qa.append(QA(f"What size is {_reference(thing, things)}?", thing.size, "size"))
     return qa
 
 
