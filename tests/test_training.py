@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -14,8 +15,8 @@ from PIL import Image
 import flamingo
 from training.bridges import BridgeTrainer, OptimSettings, latest_checkpoint
 from training.config import ConfigError, DataConfig, TrainConfig, load_config
-from training.sequences import IGNORE_INDEX, TrainingBatches, collate, encode_episode, make_labels
-from training.train import METRICS_FILE, read_metrics, train_local
+from training.sequences import IGNORE_INDEX, Episode, TrainingBatches, collate, encode_episode, make_labels
+from training.train import METRICS_FILE, build, read_metrics, train_local
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_DATA = DataConfig(max_media=2, max_length=160, num_frames=4)
@@ -76,6 +77,27 @@ def test_batches_are_a_function_of_seed_and_index_and_never_mix_frame_counts(mod
     assert frames == {1, SMALL_DATA.num_frames}
 
 
+def test_answer_loss_only_takes_the_loss_on_each_answer_and_nothing_before_it(model):
+    questions = replace(SMALL_DATA, caption_weight=0.0, binding_weight=0.0, video_fraction=0.0)
+    whole = TrainingBatches(model, questions, batch_size=3, seed=1).batch(0)
+    answers = TrainingBatches(model, replace(questions, answer_loss_only=True), batch_size=3, seed=1).batch(0)
+    assert torch.equal(whole.lang_x, answers.lang_x)                      # the same text, less of it scored
+    scored = answers.labels != IGNORE_INDEX
+    assert bool((whole.labels[scored] == answers.labels[scored]).all())
+    for row in range(3):
+        text = model.tokenizer.decode(answers.lang_x[row][answers.attention_mask[row] == 1])
+        chunks = [c for c in text.split("<|endofchunk|>") if c]
+        expected = "".join(" " + c.split(" Answer: ")[1] + "<|endofchunk|>" for c in chunks)
+        assert model.tokenizer.decode(answers.labels[row][scored[row]]) == expected
+
+
+def test_an_episode_given_part_must_lead_its_text():
+    image = np.zeros((1, 8, 8, 3), np.uint8)
+    Episode((image,), ("Question: Q? Answer: yes",), "qa", ("Question: Q? Answer:",))
+    with pytest.raises(ValueError, match="leading part"):
+        Episode((image,), ("Question: Q? Answer: yes",), "qa", ("Answer:",))
+
+
 # --- the optimizer core --------------------------------------------------------------------------
 
 
@@ -112,8 +134,29 @@ def test_gates_can_learn_faster_than_the_rest(model):
     assert sum(map(len, by_lr.values())) == len(trainer.params)
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
-    straight = train_local(small_config(tmp_path / "straight"))
+def test_reset_queries_redraws_the_query_projections_and_nothing_else(tmp_path):
+    trained = flamingo.load_model("tiny-random")
+    with torch.no_grad():   # a trained model's queries, much larger than a fresh layer draws them
+        for block in trained.gated_cross_attn_layers():
+            block.attn.to_q.weight.mul_(50)
+    trained.save_pretrained(tmp_path / "trained")
+    kept, _, _ = build(small_config(tmp_path, model=str(tmp_path / "trained")))
+    reset, _, _ = build(small_config(tmp_path, model=str(tmp_path / "trained"), reset_queries=True))
+    assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), trained.state_dict().values()))
+    queries = {n for n in reset.state_dict() if n.endswith("attn.to_q.weight")}
+    assert len(queries) == len(reset.gated_cross_attn_layers())
+    for name, value in reset.state_dict().items():
+        if name in queries:   # nn.Linear's own draw: uniform within 1 / sqrt(fan_in)
+            assert not torch.equal(value, kept.state_dict()[name])
+            assert float(value.abs().max()) <= value.shape[1] ** -0.5
+        else:
+            assert torch.equal(value, kept.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("reset_queries", [False, True])
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, reset_queries):
+    # with reset_queries, a resumed run must keep its checkpoint's queries, not draw new ones
+    straight = train_local(small_config(tmp_path / "straight", reset_queries=reset_queries))
 
     class Interrupted(Exception):
         pass
@@ -121,7 +164,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     def crash_after_step_3(metrics):
         if metrics["step"] == 3:
             raise Interrupted
-    resumed_config = small_config(tmp_path / "resumed")
+    resumed_config = small_config(tmp_path / "resumed", reset_queries=reset_queries)
     with pytest.raises(Interrupted):
         train_local(resumed_config, on_step=crash_after_step_3)
     assert latest_checkpoint(resumed_config.checkpoint_dir).name == "step_00000002"

@@ -22,6 +22,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from flamingo.gated_cross_attention import MaskedCrossAttention
 from training.optim import adamw_warmup_cosine, clip_gradients
 from training.sequences import Batch
 
@@ -51,6 +52,17 @@ class OptimSettings:
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def reset_attention_queries(model: nn.Module) -> int:
+    """Re-draw every gated block's query projection with its layer's own initialiser; returns how many.
+    The block's output still goes through its trained gate, values and dense part, so the model keeps
+    what it learnt to say about an image, while which visual tokens each text position reads is learnt
+    anew."""
+    blocks = [m for m in model.modules() if isinstance(m, MaskedCrossAttention)]
+    for block in blocks:
+        block.to_q.reset_parameters()
+    return len(blocks)
 
 
 class BridgeTrainer:

@@ -47,6 +47,9 @@ class DataConfig:
     # what the words name: shapes (colour varies), colour + shape pairs, or either, drawn per episode
     binding_categories: tuple[str, ...] = BINDING_CATEGORIES
     max_length: int = 512                # tokens per sequence; longer ones are cut at the end
+    # Loss on a QA episode's answers only, not on its questions: a question is drawn at random from the
+    # scene, so predicting its words teaches which objects are there, not what is asked of them.
+    answer_loss_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,12 @@ class TrainConfig:
     # barely change the model's output: a larger step for the gates alone lets small models start using
     # the images within a short run. 1: every trainable parameter at `lr`, as in the paper.
     gate_lr_scale: float = 1.0
+    # Re-draw the cross-attention's query projections (as a new model draws them) before the first step,
+    # so its attention starts out spread over the visual tokens again. Training on one-object scenes
+    # narrows each block's attention to one visual token whatever the text asks; once that softmax
+    # saturates, its gradient vanishes and the model never learns to pick the object a question names
+    # (docs/several-objects.md, "The cross-attention stops looking"). A resumed run keeps its checkpoint's.
+    reset_queries: bool = False
     weight_decay: float = 0.1
     warmup_steps: int = 10
     min_lr_ratio: float = 0.0            # cosine decays to lr * min_lr_ratio

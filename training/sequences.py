@@ -46,10 +46,16 @@ class Episode:
     media: tuple[np.ndarray | torch.Tensor, ...]
     texts: tuple[str, ...]
     task: str
+    # For each text, its leading part that is given, not predicted: no loss is taken on it (a question
+    # before its answer, with `DataConfig.answer_loss_only`). Empty: loss on every text token.
+    given: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.media) != len(self.texts) or not self.media:
             raise ValueError(f"an episode needs one text per media item, got {len(self.media)} and {len(self.texts)}")
+        if self.given and (len(self.given) != len(self.texts)
+                           or not all(t.startswith(g) for g, t in zip(self.given, self.texts))):
+            raise ValueError("an episode's given parts must be one leading part of each text")
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class Example:
 
     input_ids: list[int]
     vision_x: torch.Tensor
+    given: list[bool] | None = None   # per token: True where no loss is taken (Episode.given); None: none
 
 
 @dataclass(frozen=True)
@@ -100,11 +107,13 @@ def make_episode(rng: np.random.Generator, task: str, video: bool, config: DataC
     if task == "caption":
         texts = [sample.caption() for sample in samples]
     elif task == "qa":
-        texts = []
+        texts, given = [], []
         for sample in samples:
             questions = sample.qa()
             qa = questions[int(rng.integers(len(questions)))]
-            texts.append(f"Question: {qa.question} Answer: {qa.answer}")
+            given.append(f"Question: {qa.question} Answer:")
+            texts.append(f"{given[-1]} {qa.answer}")
+        return Episode(tuple(media), tuple(texts), task, tuple(given) if config.answer_loss_only else ())
     else:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     return Episode(tuple(media), tuple(texts), task)
@@ -137,16 +146,23 @@ def encode_episode(model: Flamingo, episode: Episode, transform: Transform, max_
     chunks are dropped with their media (only a first chunk longer than that is cut), so a sequence
     never ends mid-sentence or holds media no `<image>` refers to."""
     tokens = model.config.media_token, model.config.end_of_chunk_token
-    chunks = [model.tokenizer(render_chunk(text, *tokens), add_special_tokens=False)["input_ids"]
-              for text in episode.texts]
+
+    def encode(text: str) -> list[int]:
+        return model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    chunks = [encode(render_chunk(text, *tokens)) for text in episode.texts]
+    given = [len(encode(tokens[0] + part)) for part in episode.given] or [0] * len(chunks)
     kept = 0
     input_ids: list[int] = []
-    for chunk in chunks:
+    is_given: list[bool] = []
+    for chunk, length in zip(chunks, given):
         if kept and len(input_ids) + len(chunk) > max_length:
             break
         input_ids += chunk
+        is_given += [i < length for i in range(len(chunk))]
         kept += 1
-    return Example(input_ids[:max_length], torch.stack([_pixels(frames, transform) for frames in episode.media[:kept]]))
+    media = torch.stack([_pixels(frames, transform) for frames in episode.media[:kept]])
+    return Example(input_ids[:max_length], media, is_given[:max_length] if episode.given else None)
 
 
 def _pixels(frames: np.ndarray | torch.Tensor, transform: Transform) -> torch.Tensor:
@@ -198,7 +214,11 @@ def collate(examples: Sequence[Example], pad_token_id: int, media_token_id: int)
         lang_x[row, :len(example.input_ids)] = torch.tensor(example.input_ids, dtype=torch.long)
         attention_mask[row, :len(example.input_ids)] = 1
         vision_x[row, :example.vision_x.shape[0]] = example.vision_x
-    return Batch(lang_x, attention_mask, make_labels(lang_x, attention_mask, media_token_id), vision_x)
+    labels = make_labels(lang_x, attention_mask, media_token_id)
+    for row, example in enumerate(examples):
+        if example.given is not None:
+            labels[row, :len(example.given)][torch.tensor(example.given)] = IGNORE_INDEX
+    return Batch(lang_x, attention_mask, labels, vision_x)
 
 
 # --- batches -------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 
 import flamingo
 from flamingo.model import Flamingo
-from training.bridges import BridgeTrainer, OptimSettings, checkpoint_name, latest_checkpoint
+from training.bridges import BridgeTrainer, OptimSettings, checkpoint_name, latest_checkpoint, reset_attention_queries
 from training.config import TrainConfig
 from training.sequences import TrainingBatches
 
@@ -42,6 +42,8 @@ def build(config: TrainConfig, device: torch.device | str = "cpu") -> tuple[Flam
     """Model (backbones frozen by `Flamingo` itself), its trainer and its data, seeded from the config."""
     torch.manual_seed(config.seed)
     model = flamingo.load_model(config.model, device=device)
+    if config.reset_queries:
+        reset_attention_queries(model)
     trainer = BridgeTrainer(model, OptimSettings.from_config(config))
     return model, trainer, TrainingBatches(model, config.data, config.batch_size, config.seed)
 
