@@ -47,8 +47,8 @@ class DataConfig:
     # what the words name: shapes (colour varies), colour + shape pairs, or either, drawn per episode
     binding_categories: tuple[str, ...] = BINDING_CATEGORIES
     max_length: int = 512                # tokens per sequence; longer ones are cut at the end
-    # Loss on a QA episode's answers only, not on its questions: a question is drawn at random from the
-    # scene, so predicting its words teaches which objects are there, not what is asked of them.
+    # Loss on a QA episode's answers only, not on the words of its questions (drawn at random from the
+    # scene). Alone it did not change the answers about several objects (docs/several-objects.md).
     answer_loss_only: bool = False
 
 
@@ -69,9 +69,9 @@ class TrainConfig:
     # the images within a short run. 1: every trainable parameter at `lr`, as in the paper.
     gate_lr_scale: float = 1.0
     # Re-draw the cross-attention's query projections (as a new model draws them) before the first step,
-    # so its attention starts out spread over the visual tokens again. Training on one-object scenes
-    # narrows each block's attention to one visual token whatever the text asks; once that softmax
-    # saturates, its gradient vanishes and the model never learns to pick the object a question names
+    # so its attention starts out spread over the visual tokens again. The recipe's stage 3 narrows each
+    # block's attention to about one visual token, the same whatever the text asks, and more training did
+    # not widen it; with re-drawn queries, colour questions learnt to read the object they name
     # (docs/several-objects.md, "The cross-attention stops looking"). A resumed run keeps its checkpoint's.
     reset_queries: bool = False
     weight_decay: float = 0.1
