@@ -23,9 +23,9 @@ from flamingo import Flamingo, load_model
 from training.attention_spread import spread, table
 from training.bridges import BridgeTrainer, OptimSettings, reset_attention_queries
 from training.config import TrainConfig
-from training.evaluate import EvalConfig, _generate, _pixels, normalise, proportion, qa_items
+from training.evaluate import QA_CHANCE, EvalConfig, answer_questions, qa_items, qa_score
 from training.sequences import Batch, Episode, collate, encode_episode, image_transform
-from training.synthetic import make_scene
+from training.synthetic import QA, Clip, Scene, make_scene
 
 BATCH_SIZE = 8
 SEED = 777   # training draws: (SEED, step), apart from the recipe's and the evaluation's
@@ -44,23 +44,25 @@ def episode(rng: np.random.Generator, attributes: Sequence[str], full_loss: bool
             continue
         qa = questions[int(rng.integers(len(questions)))]
         media.append(scene.image()[None])
-        given.append(f"Question: {qa.question} Answer:")
-        texts.append(f"{given[-1]} {qa.answer}")
+        given.append(qa.prompt)
+        texts.append(f"{qa.prompt} {qa.answer}")
     return Episode(tuple(media), tuple(texts), "qa", () if full_loss else tuple(given))
 
 
-def held_out_accuracy(model: Flamingo, attributes: Sequence[str]) -> dict[str, dict]:
-    """The evaluation's questions of each attribute about scenes of 2-3 objects, greedy, exact match."""
-    config = EvalConfig()
-    items = qa_items(config)
+def held_out_questions(attributes: Sequence[str]) -> dict[str, list[tuple[Scene | Clip, QA]]]:
+    """The evaluation's questions of each attribute about scenes of 2-3 objects."""
+    items = qa_items(EvalConfig())
+    return {a: [(sample, qa) for sample, qa in items[a] if len(sample.objects) > 1] for a in attributes}
+
+
+def held_out_accuracy(model: Flamingo, held_out: dict[str, list[tuple[Scene | Clip, QA]]]) -> dict[str, dict]:
+    """Greedy answers to `held_out_questions`, exact match, as `flamingo-annotate eval` scores them."""
     model.eval()
+    transform, config = image_transform(model), EvalConfig()
     result = {}
-    for attribute in attributes:
-        asked = [(scene, qa) for scene, qa in items[attribute] if len(scene.objects) > 1]
-        replies = _generate(model, image_transform(model), [_pixels(scene) for scene, _ in asked],
-                            [f"Question: {qa.question} Answer:" for _, qa in asked], config, config.answer_tokens)
-        right = sum(normalise(reply) == normalise(qa.answer) for (_, qa), reply in zip(asked, replies))
-        result[attribute] = proportion(right, len(asked))
+    for attribute, asked in held_out.items():
+        answers = answer_questions(model, transform, asked, config)
+        result[attribute] = qa_score([qa for _, qa in asked], answers, QA_CHANCE[attribute])
     return result
 
 
@@ -86,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                            warmup_steps=50, min_lr_ratio=0.1)
     trainer = BridgeTrainer(model, OptimSettings.from_config(settings))
     transform = image_transform(model)
+    held_out = held_out_questions(attributes)
 
     def batch(step: int) -> Batch:
         rng = np.random.default_rng((SEED, step))
@@ -95,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def report(step: int, losses: list[float]) -> None:
         figures = "  ".join(f"{a} {p['accuracy']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}] n={p['n']}"
-                            for a, p in held_out_accuracy(model, attributes).items())
+                            for a, p in held_out_accuracy(model, held_out).items())
         loss = f"  loss {np.mean(losses):.3f}" if losses else ""
         print(f"step {step:5d}{loss}  {figures}", flush=True)
 

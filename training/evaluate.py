@@ -274,8 +274,7 @@ def evaluate(model: Flamingo, config: EvalConfig = EvalConfig(),
         report.examples = [{"truth": s.caption(), "generated": t} for s, t in list(zip(media, captions))[:4]]
     if "qa" in parts:
         for attribute, asked in qa_items(config).items():
-            answers = _generate(model, transform, [_pixels(s) for s, _ in asked],
-                                [f"Question: {qa.question} Answer:" for _, qa in asked], config, config.answer_tokens)
+            answers = answer_questions(model, transform, asked, config)
             report.qa[attribute] = qa_score([qa for _, qa in asked], answers, QA_CHANCE[attribute])
             if attribute in SCENE_ATTRIBUTES:
                 report.qa[attribute]["by_objects"] = by_object_count(asked, answers, QA_CHANCE[attribute])
@@ -294,6 +293,13 @@ def evaluate(model: Flamingo, config: EvalConfig = EvalConfig(),
             report.tasks[name] = scores
     report.seconds = time.perf_counter() - start
     return report
+
+
+def answer_questions(model: Flamingo, transform, asked: Sequence[tuple[Scene | Clip, QA]],
+                     config: EvalConfig) -> list[str]:
+    """The model's greedy answer to each (sample, question), 0-shot, as `evaluate` asks them."""
+    return _generate(model, transform, [_pixels(s) for s, _ in asked], [qa.prompt for _, qa in asked], config,
+                     config.answer_tokens)
 
 
 def machine() -> str:

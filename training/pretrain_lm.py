@@ -167,7 +167,7 @@ def _asked(rng: np.random.Generator, sample: Scene | Clip) -> str:
     """'Question: ... Answer: ...' for one of `sample`'s questions, picked at random."""
     questions = sample.qa()
     qa = questions[int(rng.integers(len(questions)))]
-    return f"Question: {qa.question} Answer: {qa.answer}"
+    return f"{qa.prompt} {qa.answer}"
 
 
 def named_binding(rng: np.random.Generator, max_shots: int = 3) -> str:
@@ -370,7 +370,7 @@ def answered_accuracy(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, c
             scene = make_scene(rng, max_objects=3)
         asked = [qa for qa in scene.qa() if qa.attribute in right]
         qa = asked[int(rng.integers(len(asked)))]
-        ids = tokenizer(f"{scene.caption()} Question: {qa.question} Answer:", return_tensors="pt",
+        ids = tokenizer(f"{scene.caption()} {qa.prompt}", return_tensors="pt",
                         add_special_tokens=False)["input_ids"]
         out = lm.generate(ids, max_new_tokens=8, do_sample=False,  # type: ignore[operator]  # HF's stubs
                           pad_token_id=tokenizer.eos_token_id)

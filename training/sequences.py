@@ -111,8 +111,8 @@ def make_episode(rng: np.random.Generator, task: str, video: bool, config: DataC
         for sample in samples:
             questions = sample.qa()
             qa = questions[int(rng.integers(len(questions)))]
-            given.append(f"Question: {qa.question} Answer:")
-            texts.append(f"{given[-1]} {qa.answer}")
+            given.append(qa.prompt)
+            texts.append(f"{qa.prompt} {qa.answer}")
         return Episode(tuple(media), tuple(texts), task, tuple(given) if config.answer_loss_only else ())
     else:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")

@@ -98,6 +98,11 @@ class QA:
     answer: str
     attribute: str
 
+    @property
+    def prompt(self) -> str:
+        """What the model is given; its answer follows after a space."""
+        return f"Question: {self.question} Answer:"
+
 
 @dataclass(frozen=True)
 class Thing:
