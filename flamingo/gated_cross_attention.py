@@ -77,6 +77,10 @@ class MaskedCrossAttention(nn.Module):
         # Contiguous once here, or attention would copy them again at every decode step.
         return tuple(t.unflatten(-1, (self.heads, -1)).transpose(1, 2).contiguous() for t in (k, v))
 
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, L, D) text hidden states -> (B, h, L, dh)
+        return self.to_q(self.norm(x)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
     def forward(self, x: torch.Tensor, cond: MediaConditioning, cache_key: int) -> torch.Tensor:
         # x: (B, L, D) text hidden states
         any_media = cond.any_media if cond.any_media is not None else bool((cond.media_index >= 0).any())
@@ -87,7 +91,7 @@ class MaskedCrossAttention(nn.Module):
         k, v = cond.kv_cache[cache_key]
         num_media, n = cond.visual_tokens.shape[1:3]
 
-        q = self.to_q(self.norm(x)).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, h, L, dh)
+        q = self.queries(x)                                                           # (B, h, L, dh)
         sees_media = cond.media_index >= 0                                            # (B, L)
         mask = None
         if num_media > 1 or not self.only_attend_immediate_media:

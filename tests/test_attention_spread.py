@@ -11,15 +11,13 @@ import pytest
 import torch
 
 import flamingo
-from flamingo.gated_cross_attention import MaskedCrossAttention
 from training.attention_spread import main, spread, two_shape_scenes
 
 
 def with_queries_scaled(model: flamingo.Flamingo, scale: float) -> flamingo.Flamingo:
     with torch.no_grad():
-        for block in model.modules():
-            if isinstance(block, MaskedCrossAttention):
-                block.to_q.weight.mul_(scale)
+        for block in model.gated_cross_attn_layers():
+            block.attn.to_q.weight.mul_(scale)
     return model
 
 

@@ -58,11 +58,11 @@ def _last_position_attention(model: Flamingo):
     def hook(module: MaskedCrossAttention, args: tuple, kwargs: dict, _out: torch.Tensor) -> None:
         x, cond = args[0], args[1]
         k, _ = cond.kv_cache[kwargs["cache_key"]]
-        q = module.to_q(module.norm(x[:, -1:])).unflatten(-1, (module.heads, -1)).transpose(1, 2)
+        q = module.queries(x[:, -1:])                                                # (B, h, 1, dh)
         weights = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)    # (B, h, 1, T*n)
         captured[id(module)] = weights[:, :, 0]
 
-    blocks = [m for m in model.modules() if isinstance(m, MaskedCrossAttention)]
+    blocks = [block.attn for block in model.gated_cross_attn_layers()]
     handles = [b.register_forward_hook(hook, with_kwargs=True) for b in blocks]
     try:
         yield lambda: [captured[id(b)] for b in blocks]

@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from flamingo.gated_cross_attention import MaskedCrossAttention
+from flamingo.model import Flamingo
 from training.optim import adamw_warmup_cosine, clip_gradients
 from training.sequences import Batch
 
@@ -54,15 +54,12 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def reset_attention_queries(model: nn.Module) -> int:
-    """Re-draw every gated block's query projection with its layer's own initialiser; returns how many.
-    The block's output still goes through its trained gate, values and dense part, so the model keeps
-    what it learnt to say about an image, while which visual tokens each text position reads is learnt
-    anew."""
-    blocks = [m for m in model.modules() if isinstance(m, MaskedCrossAttention)]
-    for block in blocks:
-        block.to_q.reset_parameters()
-    return len(blocks)
+def reset_attention_queries(model: Flamingo) -> None:
+    """Re-draw every gated block's query projection with its layer's own initialiser. The block's output
+    still goes through its trained gate, values and dense part, so the model keeps what it learnt to say
+    about an image, while which visual tokens each text position reads is learnt anew."""
+    for block in model.gated_cross_attn_layers():
+        block.attn.to_q.reset_parameters()
 
 
 class BridgeTrainer:
