@@ -81,6 +81,14 @@ def test_media_bytes_do_not_depend_on_the_process() -> None:
     assert other == make_scene(3).png() + make_clip(3).mp4()
 
 
+def test_scenes_hold_min_to_max_objects() -> None:
+    assert {len(make_scene(seed, max_objects=3).objects) for seed in range(60)} == {1, 2, 3}
+    assert {len(make_scene(seed, min_objects=2, max_objects=3).objects) for seed in range(60)} == {2, 3}
+    assert make_scene(7, min_objects=1) == make_scene(7)   # the default draws exactly as before
+    with pytest.raises(ValueError, match="min_objects <= max_objects"):
+        make_scene(0, min_objects=4, max_objects=3)
+
+
 # --- scenes: ground truth against pixels ---------------------------------------------------------
 
 

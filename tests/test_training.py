@@ -91,6 +91,26 @@ def test_answer_loss_only_takes_the_loss_on_each_answer_and_nothing_before_it(mo
         assert model.tokenizer.decode(answers.labels[row][scored[row]]) == expected
 
 
+def test_qa_attributes_and_min_objects_choose_the_questions_and_the_scenes(model):
+    questions_only = replace(SMALL_DATA, caption_weight=0.0, binding_weight=0.0, video_fraction=0.0)
+
+    def asked(**data) -> list[tuple[str, str]]:
+        batches = TrainingBatches(model, replace(questions_only, **data), batch_size=4, seed=2)
+        return [tuple(text.split(" Answer: ")) for i in range(10) for e in batches.episodes(i) for text in e.texts]
+
+    colour = asked(qa_attributes=("colour",))
+    assert colour and all(question.startswith("Question: What colour is") for question, _ in colour)
+    assert {q.split()[1] for q, _ in asked()} > {"What", "Where", "How"}      # empty: every kind, as before
+
+    def totals(**data) -> set[str]:
+        return {answer for question, answer in asked(qa_attributes=("count",), **data)
+                if question.endswith("How many shapes are there?")}
+    assert "one" in totals()
+    assert totals(min_objects=2) == {"two", "three"}
+    with pytest.raises(ValueError, match=r"no question of \['relation'\] in 100 draws"):
+        asked(qa_attributes=("relation",), max_objects=1)
+
+
 def test_an_episode_given_part_must_lead_its_text():
     image = np.zeros((1, 8, 8, 3), np.uint8)
     Episode((image,), ("Question: Q? Answer: yes",), "qa", ("Question: Q? Answer:",))
@@ -199,6 +219,15 @@ def test_config_rejects_unknown_and_mistyped_fields_naming_file_and_field(tmp_pa
         load_config(path)
     path.write_text(base + "data:\n  video_fraction: 2\n")
     with pytest.raises(ConfigError, match=rf"{path}: data\.video_fraction: must be in"):
+        load_config(path)
+    path.write_text(base + "data:\n  qa_attributes: [hue]\n")
+    with pytest.raises(ConfigError, match=rf"{path}: data\.qa_attributes: choose from"):
+        load_config(path)
+    path.write_text(base + "data:\n  qa_attributes: [position]\n  video_fraction: 0.5\n")
+    with pytest.raises(ConfigError, match=rf"{path}: data\.qa_attributes: none of \['position'\] is asked about clips"):
+        load_config(path)
+    path.write_text(base + "data:\n  min_objects: 4\n")
+    with pytest.raises(ConfigError, match=rf"{path}: data\.min_objects / data\.max_objects: need"):
         load_config(path)
     path.write_text("checkpoint_dir: c\noutput_dir: o\n")
     with pytest.raises(ConfigError, match=rf"{path}: model: required"):

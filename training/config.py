@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from training.synthetic import BINDING_CATEGORIES
+from training.synthetic import BINDING_CATEGORIES, CLIP_QA_ATTRIBUTES, SCENE_QA_ATTRIBUTES
 
 
 class ConfigError(ValueError):
@@ -34,6 +34,7 @@ class DataConfig:
     shards: tuple[str, ...] = ()
     image_size: int = 64                 # rendered size; the model's own transform then resizes it
     max_objects: int = 3
+    min_objects: int = 1                 # objects per scene: min..max (clips keep 1-2)
     video_fraction: float = 0.25         # fraction of batches made of clips (a batch never mixes F)
     num_frames: int = 4                  # frames per clip (at most the model's max_num_frames)
     fps: int = 8
@@ -50,6 +51,11 @@ class DataConfig:
     # Loss on a QA episode's answers only, not on the words of its questions (drawn at random from the
     # scene). Alone it did not change the answers about several objects (docs/several-objects.md).
     answer_loss_only: bool = False
+    # What QA episodes ask about (`QA.attribute`: colour, shape, size, count, position, relation; clips also
+    # direction, speed); a scene or clip with no such question is drawn again. Empty: every kind. Asking
+    # only colour about scenes of 2-3 objects is what first taught re-drawn queries to read the object a
+    # question names (docs/several-objects.md).
+    qa_attributes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,17 @@ class TrainConfig:
             raise ValueError("data.binding_ways / data.binding_shots: must be at least 1")
         if d.max_length < 8:
             raise ValueError(f"data.max_length: must be at least 8, got {d.max_length}")
+        if not 1 <= d.min_objects <= d.max_objects:
+            raise ValueError(f"data.min_objects / data.max_objects: need 1 <= min_objects <= max_objects, "
+                             f"got {d.min_objects}, {d.max_objects}")
+        known = dict.fromkeys(SCENE_QA_ATTRIBUTES + CLIP_QA_ATTRIBUTES)
+        if not set(d.qa_attributes) <= set(known):
+            raise ValueError(f"data.qa_attributes: choose from {list(known)}, got {list(d.qa_attributes)}")
+        for kind, asked, share in (("scenes", SCENE_QA_ATTRIBUTES, 1 - d.video_fraction),
+                                   ("clips", CLIP_QA_ATTRIBUTES, d.video_fraction)):
+            if d.qa_attributes and d.qa_weight > 0 and share > 0 and not set(d.qa_attributes) & set(asked):
+                raise ValueError(f"data.qa_attributes: none of {list(d.qa_attributes)} is asked about {kind} "
+                                 f"(they are asked {list(asked)}); name one, or set video_fraction")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -31,10 +31,11 @@ from media.decode import DecodeConfig, decode_item
 from media.decode import image_transform as media_transform
 from media.files import DEFAULT_MAX_ITEM_BYTES, file_rows, list_files
 from training.config import DataConfig
-from training.synthetic import Sample, make_binding_episode, make_clip, make_scene, pick
+from training.synthetic import QA, Clip, Sample, make_binding_episode, make_clip, make_scene, pick
 
 IGNORE_INDEX = -100   # what HF's cross-entropy skips
 TASKS = ("caption", "qa", "binding")
+_MAX_DRAWS = 100   # samples drawn to find one with a question of `qa_attributes` (almost always 1-2)
 Transform = Callable[[Image.Image], torch.Tensor]
 
 
@@ -94,29 +95,42 @@ def make_episode(rng: np.random.Generator, task: str, video: bool, config: DataC
         media = [*episode.support_images(), episode.query_image()]
         texts = [*episode.support_texts, f"{episode.query_text} {episode.answer}."]
         return Episode(tuple(image[None] for image in media), tuple(texts), task)
-    count = media_count(rng, video, config)
-    samples: list[Sample]
-    if video:
-        clips = [make_clip(rng, image_size=config.image_size, num_frames=config.num_frames, fps=config.fps)
-                 for _ in range(count)]
-        samples, media = list(clips), [clip.frames() for clip in clips]
-    else:
-        scenes = [make_scene(rng, image_size=config.image_size, max_objects=config.max_objects)
-                  for _ in range(count)]
-        samples, media = list(scenes), [scene.image()[None] for scene in scenes]
+
+    def draw() -> Sample:
+        if video:
+            return make_clip(rng, image_size=config.image_size, num_frames=config.num_frames, fps=config.fps)
+        return make_scene(rng, image_size=config.image_size, max_objects=config.max_objects,
+                          min_objects=config.min_objects)
+
+    samples = [draw() for _ in range(media_count(rng, video, config))]
     if task == "caption":
         texts = [sample.caption() for sample in samples]
     elif task == "qa":
         texts, given = [], []
-        for sample in samples:
-            questions = sample.qa()
+        for i in range(len(samples)):
+            draws = 1
+            while not (questions := asked(samples[i], config.qa_attributes)):
+                if draws == _MAX_DRAWS:
+                    raise ValueError(f"data.qa_attributes: no question of {list(config.qa_attributes)} in "
+                                     f"{draws} draws; allow more objects or other attributes")
+                samples[i], draws = draw(), draws + 1
             qa = questions[int(rng.integers(len(questions)))]
             given.append(qa.prompt)
             texts.append(f"{qa.prompt} {qa.answer}")
-        return Episode(tuple(media), tuple(texts), task, tuple(given) if config.answer_loss_only else ())
+        return Episode(_media(samples), tuple(texts), task, tuple(given) if config.answer_loss_only else ())
     else:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    return Episode(tuple(media), tuple(texts), task)
+    return Episode(_media(samples), tuple(texts), task)
+
+
+def asked(sample: Sample, attributes: Sequence[str]) -> list[QA]:
+    """The sample's questions about `attributes` (empty: all of them)."""
+    return [qa for qa in sample.qa() if not attributes or qa.attribute in attributes]
+
+
+def _media(samples: Sequence[Sample]) -> tuple[np.ndarray, ...]:
+    """(F, H, W, 3) frames per sample: a scene is one frame."""
+    return tuple(sample.frames() if isinstance(sample, Clip) else sample.image()[None] for sample in samples)
 
 
 def media_count(rng: np.random.Generator, video: bool, config: DataConfig) -> int:

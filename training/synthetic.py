@@ -81,6 +81,9 @@ _RESERVED_WORDS = frozenset(
 _MAX_NONSENSE_WORDS = 10_000
 _MAX_PLACEMENT_TRIES = 1000
 VARIANT_ATTRIBUTES = ("shape", "colour", "size", "cell")   # what a hard negative may change
+# What `Scene.qa()` and `Clip.qa()` ask about (`QA.attribute`).
+SCENE_QA_ATTRIBUTES = ("count", "colour", "shape", "size", "position", "relation")
+CLIP_QA_ATTRIBUTES = ("count", "colour", "shape", "size", "direction", "speed")
 _MP4_OPTIONS = MappingProxyType(
     # Near-lossless; no B-frames so frame-accurate seeking (decord) is trivial; one thread because x264's
     # output depends on its thread count, which would otherwise follow the machine's cores.
@@ -295,14 +298,14 @@ class BindingEpisode:
 # --- generators ----------------------------------------------------------------------------------
 
 
-def make_scene(seed: Seed, *, image_size: int = 64, max_objects: int = 3) -> Scene:
-    """A scene of 1..`max_objects` objects (at most 9, one per grid cell) whose colour + shape pairs
-    are distinct, so 'the red circle' always names one object."""
+def make_scene(seed: Seed, *, image_size: int = 64, max_objects: int = 3, min_objects: int = 1) -> Scene:
+    """A scene of `min_objects`..`max_objects` objects (at most 9, one per grid cell) whose colour + shape
+    pairs are distinct, so 'the red circle' always names one object."""
     _check_image_size(image_size)
-    if not 1 <= max_objects <= GRID * GRID:
-        raise ValueError(f"max_objects must be in 1..{GRID * GRID}, got {max_objects}")
+    if not 1 <= min_objects <= max_objects <= GRID * GRID:
+        raise ValueError(f"need 1 <= min_objects <= max_objects <= {GRID * GRID}, got {min_objects}, {max_objects}")
     rng = np.random.default_rng(seed)
-    count = int(rng.integers(1, max_objects + 1))
+    count = int(rng.integers(min_objects, max_objects + 1))
     cells = rng.choice(GRID * GRID, size=count, replace=False)
     things = _distinct_things(rng, count)
     objects = tuple(_place(rng, thing, *divmod(int(cell), GRID), image_size) for thing, cell in zip(things, cells))
