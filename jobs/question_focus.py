@@ -24,7 +24,7 @@ from training.attention_spread import spread, table
 from training.bridges import BridgeTrainer, OptimSettings, reset_attention_queries
 from training.config import TrainConfig
 from training.evaluate import QA_CHANCE, EvalConfig, answer_questions, qa_items, qa_score
-from training.sequences import Batch, Episode, collate, encode_episode, image_transform
+from training.sequences import Batch, Episode, asked, collate, encode_episode, image_transform
 from training.synthetic import QA, Clip, Scene, make_scene
 
 BATCH_SIZE = 8
@@ -39,7 +39,7 @@ def episode(rng: np.random.Generator, attributes: Sequence[str], full_loss: bool
     wanted = int(rng.integers(2, 4))
     while len(texts) < wanted:
         scene = make_scene(rng, max_objects=3)
-        questions = [qa for qa in scene.qa() if qa.attribute in attributes]
+        questions = asked(scene, attributes)
         if len(scene.objects) < 2 or not questions:
             continue
         qa = questions[int(rng.integers(len(questions)))]
@@ -60,16 +60,17 @@ def held_out_accuracy(model: Flamingo, held_out: dict[str, list[tuple[Scene | Cl
     model.eval()
     transform, config = image_transform(model), EvalConfig()
     result = {}
-    for attribute, asked in held_out.items():
-        answers = answer_questions(model, transform, asked, config)
-        result[attribute] = qa_score([qa for _, qa in asked], answers, QA_CHANCE[attribute])
+    for attribute, pairs in held_out.items():
+        answers = answer_questions(model, transform, pairs, config)
+        result[attribute] = qa_score([qa for _, qa in pairs], answers, QA_CHANCE[attribute])
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="miniature")
-    parser.add_argument("--attributes", default="colour", help="comma-separated: colour, shape, size, position")
+    parser.add_argument("--attributes", default="colour",
+                        help="comma-separated: colour, shape, size, position, existence")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--every", type=int, default=400)
     parser.add_argument("--reset", action="store_true", help="re-draw the query projections first (reset_queries)")

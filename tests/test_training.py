@@ -101,6 +101,10 @@ def test_qa_attributes_and_min_objects_choose_the_questions_and_the_scenes(model
     colour = asked(qa_attributes=("colour",))
     assert colour and all(question.startswith("Question: What colour is") for question, _ in colour)
     assert {q.split()[1] for q, _ in asked()} > {"What", "Where", "How"}      # empty: every kind, as before
+    existence = asked(qa_attributes=("existence",))
+    assert {answer for _, answer in existence} == {"yes", "no"}
+    assert all(question.startswith("Question: Is there a") for question, _ in existence)
+    assert not any(question.startswith("Question: Is there a") for question, _ in asked())  # only when named
 
     def totals(**data) -> set[str]:
         return {answer for question, answer in asked(qa_attributes=("count",), **data)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from training.synthetic import BINDING_CATEGORIES, CLIP_QA_ATTRIBUTES, SCENE_QA_ATTRIBUTES
+from training.synthetic import BINDING_CATEGORIES, CLIP_QA_ATTRIBUTES, NAMED_QA_ATTRIBUTES, SCENE_QA_ATTRIBUTES
 
 
 class ConfigError(ValueError):
@@ -52,7 +52,8 @@ class DataConfig:
     # scene). Alone it did not change the answers about several objects (docs/several-objects.md).
     answer_loss_only: bool = False
     # What QA episodes ask about (`QA.attribute`: colour, shape, size, count, position, relation; clips also
-    # direction, speed); a scene or clip with no such question is drawn again. Empty: every kind. Asking
+    # direction, speed; scenes also 'existence' when named: 'Is there a red shape?'); a scene or clip with
+    # no such question is drawn again. Empty: every kind but existence. Asking
     # only colour about scenes of 2-3 objects is what first taught re-drawn queries to read the object a
     # question names (docs/several-objects.md).
     qa_attributes: tuple[str, ...] = ()
@@ -123,10 +124,11 @@ class TrainConfig:
         if not 1 <= d.min_objects <= d.max_objects:
             raise ValueError(f"data.min_objects / data.max_objects: need 1 <= min_objects <= max_objects, "
                              f"got {d.min_objects}, {d.max_objects}")
-        known = dict.fromkeys(SCENE_QA_ATTRIBUTES + CLIP_QA_ATTRIBUTES)
+        scene_asked = SCENE_QA_ATTRIBUTES + NAMED_QA_ATTRIBUTES
+        known = dict.fromkeys(scene_asked + CLIP_QA_ATTRIBUTES)
         if not set(d.qa_attributes) <= set(known):
             raise ValueError(f"data.qa_attributes: choose from {list(known)}, got {list(d.qa_attributes)}")
-        for kind, asked, share in (("scenes", SCENE_QA_ATTRIBUTES, 1 - d.video_fraction),
+        for kind, asked, share in (("scenes", scene_asked, 1 - d.video_fraction),
                                    ("clips", CLIP_QA_ATTRIBUTES, d.video_fraction)):
             if d.qa_attributes and d.qa_weight > 0 and share > 0 and not set(d.qa_attributes) & set(asked):
                 raise ValueError(f"data.qa_attributes: none of {list(d.qa_attributes)} is asked about {kind} "

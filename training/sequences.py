@@ -31,7 +31,17 @@ from media.decode import DecodeConfig, decode_item
 from media.decode import image_transform as media_transform
 from media.files import DEFAULT_MAX_ITEM_BYTES, file_rows, list_files
 from training.config import DataConfig
-from training.synthetic import QA, Clip, Sample, make_binding_episode, make_clip, make_scene, pick
+from training.synthetic import (
+    QA,
+    Clip,
+    Sample,
+    Scene,
+    existence_questions,
+    make_binding_episode,
+    make_clip,
+    make_scene,
+    pick,
+)
 
 IGNORE_INDEX = -100   # what HF's cross-entropy skips
 TASKS = ("caption", "qa", "binding")
@@ -124,8 +134,12 @@ def make_episode(rng: np.random.Generator, task: str, video: bool, config: DataC
 
 
 def asked(sample: Sample, attributes: Sequence[str]) -> list[QA]:
-    """The sample's questions about `attributes` (empty: all of them)."""
-    return [qa for qa in sample.qa() if not attributes or qa.attribute in attributes]
+    """The sample's questions about `attributes` (empty: all of `qa()`). Existence questions only when named:
+    `qa()` leaves them out (`existence_questions` says why)."""
+    questions = [qa for qa in sample.qa() if not attributes or qa.attribute in attributes]
+    if "existence" in attributes and isinstance(sample, Scene):
+        questions += existence_questions(sample.objects)
+    return questions
 
 
 def _media(samples: Sequence[Sample]) -> tuple[np.ndarray, ...]:

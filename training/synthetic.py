@@ -84,6 +84,8 @@ VARIANT_ATTRIBUTES = ("shape", "colour", "size", "cell")   # what a hard negativ
 # What `Scene.qa()` and `Clip.qa()` ask about (`QA.attribute`).
 SCENE_QA_ATTRIBUTES = ("count", "colour", "shape", "size", "position", "relation")
 CLIP_QA_ATTRIBUTES = ("count", "colour", "shape", "size", "direction", "speed")
+# Asked of scenes only when training names them (`DataConfig.qa_attributes`): `existence_questions`.
+NAMED_QA_ATTRIBUTES = ("existence",)
 _MP4_OPTIONS = MappingProxyType(
     # Near-lossless; no B-frames so frame-accurate seeking (decord) is trivial; one thread because x264's
     # output depends on its thread count, which would otherwise follow the machine's cores.
@@ -575,8 +577,9 @@ def existence_questions(things: Sequence[Thing]) -> list[QA]:
     object (objects come in random order); the 'no' about the next colour / shape absent from the scene,
     so every colour and shape is asked about both ways.
 
-    Only the evaluation asks them; `qa()` leaves them out. Training on them too (stages 2 and 3, two
-    recipe runs) left the model at chance on them, and moved the other figures (docs/existence.md)."""
+    `qa()` leaves them out: training on them among all questions (stages 2 and 3, two recipe runs of an
+    earlier tower) left the model at chance on them and moved the other figures (docs/existence.md). Training
+    asks them only when `DataConfig.qa_attributes` names 'existence'."""
     qa = []
     for kind, options, template in (("colour", tuple(COLOURS), "Is there a {} shape?"),
                                     ("shape", SHAPES, "Is there a {}?")):
