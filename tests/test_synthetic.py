@@ -173,7 +173,7 @@ def test_questions_cover_every_attribute_with_unambiguous_references() -> None:
             match = re.search(r"the (\w+ )?(circle|square|triangle|star)\b", qa.question)
             if match:
                 _referred(scene.objects, match.group(0)[len("the "):])
-    assert attributes == {"count", "colour", "shape", "size", "position", "relation"}   # existence: eval only
+    assert attributes == {"count", "colour", "shape", "size", "position", "relation"}   # existence: when named
 
 
 def test_existence_questions_are_true_of_the_pixels_and_balanced() -> None:

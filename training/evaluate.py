@@ -59,7 +59,7 @@ import torch
 from PIL import Image
 
 from flamingo import Flamingo
-from training.sequences import image_transform, render_chunk
+from training.sequences import asked, image_transform, render_chunk
 from training.synthetic import (
     _CODAS,
     _ONSETS,
@@ -77,7 +77,6 @@ from training.synthetic import (
     BindingEpisode,
     Clip,
     Scene,
-    existence_questions,
     make_binding_episode,
     make_clip,
     make_scene,
@@ -273,11 +272,11 @@ def evaluate(model: Flamingo, config: EvalConfig = EvalConfig(),
                 report.caption[kind] = caption_scores(pairs)
         report.examples = [{"truth": s.caption(), "generated": t} for s, t in list(zip(media, captions))[:4]]
     if "qa" in parts:
-        for attribute, asked in qa_items(config).items():
-            answers = answer_questions(model, transform, asked, config)
-            report.qa[attribute] = qa_score([qa for _, qa in asked], answers, QA_CHANCE[attribute])
+        for attribute, questions in qa_items(config).items():
+            answers = answer_questions(model, transform, questions, config)
+            report.qa[attribute] = qa_score([qa for _, qa in questions], answers, QA_CHANCE[attribute])
             if attribute in SCENE_ATTRIBUTES:
-                report.qa[attribute]["by_objects"] = by_object_count(asked, answers, QA_CHANCE[attribute])
+                report.qa[attribute]["by_objects"] = by_object_count(questions, answers, QA_CHANCE[attribute])
     if "binding" in parts:
         for words in config.words:
             report.word_tokens[words] = word_token_summary(model, config, words)
@@ -323,22 +322,21 @@ def caption_clips(config: EvalConfig) -> list[Clip]:
 def qa_items(config: EvalConfig) -> dict[str, list[tuple[Scene | Clip, QA]]]:
     """`questions` (sample, question) pairs per attribute, each on a fresh scene (clip for direction and
     speed) with one question of that attribute picked at random; samples that have none are skipped.
-    Existence questions ('Is there a red shape?', yes and no equally often) are asked of the model though
-    training never asks them: they measure what a yes/no task such as has_red.yaml can expect."""
+    Existence questions ('Is there a red shape?', yes and no equally often), which training asks only when
+    a phase names them, measure what a yes/no task such as has_red.yaml can expect."""
     items: dict[str, list[tuple[Scene | Clip, QA]]] = {}
     for attribute in SCENE_ATTRIBUTES + CLIP_ATTRIBUTES:
-        asked: list[tuple[Scene | Clip, QA]] = []
+        pairs: list[tuple[Scene | Clip, QA]] = []
         draw = 0
-        while len(asked) < config.questions:
+        while len(pairs) < config.questions:
             rng = np.random.default_rng(eval_seed(config.seed, _QA, _QA_STREAMS.index(attribute), draw))
             draw += 1
             sample: Scene | Clip = (make_clip(rng, image_size=config.image_size, num_frames=config.num_frames)
                                     if attribute in CLIP_ATTRIBUTES else make_scene(rng, image_size=config.image_size))
-            questions = (existence_questions(sample.objects) if attribute == "existence"   # not in qa(): see there
-                         else [qa for qa in sample.qa() if qa.attribute == attribute])
+            questions = asked(sample, (attribute,))   # existence too, which `qa()` leaves out
             if questions:
-                asked.append((sample, pick(rng, questions)))
-        items[attribute] = asked
+                pairs.append((sample, pick(rng, questions)))
+        items[attribute] = pairs
     return items
 
 
