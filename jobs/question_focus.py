@@ -39,7 +39,7 @@ def episode(rng: np.random.Generator, attributes: Sequence[str], full_loss: bool
     wanted = int(rng.integers(2, 4))
     while len(texts) < wanted:
         scene = make_scene(rng, max_objects=3)
-        questions = asked(scene, attributes)
+        questions = asked(scene, attributes, rng)
         if len(scene.objects) < 2 or not questions:
             continue
         qa = questions[int(rng.integers(len(questions)))]

@@ -181,11 +181,12 @@ def test_existence_questions_are_true_of_the_pixels_and_balanced() -> None:
     centre is red), every scene gets each kind once with 'yes' and once with 'no', and over many scenes
     every colour and every shape is asked about both ways (no colour is a cue for the answer)."""
     asked: Counter[tuple[str, str]] = Counter()
+    rng = np.random.default_rng(0)
     for seed in range(200):
         scene = make_scene(seed)
         centres = {_centre_colour(scene.image(), o.x, o.y) for o in scene.objects}
         drawn = {name for name, rgb in COLOURS.items() if rgb in centres}
-        existence = existence_questions(scene.objects)
+        existence = existence_questions(scene.objects, rng)
         assert {qa.attribute for qa in existence} == {"existence"}
         assert sorted(qa.answer for qa in existence) == ["no", "no", "yes", "yes"]
         for qa in existence:
@@ -199,6 +200,25 @@ def test_existence_questions_are_true_of_the_pixels_and_balanced() -> None:
                 assert qa.answer == ("yes" if any(o.shape == shape.group(1) for o in scene.objects) else "no")
                 asked[shape.group(1), qa.answer] += 1
     assert all(asked[option, answer] >= 10 for option in (*COLOURS, *SHAPES) for answer in ("yes", "no")), asked
+
+
+def test_what_else_is_in_the_scene_does_not_give_away_a_no() -> None:
+    """The colour a 'no' asks about is drawn from all absent ones, so the rest of the scene carries no cue.
+    Picking the next absent colour in a fixed order asked 'red? no' only of scenes with purple in them
+    (purple comes before red): every time, where a fair draw gives about a third."""
+    names = list(COLOURS)
+    neighbour_present = no_questions = 0
+    rng = np.random.default_rng(0)
+    for seed in range(400):
+        scene = make_scene(seed)
+        present = {o.colour for o in scene.objects}
+        for qa in existence_questions(scene.objects, rng):
+            colour = re.fullmatch(r"Is there a (\w+) shape\?", qa.question)
+            if colour and qa.answer == "no":
+                no_questions += 1
+                neighbour_present += names[names.index(colour.group(1)) - 1] in present
+    assert no_questions == 400
+    assert neighbour_present / no_questions < 0.6, neighbour_present / no_questions
 
 
 # --- clips ---------------------------------------------------------------------------------------

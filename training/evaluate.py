@@ -333,7 +333,7 @@ def qa_items(config: EvalConfig) -> dict[str, list[tuple[Scene | Clip, QA]]]:
             draw += 1
             sample: Scene | Clip = (make_clip(rng, image_size=config.image_size, num_frames=config.num_frames)
                                     if attribute in CLIP_ATTRIBUTES else make_scene(rng, image_size=config.image_size))
-            questions = asked(sample, (attribute,))   # existence too, which `qa()` leaves out
+            questions = asked(sample, (attribute,), rng)   # existence too, which `qa()` leaves out
             if questions:
                 pairs.append((sample, pick(rng, questions)))
         items[attribute] = pairs

@@ -119,7 +119,7 @@ def make_episode(rng: np.random.Generator, task: str, video: bool, config: DataC
         texts, given = [], []
         for i in range(len(samples)):
             draws = 1
-            while not (questions := asked(samples[i], config.qa_attributes)):
+            while not (questions := asked(samples[i], config.qa_attributes, rng)):
                 if draws == _MAX_DRAWS:
                     raise ValueError(f"data.qa_attributes: no question of {list(config.qa_attributes)} in "
                                      f"{draws} draws; allow more objects or other attributes")
@@ -133,12 +133,12 @@ def make_episode(rng: np.random.Generator, task: str, video: bool, config: DataC
     return Episode(_media(samples), tuple(texts), task)
 
 
-def asked(sample: Sample, attributes: Sequence[str]) -> list[QA]:
+def asked(sample: Sample, attributes: Sequence[str], rng: np.random.Generator) -> list[QA]:
     """The sample's questions about `attributes` (empty: all of `qa()`). Existence questions only when named:
-    `qa()` leaves them out (`existence_questions` says why)."""
+    `qa()` leaves them out (`existence_questions` says why); `rng` draws what their 'no' asks about."""
     questions = [qa for qa in sample.qa() if not attributes or qa.attribute in attributes]
     if "existence" in attributes and isinstance(sample, Scene):
-        questions += existence_questions(sample.objects)
+        questions += existence_questions(sample.objects, rng)
     return questions
 
 
