@@ -294,10 +294,10 @@ def evaluate(model: Flamingo, config: EvalConfig = EvalConfig(),
     return report
 
 
-def answer_questions(model: Flamingo, transform, asked: Sequence[tuple[Scene | Clip, QA]],
+def answer_questions(model: Flamingo, transform, pairs: Sequence[tuple[Scene | Clip, QA]],
                      config: EvalConfig) -> list[str]:
     """The model's greedy answer to each (sample, question), 0-shot, as `evaluate` asks them."""
-    return _generate(model, transform, [_pixels(s) for s, _ in asked], [qa.prompt for _, qa in asked], config,
+    return _generate(model, transform, [_pixels(s) for s, _ in pairs], [qa.prompt for _, qa in pairs], config,
                      config.answer_tokens)
 
 
@@ -467,14 +467,14 @@ def qa_score(questions: Sequence[QA], answers: Sequence[str], chance: float) -> 
                       top_answer=top, top_answer_share=round(top_count / len(answers), 4))
 
 
-def by_object_count(asked: Sequence[tuple[Scene | Clip, QA]], answers: Sequence[str], chance: float
+def by_object_count(pairs: Sequence[tuple[Scene | Clip, QA]], answers: Sequence[str], chance: float
                     ) -> dict[str, dict[str, Any]]:
     """`qa_score` split by how many objects each question's scene holds ('1', '2', '3'): an attribute read
     right for a lone object can still be lost, or bound to the wrong object, among several."""
     by: dict[int, list[int]] = defaultdict(list)
-    for i, (sample, _) in enumerate(asked):
+    for i, (sample, _) in enumerate(pairs):
         by[len(sample.objects)].append(i)
-    return {str(k): qa_score([asked[i][1] for i in by[k]], [answers[i] for i in by[k]], chance) for k in sorted(by)}
+    return {str(k): qa_score([pairs[i][1] for i in by[k]], [answers[i] for i in by[k]], chance) for k in sorted(by)}
 
 
 def qa_scores(questions: Sequence[QA], answers: Sequence[str]) -> dict[str, dict[str, Any]]:
