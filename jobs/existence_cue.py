@@ -25,7 +25,7 @@ from training.evaluate import EvalConfig, answer_questions, eval_seed, normalise
 from training.sequences import image_transform
 from training.synthetic import COLOURS, QA, Scene, make_scene
 
-STREAM = 101   # eval_seed parts: apart from the evaluation's own streams (0-4)
+STREAM = 101   # eval_seed part: not the evaluation's (0-4), the gold set's or the probes' (100, 102)
 
 
 def questions(config: EvalConfig, scenes: int) -> list[tuple[Scene, QA, str]]:
