@@ -23,7 +23,7 @@ import torch
 from flamingo import DEFAULT_MODEL, load_model
 from training.evaluate import EvalConfig, answer_questions, eval_seed, normalise, proportion
 from training.sequences import image_transform
-from training.synthetic import COLOURS, QA, Scene, make_scene
+from training.synthetic import COLOURS, EXISTENCE_TEMPLATES, QA, Scene, make_scene
 
 STREAM = 101   # eval_seed part: not the evaluation's (0-4), the gold set's or the probes' (100, 102)
 
@@ -41,7 +41,7 @@ def questions(config: EvalConfig, scenes: int) -> list[tuple[Scene, QA, str]]:
             answer, group = "yes", "yes"
         else:
             answer, group = "no", f"no, neighbour {'present' if neighbour in present else 'absent'}"
-        items.append((scene, QA(f"Is there a {colour} shape?", answer, "existence"), group))
+        items.append((scene, QA(EXISTENCE_TEMPLATES["colour"].format(colour), answer, "existence"), group))
     return items
 
 

@@ -86,6 +86,8 @@ SCENE_QA_ATTRIBUTES = ("count", "colour", "shape", "size", "position", "relation
 CLIP_QA_ATTRIBUTES = ("count", "colour", "shape", "size", "direction", "speed")
 # Asked of scenes only when training names them (`DataConfig.qa_attributes`): `existence_questions`.
 NAMED_QA_ATTRIBUTES = ("existence",)
+# Their wording, one per kind: jobs/existence_cue.py asks the same question training does.
+EXISTENCE_TEMPLATES = MappingProxyType({"colour": "Is there a {} shape?", "shape": "Is there a {}?"})
 _MP4_OPTIONS = MappingProxyType(
     # Near-lossless; no B-frames so frame-accurate seeking (decord) is trivial; one thread because x264's
     # output depends on its thread count, which would otherwise follow the machine's cores.
@@ -582,8 +584,8 @@ def existence_questions(things: Sequence[Thing], rng: np.random.Generator) -> li
     earlier tower) left the model at chance on them and moved the other figures (docs/existence.md). Training
     asks them only when `DataConfig.qa_attributes` names 'existence'."""
     qa = []
-    for kind, options, template in (("colour", tuple(COLOURS), "Is there a {} shape?"),
-                                    ("shape", SHAPES, "Is there a {}?")):
+    for kind, options in (("colour", tuple(COLOURS)), ("shape", SHAPES)):
+        template = EXISTENCE_TEMPLATES[kind]
         present = {getattr(t, kind) for t in things}
         absent = pick(rng, [o for o in options if o not in present])
         qa += [QA(template.format(getattr(things[0], kind)), "yes", "existence"),
