@@ -44,19 +44,20 @@ def test_the_card_reports_the_default_evaluation_with_intervals():
 
 
 # Floors: just under the lower 95% bound of each figure in eval.json (seed 0, the default settings).
-QA_FLOORS = {"colour": 0.85, "count": 0.80, "size": 0.78, "shape": 0.88,    # measured 0.91, 0.86, 0.85, 0.94
-             "position": 0.62, "existence": 0.57}                          # 0.69 (0.63-0.75), 0.65 (0.58-0.71)
-BINDING_FLOORS = {("colour_shape", "train"): 0.87, ("shape", "train"): 0.97,      # at 2 shots per word:
-                  ("colour_shape", "wide"): 0.86, ("shape", "wide"): 0.89}        # 0.93, 1.00, 0.92, 0.94
-CAPTION_RECALL_FLOOR = 0.43         # image captions, whole object phrases: 0.48 (0.44-0.53)
-COUNT_TASK_FLOOR = 0.85             # measured 0.90 (0.86-0.94)
-COUNT_TASK_TWO_FLOOR = 0.84         # two-object scenes answered 'two': 0.93 (0.85-0.97)
-COUNT_TASK_THREE_FLOOR = 0.67       # three-object scenes answered 'three': 0.78 (0.68-0.86)
-HAS_RED_TASK_FLOOR = 0.67           # has_red.yaml (calibrated): 0.74 (0.68-0.79)
-HAS_RED_CLASS_FLOORS = {"true_yes": 0.91,   # scenes with red: 0.98 (0.92-0.99)
-                        "true_no": 0.52}    # scenes without: 0.61 (0.53-0.69)
+QA_FLOORS = {"colour": 0.86, "count": 0.82, "size": 0.82, "shape": 0.89,    # measured 0.92, 0.89, 0.88, 0.94
+             "position": 0.63, "existence": 0.67}                          # 0.71 (0.64-0.77), 0.74 (0.68-0.80)
+BINDING_FLOORS = {("colour_shape", "train"): 0.88, ("shape", "train"): 0.97,      # at 2 shots per word:
+                  ("colour_shape", "wide"): 0.86, ("shape", "wide"): 0.88}        # 0.93, 1.00, 0.92, 0.94
+CAPTION_RECALL_FLOOR = 0.42         # image captions, whole object phrases: 0.48 (0.43-0.53)
+COUNT_TASK_FLOOR = 0.88             # measured 0.93 (0.89-0.96)
+COUNT_TASK_ONE_FLOOR = 0.93         # one-object scenes answered 'one': 0.99 (0.94-1.00)
+COUNT_TASK_TWO_FLOOR = 0.87         # two-object scenes answered 'two': 0.96 (0.88-0.99)
+COUNT_TASK_THREE_FLOOR = 0.75       # three-object scenes answered 'three': 0.86 (0.76-0.92)
+HAS_RED_TASK_FLOOR = 0.74           # has_red.yaml (not calibrated): 0.81 (0.75-0.85)
+HAS_RED_CLASS_FLOORS = {"true_yes": 0.60,   # scenes with red: 0.72 (0.61-0.80)
+                        "true_no": 0.78}    # scenes without: 0.86 (0.79-0.90)
 CAPTION_COLOUR_FLOOR = 0.97         # every colour named is in the scene: 1.00 (0.98-1.00)
-CAPTION_SHAPE_FLOOR = 0.96          # every shape named is in the scene: 0.99 (0.97-1.00)
+CAPTION_SHAPE_FLOOR = 0.95          # every shape named is in the scene: 0.98 (0.96-0.99)
 BINDING_TASK_FLOOR = 0.96           # binding.yaml, each class (circle, star): 1.00 (0.97-1.00)
 
 
@@ -81,7 +82,7 @@ def test_few_shot_binding_comes_from_the_prompt(report):
 @pytest.mark.slow
 def test_example_tasks_on_held_out_scenes(report):
     assert report.tasks["count"]["accuracy"]["accuracy"] >= COUNT_TASK_FLOOR, report.table()
-    assert report.tasks["count"]["true_one"]["accuracy"] >= 0.95, report.table()          # 1.00 (0.96-1.00)
+    assert report.tasks["count"]["true_one"]["accuracy"] >= COUNT_TASK_ONE_FLOOR, report.table()
     assert report.tasks["count"]["true_two"]["accuracy"] >= COUNT_TASK_TWO_FLOOR, report.table()
     assert report.tasks["count"]["true_three"]["accuracy"] >= COUNT_TASK_THREE_FLOOR, report.table()
     assert report.tasks["has_red"]["accuracy"]["accuracy"] >= HAS_RED_TASK_FLOOR, report.table()
